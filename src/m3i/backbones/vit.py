@@ -1,0 +1,341 @@
+"""Vision Transformer backbone f_θ.
+
+Parameter names and shapes follow the timm ``VisionTransformer`` layout (class token, no register
+tokens, no layer scale, ``num_classes=0``), so ``timm_state_dict()`` loads into the matching timm
+model with ``strict=True``.
+
+Three ways to run a partially visible image (``visible``: (B, N) bool, True = seen):
+
+- ``drop``: only the visible patch tokens (plus the class token) enter the blocks.
+- ``mix``:  samples b and b + B/2 share one canvas of N tokens; attention is restricted to tokens
+  of the same image, so every sample's output equals its ``drop`` output.
+- ``fill``: hidden patches are replaced by a learned mask token after the stem; every position
+  is computed and the output is read at the visible positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import Backbone, Features, register, visible_indices
+
+_MODES = ("drop", "mix", "fill")
+
+
+def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine table (gh * gw, dim), rows in row-major patch order.
+
+    The first half of the channels encodes the column (x), the second half the row (y); each half
+    is [sin(pos * ω_i), cos(pos * ω_i)] with ω_i = 10000^(-i / (dim / 4)).
+    """
+    if dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos position table, got {dim}")
+    gh, gw = grid_size
+    quarter = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(xs), encode(ys)], dim=1).float()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch per sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches -> D-dim tokens (B, N, D), row-major order."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and optional boolean mask."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
+        # attn_mask: (B, 1, L, L) bool, True = may attend; broadcast over heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, N, D), idx (B, K) -> (B, K, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@register("vit_nano", embed_dim=128, depth=4, num_heads=4)
+@register("vit_micro", embed_dim=192, depth=6, num_heads=3)
+@register("vit_tiny", embed_dim=192, depth=12, num_heads=3)
+@register("vit_small", embed_dim=384, depth=12, num_heads=6)
+@register("vit_base", embed_dim=768, depth=12, num_heads=12)
+@register("vit_large", embed_dim=1024, depth=24, num_heads=16)
+@register("vit_huge", embed_dim=1280, depth=32, num_heads=16, patch_size=14)
+class VisionTransformer(Backbone):
+    """ViT with a class token; pooled output is the final-normed class token."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        learn_pos_embed: bool = False,
+        fill: bool = False,
+    ):
+        super().__init__()
+        for name, value in (
+            ("img_size", img_size),
+            ("patch_size", patch_size),
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
+            _check_int(name, value)
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if embed_dim % 4:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 4 for the 2-D sin-cos position table")
+        if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0 and int(embed_dim * mlp_ratio) >= 1):
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grad_checkpointing = False
+
+        # registration order mirrors timm's state-dict order
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.num_patches, embed_dim), requires_grad=bool(learn_pos_embed)
+        )
+        if fill:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.register_parameter("mask_token", None)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init / export
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.pos_embed.zero_()
+        self.pos_embed[0, 1:].copy_(sincos_pos_embed_2d(self.grid_size, self.embed_dim))
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # treat the patch stem as a linear layer
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)  # cut at ±2σ
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """The state dict in timm's layout (everything but the SimMIM ``mask_token``)."""
+        sd = self.state_dict()
+        sd.pop("mask_token", None)
+        return sd
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names usually excluded from weight decay."""
+        return {"cls_token", "pos_embed", "mask_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    # ------------------------------------------------------------------ forward
+    def _run_blocks(self, x: Tensor, attn_mask: Tensor | None, return_layers: int) -> tuple[Tensor, list[Tensor]]:
+        layers: list[Tensor] = []
+        first_kept = len(self.blocks) - return_layers
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks):
+            if use_ckpt:
+                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask)
+            if i >= first_kept:
+                layers.append(x)
+        return x, layers
+
+    def _check_inputs(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if isinstance(return_layers, bool) or not isinstance(return_layers, int) or not 0 <= return_layers <= self.depth:
+            raise ValueError(f"return_layers must be an integer in [0, depth={self.depth}], got {return_layers!r}")
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if visible is not None:
+            if visible.dtype != torch.bool:
+                raise ValueError(f"visible must be a bool tensor, got dtype {visible.dtype}")
+            if tuple(visible.shape) != (x.shape[0], self.num_patches):
+                raise ValueError(
+                    f"visible must have shape (B, N) = ({x.shape[0]}, {self.num_patches}), got {tuple(visible.shape)}"
+                )
+        if mode == "fill" and visible is not None and self.mask_token is None:
+            raise ValueError("mode='fill' needs a mask_token: build the backbone with fill=True")
+
+    def forward_features(
+        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
+    ) -> Features:
+        """See the module docstring; ``visible=None`` runs every patch whatever the mode."""
+        self._check_inputs(x, visible, mode, return_layers)
+        b = x.shape[0]
+        patches = self.patch_embed(x)  # (B, N, D)
+        pos = self.pos_embed.to(patches.dtype)
+        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+
+        if visible is None:
+            seq = torch.cat([cls, patches + pos[:, 1:]], dim=1)
+            return self._finish(seq, None, return_layers)
+
+        if mode == "drop":
+            idx = visible_indices(visible)
+            seq = torch.cat([cls, _gather(patches + pos[:, 1:], idx)], dim=1)
+            return self._finish(seq, None, return_layers)
+
+        if mode == "fill":
+            idx = visible_indices(visible)
+            keep = visible.unsqueeze(-1)
+            filled = torch.where(keep, patches, self.mask_token.to(patches.dtype).expand_as(patches))
+            seq = torch.cat([cls, filled + pos[:, 1:]], dim=1)
+            return self._finish(seq, idx, return_layers)
+
+        return self._forward_mix(patches + pos[:, 1:], cls, visible, return_layers)
+
+    def _finish(self, seq: Tensor, idx: Tensor | None, return_layers: int) -> Features:
+        """Blocks + final norm on [cls, tokens]; read the patch tokens at ``idx`` (all if None)."""
+        seq, layers = self._run_blocks(seq, None, return_layers)
+        out = self.norm(seq)
+        pooled, tokens = out[:, 0], out[:, 1:]
+        layers = [h[:, 1:] for h in layers]
+        if idx is not None:
+            tokens = _gather(tokens, idx)
+            layers = [_gather(h, idx) for h in layers]
+        return Features(pooled=pooled, tokens=tokens, layers=layers)
+
+    def _forward_mix(self, tokens: Tensor, cls: Tensor, visible: Tensor, return_layers: int) -> Features:
+        """Two images per canvas: [cls_a, cls_b, N canvas tokens], attention within each image."""
+        b, n, _ = tokens.shape
+        if b % 2:
+            raise ValueError(f"mode='mix' needs an even batch size, got B={b}")
+        h = b // 2
+        idx = visible_indices(visible)  # also checks equal counts per row
+        vis_a, vis_b = visible[:h], visible[h:]
+        if bool((vis_a & vis_b).any()):
+            raise ValueError("mode='mix' needs disjoint visible sets for samples b and b + B/2")
+
+        # positions seen by image a come from a, everything else (b's and nobody's) from b
+        canvas = torch.where(vis_a.unsqueeze(-1), tokens[:h], tokens[h:])
+        seq = torch.cat([cls[:h], cls[h:], canvas], dim=1)  # (B/2, 2 + N, D)
+
+        # group ids: 0 = image a, 1 = image b, 2 + p = an isolated position p visible to neither
+        lone = torch.arange(2, 2 + n, device=visible.device).expand(h, n)
+        group = torch.where(vis_a, 0, torch.where(vis_b, 1, lone))
+        heads = torch.tensor([0, 1], device=visible.device).expand(h, 2)
+        group = torch.cat([heads, group], dim=1)  # (B/2, 2 + N)
+        attn_mask = (group.unsqueeze(2) == group.unsqueeze(1)).unsqueeze(1)  # (B/2, 1, L, L)
+
+        seq, layers = self._run_blocks(seq, attn_mask, return_layers)
+        out = self.norm(seq)
+        pooled = torch.cat([out[:, 0], out[:, 1]], dim=0)
+        idx_a, idx_b = idx[:h], idx[h:]
+
+        def split(t: Tensor) -> Tensor:  # canvas (B/2, N, D) -> per-sample visible tokens (B, K, D)
+            return torch.cat([_gather(t, idx_a), _gather(t, idx_b)], dim=0)
+
+        return Features(
+            pooled=pooled,
+            tokens=split(out[:, 2:]),
+            layers=[split(layer[:, 2:]) for layer in layers],
+        )

@@ -1,0 +1,138 @@
+"""m3i command line: pretrain | eval | export | recipes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_OUT = "runs/demo"
+
+
+def _recipes(args) -> int:
+    from .config import describe_term, load_recipe, recipe_names
+
+    rows = []
+    for name in recipe_names():
+        r = load_recipe(name)
+        rows.append({"name": name, "terms": [describe_term(t) for t in r.terms]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ["recipe", "input t_s(x)", "target t_t(x)", "target encoder f_φ", "estimator p̂"]
+    lines = [head]
+    for row in rows:
+        for i, t in enumerate(row["terms"]):
+            lines.append([row["name"] if i == 0 else "", t["input"], t["target"], t["target_encoder"], t["estimator"]])
+    widths = [max(len(r[c]) for r in lines) for c in range(len(head))]
+    fmt = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    print(fmt(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in lines[1:]:
+        print(fmt(r))
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .config import load_recipe
+    from .train.loop import pretrain
+
+    demo = args.recipe is None and args.resume is None
+    recipe_name = args.recipe or "m3i"
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    out = args.out or (DEMO_OUT if demo else f"runs/{recipe_name}")
+    if args.resume and not args.recipe:  # continue with the run's own resolved config
+        cfg = Path(args.resume) / "config.yaml"
+        if not cfg.is_file():
+            cfg = Path(args.resume).parent.parent / "config.yaml"
+        recipe = load_recipe(str(cfg), args.config, overrides)
+        out = args.out or str(cfg.parent)
+    else:
+        recipe = load_recipe(recipe_name, args.config, overrides)
+    if demo:
+        print(f"m3i demo: recipe 'm3i' on the built-in mix (Fashion-MNIST with labels, emoji with captions, "
+              f"both also unlabelled), {recipe.train.steps} steps -> {out}")
+    pretrain(recipe, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+             init_from=args.init_from)
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_timm
+
+    path = export_timm(args.checkpoint, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval.run import evaluate
+
+    result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("recipes", help="print the special-case table generated from the recipe files")
+    r.add_argument("--json", action="store_true", help="print it as JSON")
+    r.set_defaults(func=_recipes)
+
+    t = sub.add_parser("pretrain", help="pre-train a backbone; with no argument, the demo")
+    t.add_argument("--recipe", help="recipe name (m3i recipes) or a .yaml file")
+    t.add_argument("--out", help="run directory (default runs/<recipe>)")
+    t.add_argument("--steps", type=int, help="number of optimiser steps (train.steps)")
+    t.add_argument("--config", help="a YAML file merged over the recipe")
+    t.add_argument("--resume", help="continue a run from its latest checkpoint (a run or checkpoint directory)")
+    t.add_argument("--init-from", help="start the backbone from another run's checkpoint (multi-stage)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
+    t.set_defaults(func=_pretrain)
+
+    e = sub.add_parser("export", help="write the backbone alone, in timm's layout")
+    e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    e.add_argument("--format", default="timm", choices=["timm"])
+    e.add_argument("--out", required=True, help="FILE.safetensors")
+    e.set_defaults(func=_export)
+
+    v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
+    v.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval"])
+    v.add_argument("--dataset", required=True,
+                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
+    v.add_argument("--json", help="write the result here")
+    v.add_argument("--device")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"m3i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if type(e).__name__ in ("TrainingError", "SourceUnreadableError"):
+            print(f"m3i {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

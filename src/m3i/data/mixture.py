@@ -1,0 +1,244 @@
+"""Weighted mixture of sources as a stream of collated, reproducible batches.
+
+The batch of global step ``s`` is a pure function of ``(seed, rank, s)``: a numpy Generator
+seeded from those three numbers picks, for every slot, a source (by weight) and an index in it
+(with replacement). A DataLoader worker ``w`` of ``W`` produces the steps ``s ≡ w (mod W)``
+from ``start_step`` on, so the DataLoader's in-order output is step order whatever ``W`` is, and
+resuming is setting ``start_step``.
+
+Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are dicts:
+
+- ``image``: uint8 (B, 3, S, S), RGB, resized to S×S,
+- ``label``: long (B,), in the mixture's global label space (-1 for none),
+- ``caption``: list of B ``str | None``,
+- ``source``: long (B,), the index of each slot's source,
+- ``step``: int, ``n_skipped``: int (unreadable images replaced in this batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+_STREAM_TAG = 0x6D3369  # separates the mixture's random streams from other users of the seed
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class SourceUnreadableError(RuntimeError):
+    """A source gave only unreadable images for ``max_failures`` draws in a row."""
+
+
+class Mixture(IterableDataset):
+    """Batches drawn from ``sources`` in proportion to ``weights``.
+
+    Args:
+        sources: the sources (objects with ``__len__``, ``get``, ``name``, ``num_classes``,
+            ``class_names``, ``locate``, ``all_captions``; see :mod:`m3i.data.sources`).
+        weights: one non-negative weight per source (normalised); ``None`` for equal weights.
+        batch_size: samples per batch (per rank).
+        image_size: side S of the square uint8 images.
+        seed, rank, world_size: the batch of step ``s`` depends on ``(seed, rank, s)`` only.
+        start_step: first step produced (set ``mixture.start_step = n`` to resume).
+        num_steps: number of steps from ``start_step``; ``None`` streams forever.
+        max_failures: consecutive unreadable images within one slot before
+            :class:`SourceUnreadableError` is raised.
+        interpolation: PIL resampling for the resize, ``"bicubic"`` (default) or ``"bilinear"``
+            (also ``"lanczos"``, ``"nearest"``).
+
+    Labels: each source with labels gets its own range of the global label space, in source
+    order: ``class_offsets[k]`` (``None`` for sources without labels), ``class_names`` (the
+    sources' names concatenated) and ``num_classes``.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        weights: Sequence[float] | None,
+        batch_size: int,
+        image_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        max_failures: int = 100,
+        interpolation: str = "bicubic",
+    ):
+        super().__init__()
+        self.sources = list(sources)
+        if not self.sources:
+            raise ValueError("Mixture needs at least one source")
+        for src in self.sources:
+            if len(src) == 0:
+                raise ValueError(f"source {getattr(src, 'name', src)!r} has no usable sample")
+        if weights is None:
+            weights = [1.0] * len(self.sources)
+        w = np.asarray([float(x) for x in weights], dtype=np.float64)
+        if w.shape != (len(self.sources),):
+            raise ValueError(f"Mixture got {len(w)} weights for {len(self.sources)} sources")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"Mixture weights must be finite, >= 0 and not all 0, got {list(weights)}")
+        self.weights = w / w.sum()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+        self.batch_size = int(batch_size)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.start_step = int(start_step)
+        self.num_steps = None if num_steps is None else int(num_steps)
+        self.max_failures = int(max_failures)
+        self.interpolation = interpolation
+
+        self.class_offsets: list[int | None] = []
+        self.class_names: list[str] = []
+        for src in self.sources:
+            n = int(src.num_classes)
+            if n > 0:
+                self.class_offsets.append(len(self.class_names))
+                self.class_names.extend(list(src.class_names))
+            else:
+                self.class_offsets.append(None)
+        self._offsets = np.asarray([-1 if o is None else o for o in self.class_offsets], dtype=np.int64)
+        self._captions: list[str] | None = None
+        # m3i sources accept a JPEG draft size; other objects with a plain get(i) work too
+        self._draft = [isinstance(src, Source) for src in self.sources]
+
+    # global label space ----------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def class_range(self, k: int) -> range:
+        """Global labels of source ``k`` (empty when it has none)."""
+        o = self.class_offsets[k]
+        return range(0) if o is None else range(o, o + self.sources[k].num_classes)
+
+    def captions(self) -> list[str]:
+        """Unique non-empty captions over all sources with captions, in first-seen order
+        (source order, then index order). Computed once."""
+        if self._captions is None:
+            seen: dict[str, None] = {}
+            for src in self.sources:
+                for c in src.all_captions():
+                    seen.setdefault(c, None)
+            self._captions = list(seen)
+        return list(self._captions)
+
+    # batches ---------------------------------------------------------------------------------
+    def rng(self, step: int) -> np.random.Generator:
+        """The generator behind the batch of ``step`` on this rank."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, int(step), _STREAM_TAG]))
+
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and index of every slot of ``step`` if no image fails (for inspection)."""
+        g = self.rng(step)
+        ks = g.choice(len(self.sources), size=self.batch_size, p=self.weights)
+        idx = np.asarray([g.integers(len(self.sources[k])) for k in ks], dtype=np.int64)
+        return ks, idx
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """The batch of global step ``step`` (a pure function of seed, rank and step)."""
+        step = int(step)
+        g = self.rng(step)
+        B, S = self.batch_size, self.image_size
+        ks = g.choice(len(self.sources), size=B, p=self.weights)
+        images = torch.empty((B, 3, S, S), dtype=torch.uint8)
+        labels = torch.full((B,), -1, dtype=torch.long)
+        captions: list[str | None] = [None] * B
+        skipped = 0
+        resample = _RESAMPLE[self.interpolation]
+        for b, k in enumerate(ks):
+            src = self.sources[int(k)]
+            failures = 0
+            while True:
+                i = int(g.integers(len(src)))
+                try:
+                    sample = src.get(i, draft=(S, S)) if self._draft[k] else src.get(i)
+                    img = sample["image"]
+                    if img.mode != "RGB":
+                        img = img.convert("RGB")
+                    if img.size != (S, S):
+                        img = img.resize((S, S), resample)
+                    arr = np.asarray(img, dtype=np.uint8)
+                    break
+                except Exception as e:  # unreadable sample: draw another from the same stream
+                    failures += 1
+                    skipped += 1
+                    log.debug("skipping unreadable sample %s of %s: %s", src.locate(i), src.name, e)
+                    if failures >= self.max_failures:
+                        raise SourceUnreadableError(
+                            f"source {src.name!r} gave {failures} unreadable images in a row "
+                            f"(last: {src.locate(i)}: {type(e).__name__}: {e}); check its files"
+                        ) from e
+            images[b] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            lab = int(sample["label"])
+            if lab >= 0 and self._offsets[k] >= 0:
+                labels[b] = lab + int(self._offsets[k])
+            captions[b] = sample["caption"]
+        return {
+            "image": images,
+            "label": labels,
+            "caption": captions,
+            "source": torch.as_tensor(ks, dtype=torch.long),
+            "step": step,
+            "n_skipped": skipped,
+        }
+
+    def steps(self, worker: int = 0, num_workers: int = 1) -> range | Iterator[int]:
+        """Steps produced by DataLoader worker ``worker`` of ``num_workers``."""
+        first = self.start_step + worker
+        if self.num_steps is None:
+            return _count(first, num_workers)
+        return range(first, self.start_step + self.num_steps, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, W = (0, 1) if info is None else (info.id, info.num_workers)
+        for s in self.steps(w, W):
+            yield self.batch(s)
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an unbounded Mixture (num_steps=None) has no length")
+        return self.num_steps
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s.name}: {w:.3g}" for s, w in zip(self.sources, self.weights))
+        return (f"Mixture({parts}; batch_size={self.batch_size}, image_size={self.image_size}, "
+                f"seed={self.seed}, rank={self.rank}/{self.world_size}, classes={self.num_classes})")
+
+
+def _count(start: int, step: int) -> Iterator[int]:
+    s = start
+    while True:
+        yield s
+        s += step

@@ -1,0 +1,94 @@
+"""Target encoders f_φ: what turns a target view t_t(x) into the target representation z."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, p·p·C), patches in row-major order, pixels as (py, px, c)."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh, patch, gw, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
+
+
+def pixel_target(images: Tensor, patch: int, patch_norm: bool = True) -> Tensor:
+    """Identity target encoder: the pixels of every patch, optionally normalised per patch (MAE)."""
+    z = patchify(images.float(), patch)
+    if patch_norm:
+        mean, var = z.mean(-1, keepdim=True), z.var(-1, keepdim=True)
+        z = (z - mean) / (var + 1e-6).sqrt()
+    return z
+
+
+class ClassTable(nn.Module):
+    """Learned category embeddings: the Boltzmann candidates of a label target.
+
+    With ``normalize=False`` and ``bias=True`` the Boltzmann estimate is exactly the
+    cross-entropy of a linear classifier.
+    """
+
+    def __init__(self, num_classes: int, dim: int, normalize: bool = True, bias: bool = False):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"a label target needs at least one class in the data, got {num_classes}")
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        self.normalize = normalize
+
+    def forward(self) -> tuple[Tensor, Tensor | None]:
+        """-> candidates (C, dim), log-prior (C,) or None."""
+        w = F.normalize(self.weight, dim=-1) if self.normalize else self.weight
+        return w, self.bias
+
+
+def dense_target_norm(tokens: Tensor, kind: str) -> Tensor:
+    """(B, N, D) -> normalised target tokens: 'layer' (LayerNorm without affine), 'instance'
+    (each channel over the tokens of an image), or 'none'."""
+    if kind == "layer":
+        return F.layer_norm(tokens.float(), tokens.shape[-1:])
+    if kind == "instance":
+        return F.instance_norm(tokens.float().transpose(1, 2)).transpose(1, 2)
+    return tokens
+
+
+def top_k_average(layers: list[Tensor], norm: str) -> Tensor:
+    """data2vec's target: the average of the top-K block outputs, each normalised first."""
+    return torch.stack([dense_target_norm(t, norm) for t in layers]).mean(0)
+
+
+class Teacher(nn.Module):
+    """A target encoder that copies the online network: EMA (updated by momentum) or frozen.
+
+    Holds a copy of the backbone and, per term, a copy of the online head (projector) that the
+    term's target runs through. No gradient ever reaches it.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        self.heads = nn.ModuleDict({k: copy.deepcopy(v) for k, v in heads.items()})
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module, heads: dict[str, nn.Module], momentum: float) -> None:
+        """φ ← m·φ + (1 − m)·θ for every parameter; buffers are copied."""
+        pairs = [(self.backbone, backbone)] + [(self.heads[k], heads[k]) for k in self.heads]
+        for mine, online in pairs:
+            t_params = list(mine.parameters())
+            o_params = [p.detach() for p in online.parameters()]
+            torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+            for tb, ob in zip(mine.buffers(), online.buffers()):
+                tb.copy_(ob)
+
+
+def ema_momentum(step: int, total: int, start: float, end: float) -> float:
+    """Cosine schedule from ``start`` to ``end`` over the run (BYOL, SIM)."""
+    if total <= 1:
+        return end
+    return end - (end - start) * (math.cos(math.pi * min(step, total) / total) + 1) / 2

@@ -1,0 +1,254 @@
+"""The training loop. It runs an objective that returns named loss terms and knows no recipe."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from .. import distributed as dist
+from ..config import Recipe
+from ..data import Mixture, builtin_source
+from ..objective import Objective
+from . import checkpoint as ckpt
+
+FROZEN_PREFIXES = ("frozen_",)
+
+
+def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture:
+    d = recipe.data
+    sources = [builtin_source(s.spec, labels=s.labels, captions=s.captions) for s in d.sources]
+    if d.batch_size % world_size:
+        raise ValueError(f"data.batch_size: {d.batch_size} is the global batch; it must divide by the "
+                         f"{world_size} ranks")
+    return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
+                   seed=recipe.train.seed, rank=rank, world_size=world_size)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, tokens and temperatures (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith("teacher.") or name.startswith(FROZEN_PREFIXES):
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(train):
+    """Linear warm-up, then cosine to ``min_lr``; a factor of ``train.lr``."""
+    floor = train.min_lr / train.lr
+
+    def f(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def saved_weights(objective: Objective) -> dict[str, torch.Tensor]:
+    """Everything that is learned or tracked, without frozen pre-trained towers (they come
+    from their package) and without frozen target encoders (they come from their file)."""
+    frozen_towers = {f"terms.{i}.text." for i, t in enumerate(objective.terms)
+                     if t.cfg.target.kind == "caption" and not t.cfg.target_encoder.trainable
+                     and t.cfg.target_encoder.tower == "minilm"}
+    return {k: v for k, v in objective.state_dict().items()
+            if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
+
+
+def optional_prefixes(objective: Objective) -> tuple[str, ...]:
+    full = set(objective.state_dict())
+    return tuple(sorted({k.split(".text.")[0] + ".text." for k in full - set(saved_weights(objective))
+                         if ".text." in k})) + FROZEN_PREFIXES
+
+
+class MetricLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif not resume_step:
+            self.path.write_text("")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def setup_device(device: str | None) -> torch.device:
+    if "RANK" in os.environ and not dist.is_dist():
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    if device:
+        dev = torch.device(device)
+    else:
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, device: str | None = None,
+             progress: bool = True, init_from: str | Path | None = None) -> Path:
+    """Run ``recipe`` into ``out``; returns the final checkpoint directory.
+
+    resume: a run or checkpoint directory to continue from (same recipe).
+    init_from: start the backbone from another run's weights (a multi-stage pipeline's next stage).
+    """
+    out = Path(out)
+    dev = setup_device(device)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    tr = recipe.train
+    torch.manual_seed(tr.seed + rank)
+
+    mixture = build_mixture(recipe, rank, world)
+    objective = Objective(recipe, mixture.num_classes).to(dev)
+    for term in objective.terms:  # a frozen text tower embeds every caption once, up front
+        text = getattr(term, "text", None)
+        if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
+            text.precompute(mixture.captions())
+    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+
+    start = 0
+    if init_from:
+        weights, _ = ckpt.load(Path(init_from))
+        backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+        ckpt.load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
+        if objective.teacher is not None:
+            objective.teacher.backbone.load_state_dict(objective.backbone.state_dict())
+    if resume:
+        weights, state = ckpt.load(Path(resume))
+        ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        start = int(state["step"])
+        if state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
+            print("note: resuming with a recipe that differs from the checkpoint's")
+    if start >= tr.steps:
+        print(f"{out}: already at step {start} of {tr.steps}; nothing to do")
+        return ckpt.find(out)
+    mixture.start_step = start
+
+    model: nn.Module = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    log = MetricLog(out, start) if main else None
+    loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
+                                         persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
+    bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    objective.train()
+    bad_in_row = bad_total = skipped = 0
+    last_good: Path | None = None
+    t0, seen = time.perf_counter(), 0
+    step = start
+    try:
+        for batch in loader:
+            if step >= tr.steps:
+                break
+            skipped += int(batch["n_skipped"])
+            batch["image"] = batch["image"].to(dev, non_blocking=True)
+            batch["label"] = batch["label"].to(dev, non_blocking=True)
+            with autocast:
+                outputs = model(batch)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss):
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                opt.zero_grad(set_to_none=True)
+                if main:
+                    tqdm.write(f"step {step}: loss is {loss.item()}; step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= tr.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss was not finite for {bad_in_row} steps in a row (last at step {step}); "
+                        f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
+                        f"check the data.")
+                step += 1
+                sched.step()
+                continue
+            bad_in_row = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tr.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), tr.clip_grad)
+            opt.step()
+            sched.step()
+            step += 1
+            momentum = objective.update_teacher(step, tr.steps)
+            seen += batch["image"].shape[0] * world
+            if main:
+                rate = seen / (time.perf_counter() - t0)
+                terms = {t.name: float(outputs[t.name]) for t in objective.terms}
+                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss.item():.3f}",
+                                 **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
+                bar.update(1)
+                if step % tr.log_every == 0 or step == tr.steps:
+                    rec = {"step": step, "loss": float(loss), **terms,
+                           **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
+                           "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
+                           "bad_steps": bad_total}
+                    if momentum is not None:
+                        rec["ema_momentum"] = momentum
+                    log.write(rec)
+            if step % tr.ckpt_every == 0 or step == tr.steps:
+                last_good = _save(out, step, objective, opt, sched, recipe, main)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    if main:
+        if skipped:
+            print(f"skipped {skipped} unreadable images (counted in metrics.jsonl: skipped_images)")
+        print(f"checkpoint: {last_good}\nmetrics:    {out / 'metrics.jsonl'}\ntensorboard: {out / 'tensorboard'}")
+    return last_good
+
+
+def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool) -> Path | None:
+    rngs = [ckpt.rng_state()]
+    if dist.world_size() > 1:
+        gathered = [None] * dist.world_size()
+        torch.distributed.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if not main:
+        return None
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": rngs if len(rngs) > 1 else rngs[0], "recipe": recipe.model_dump(mode="json")}
+    return ckpt.save(out, step, saved_weights(objective), state)

@@ -1,0 +1,17 @@
+"""Views: augmentation with recorded geometry, patch masks, relative positions (t_s, t_t)."""
+from .augment import ViewAugment, resized_crop
+from .masks import block_mask, grid_shape, mix_visible, num_masked, random_mask
+from .relpos import absolute_positions, relative_positions, sincos_embed
+
+__all__ = [
+    "ViewAugment",
+    "resized_crop",
+    "random_mask",
+    "block_mask",
+    "mix_visible",
+    "num_masked",
+    "grid_shape",
+    "relative_positions",
+    "absolute_positions",
+    "sincos_embed",
+]
