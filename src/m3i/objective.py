@@ -8,7 +8,7 @@ weighted total. Nothing here knows a recipe: recipes are lists of terms in YAML.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class Views:
     images: list[Tensor]   # each (B, C, S, S), normalised
     boxes: list[Tensor]    # each (B, 4): crop (i, j, h, w) in source pixels
     flips: list[Tensor]    # each (B,) bool
+    visible: dict[int, Tensor] = field(default_factory=dict)  # (B, N) bool per masked view; drawn when absent
 
 
 class Context:
@@ -41,7 +42,7 @@ class Context:
     def __init__(self, objective: "Objective", batch: dict, views: Views):
         self.obj, self.batch, self.views = objective, batch, views
         self.batch_size = views.images[0].shape[0]
-        self._visible: dict[int, Tensor] = {}
+        self._visible: dict[int, Tensor] = dict(views.visible)
         self._online: dict[tuple[int, bool], Features] = {}
         self._teacher: dict[tuple[str, int], Features] = {}
 
@@ -350,10 +351,6 @@ def load_frozen(cfg: TermCfg, backbone: Backbone, head: nn.Module | None) -> Tea
         raise ValueError(f"{enc.weights}: does not fit the frozen target encoder "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return teacher
-
-
-def patch_count(backbone: Backbone) -> int:
-    return backbone.num_patches
 
 
 __all__ = ["Objective", "Term", "Context", "Views", "patchify"]

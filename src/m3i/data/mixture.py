@@ -53,7 +53,8 @@ class Mixture(IterableDataset):
         image_size: side S of the square uint8 images.
         seed, rank, world_size: the batch of step ``s`` depends on ``(seed, rank, s)`` only.
         start_step: first step produced (set ``mixture.start_step = n`` to resume).
-        num_steps: number of steps from ``start_step``; ``None`` streams forever.
+        num_steps: total steps of the run: steps ``start_step … num_steps - 1`` are produced
+            (so resuming keeps the same end); ``None`` streams forever.
         max_failures: consecutive unreadable images within one slot before
             :class:`SourceUnreadableError` is raised.
         interpolation: PIL resampling for the resize, ``"bicubic"`` (default) or ``"bilinear"``
@@ -218,7 +219,7 @@ class Mixture(IterableDataset):
         first = self.start_step + worker
         if self.num_steps is None:
             return _count(first, num_workers)
-        return range(first, self.start_step + self.num_steps, num_workers)
+        return range(first, self.num_steps, num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -229,7 +230,7 @@ class Mixture(IterableDataset):
     def __len__(self) -> int:
         if self.num_steps is None:
             raise TypeError("an unbounded Mixture (num_steps=None) has no length")
-        return self.num_steps
+        return max(0, self.num_steps - self.start_step)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.name}: {w:.3g}" for s, w in zip(self.sources, self.weights))
