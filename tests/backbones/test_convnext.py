@@ -8,6 +8,15 @@ from m3i.backbones import Features, backbone_names, build_backbone
 from m3i.backbones.convnext import ConvNeXt
 
 ATTO_DIMS = (40, 80, 160, 320)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tensors are tiny: one thread avoids oversubscription on busy machines
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 SMALL_DEPTHS = (1, 1, 1, 2)
 
 
@@ -206,7 +215,8 @@ def test_fill_replaces_the_right_stem_positions(stem_stride):
     visible[1, [1, 2]] = True
     x = torch.randn(B, 3, 32, 32)
     seen = {}
-    hook = model.stages[0].blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
+    first_block = model.stages[0].blocks[0]  # its input is the (filled) stem output
+    hook = first_block.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
     try:
         with torch.no_grad():
             f = model.forward_features(x, visible, mode="fill")
@@ -302,16 +312,14 @@ WANT = {
 def test_every_registered_config_builds():
     assert sorted(n for n in backbone_names() if n.startswith("convnext")) == sorted(WANT)
     for name, (dims, depths) in WANT.items():
-        # meta tensors: full structure and shapes without allocating or computing the weights
+        # meta tensors: the full structure and shapes without allocating or initialising weights
         with torch.device("meta"):
             model = build_backbone(name, img_size=32, stem_stride=1, fill=True)
-            full = model.forward_features(torch.empty(2, 3, 32, 32), return_layers=1)
         assert model.embed_dim == dims[-1] and model.grid_size == (4, 4), name
         shapes = {k: tuple(v.shape) for k, v in model.timm_state_dict(conv_mlp=False).items()}
         assert shapes == expected_timm_layout(3, dims, depths, 1), name
-        assert full.tokens.shape == (2, 16, dims[-1]) and full.pooled.shape == (2, dims[-1]), name
-        assert full.layers[0].shape == (2, 16, dims[-1]), name
-    # and a real (CPU) one
-    model = build_backbone("convnext_atto", img_size=32, stem_stride=2, depths=SMALL_DEPTHS).eval()
+        assert model.mask_token.shape == (dims[0],), name
+    # and a real (CPU) one at its registered depths
+    model = build_backbone("convnext_atto", img_size=32, stem_stride=2).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 320)

@@ -82,7 +82,7 @@ def test_positions_point_at_the_same_image_content():
     ms = vs[:, :2].reshape(B, 2, G, P, G, P).mean((3, 5))
     mt = vt[:, :2].reshape(B, 2, G, P, G, P).mean((3, 5))
     pos = relative_positions(bs, fs, bt, ft, G)
-    rr, cc = torch.meshgrid(torch.arange(G.__int__()).float(), torch.arange(G).float(), indexing="ij")
+    rr, cc = torch.meshgrid(torch.arange(G).float(), torch.arange(G).float(), indexing="ij")
     design = torch.stack([rr.flatten(), cc.flatten(), torch.ones(G * G)], dim=-1).double()  # (N, 3)
     for b in range(B):
         # the source view is affine in its own grid coordinates: fit it, evaluate at the positions

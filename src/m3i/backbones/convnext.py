@@ -213,7 +213,9 @@ class ConvNeXt(Backbone):
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(_MODES)}")
         last_depth = self.depths[-1]
         if not 0 <= return_layers <= last_depth:
-            raise ValueError(f"return_layers must lie in [0, {last_depth}] (blocks in the final stage), got {return_layers}")
+            raise ValueError(
+                f"return_layers must lie in [0, {last_depth}] (blocks in the final stage), got {return_layers}"
+            )
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x must be (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -226,13 +228,14 @@ class ConvNeXt(Backbone):
             final, layers = self._run(x, return_layers)
             tokens = final.flatten(2).transpose(1, 2)  # (B, N, D)
             layers = [t.flatten(2).transpose(1, 2) for t in layers]
-            return Features(
-                pooled=self.head(tokens.mean(1)), tokens=self.head(tokens), layers=layers
-            )
+            return Features(pooled=self.head(tokens.mean(1)), tokens=self.head(tokens), layers=layers)
 
         B = x.shape[0]
         if visible.dtype != torch.bool or visible.shape != (B, gh * gw):
-            raise ValueError(f"visible must be a bool tensor of shape ({B}, {gh * gw}), got {visible.dtype} {tuple(visible.shape)}")
+            raise ValueError(
+                f"visible must be a bool tensor of shape ({B}, {gh * gw}), "
+                f"got {visible.dtype} {tuple(visible.shape)}"
+            )
         if mode == "drop":
             raise ValueError(
                 "a convolutional network cannot drop tokens (mode='drop'); use mode='mix' or mode='fill'"

@@ -287,7 +287,7 @@ class VisionTransformer(Backbone):
         b = x.shape[0]
         patches = self.patch_embed(x)  # (B, N, D)
         pos = self.pos_embed.to(patches.dtype)
-        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+        cls = (self.cls_token.to(patches.dtype) + pos[:, :1]).expand(b, -1, -1)
 
         if visible is None:
             seq = torch.cat([cls, patches + pos[:, 1:]], dim=1)

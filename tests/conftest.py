@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def have_builtin_data() -> bool:
+    from m3i.data import data_root
+
+    root = data_root()
+    fm = (root / "fashion-mnist").is_dir() or os.path.isdir("/usr/share/datasets/fashion-mnist")
+    return fm and (root / "emoji" / "emoji.json").is_file()
+
+
+needs_data = pytest.mark.skipif(not have_builtin_data(), reason="built-in data not fetched: run `make data`")
