@@ -26,7 +26,8 @@ class Strict(BaseModel):
 class BackboneCfg(Strict):
     name: str = "vit_micro"
     img_size: int = 32
-    patch_size: Optional[int] = None
+    # the token grid's stride in pixels; for ConvNeXt it picks the stem (final stride = 8·stem)
+    patch_size: Optional[int] = 4
     in_chans: int = 3
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
@@ -39,7 +40,11 @@ class BackboneCfg(Strict):
 
     def kwargs(self) -> dict[str, Any]:
         skip = {"name", "grad_checkpointing"}
-        return {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
+        kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
+        if self.name.startswith("convnext") and "patch_size" in kw:
+            stride = kw.pop("patch_size")
+            kw.setdefault("stem_stride", min(4, max(1, stride // 8)))
+        return kw
 
 
 class AugmentCfg(Strict):

@@ -172,8 +172,11 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     log = MetricLog(out, start) if main else None
+    # the loader draws its worker seed from its own generator, never from the global RNG that
+    # augmentations and masks use, so a resumed run continues the same random stream
     loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
-                                         persistent_workers=False, prefetch_factor=4 if recipe.data.num_workers else None)
+                                         prefetch_factor=4 if recipe.data.num_workers else None,
+                                         generator=torch.Generator().manual_seed(tr.seed))
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
@@ -216,7 +219,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
             seen += batch["image"].shape[0] * world
             if main:
                 rate = seen / (time.perf_counter() - t0)
-                terms = {t.name: float(outputs[t.name]) for t in objective.terms}
+                terms = {t.name: float(outputs[t.name].detach()) for t in objective.terms}
                 bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss.item():.3f}",
                                  **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
                 bar.update(1)

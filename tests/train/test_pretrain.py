@@ -1,0 +1,132 @@
+"""End-to-end runs of the trainer on the real built-in data, at small sizes."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m3i.cli import main
+from m3i.config import load_recipe
+from m3i.train import checkpoint as ckpt
+from m3i.train import loop
+from conftest import needs_data
+
+pytestmark = needs_data
+
+SMALL = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0",
+         "train.log_every=1", "train.warmup_steps=1", "data.sources=[{spec: fashion-mnist}]"]
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch):
+    recipe = load_recipe("sim", overrides=SMALL + ["train.steps=6", "train.ckpt_every=3"])
+    loop.pretrain(recipe, tmp_path / "a", progress=False)
+    full = read_metrics(tmp_path / "a")
+
+    # a crash right after the step-3 checkpoint is written
+    real_save = loop._save
+
+    def crash_after_save(out, step, *a, **k):
+        path = real_save(out, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(loop, "_save", crash_after_save)
+    with pytest.raises(KeyboardInterrupt):
+        loop.pretrain(recipe, tmp_path / "b", progress=False)
+    monkeypatch.setattr(loop, "_save", real_save)
+    loop.pretrain(recipe, tmp_path / "b", resume=tmp_path / "b", progress=False)
+    resumed = read_metrics(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert a["dense"] == pytest.approx(b["dense"], rel=1e-6, abs=1e-7), a["step"]
+    assert full[0]["dense"] != full[-1]["dense"]  # the run did train
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    w = {"a": torch.ones(3)}
+    ckpt.save(tmp_path, 1, w, {"step": 1})
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt.save(tmp_path, 2, {"a": torch.zeros(3)}, {"step": 2})
+    weights, state = ckpt.load(tmp_path)  # the previous checkpoint is whole and still "latest"
+    assert state["step"] == 1 and torch.equal(weights["a"], torch.ones(3))
+
+
+def test_nan_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
+    from m3i.objective import Objective
+
+    real = Objective.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, views=None):
+        out = real(self, batch, views)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Objective, "forward", sometimes_nan)
+    recipe = load_recipe("sim", overrides=SMALL + ["train.steps=20", "train.ckpt_every=2", "train.max_bad_steps=3"])
+    with pytest.raises(loop.TrainingError, match="not finite for 3 steps"):
+        loop.pretrain(recipe, tmp_path, progress=False)
+    # the last good checkpoint (step 2) is kept
+    assert ckpt.find(tmp_path).name == "step_000002"
+
+
+def test_resume_rejects_another_model_shape(tmp_path):
+    recipe = load_recipe("sim", overrides=SMALL + ["train.steps=1"])
+    loop.pretrain(recipe, tmp_path, progress=False)
+    wider = load_recipe("sim", overrides=SMALL + ["train.steps=2", "backbone.embed_dim=64"])
+    with pytest.raises(ValueError, match="another model shape"):
+        loop.pretrain(wider, tmp_path / "x", resume=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("name", ["supervised", "clip", "simclr", "mocov3", "byol", "mae", "data2vec", "sim", "m3i"])
+def test_every_recipe_trains_from_the_command_line(tmp_path, name, capsys):
+    out = tmp_path / name
+    args = ["pretrain", "--recipe", name, "--out", str(out), "--steps", "2", "--no-progress",
+            "backbone.name=vit_nano", "backbone.depth=3", "data.batch_size=8", "data.num_workers=0",
+            "train.log_every=1"]
+    if name in ("clip", "m3i"):
+        args.append(f"terms.{0 if name == 'clip' else 2}.target_encoder.tower=scratch")
+    assert main(args) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    terms = [t.name for t in load_recipe(name).terms]
+    for r in rows:
+        assert all(k in r for k in ["loss", *terms]) and all(r[t] == r[t] for t in terms)  # no NaN
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    assert "checkpoint:" in capsys.readouterr().out
+
+
+def test_export_writes_timm_vit_layout(tmp_path):
+    recipe = load_recipe("mae", overrides=SMALL + ["train.steps=1"])
+    loop.pretrain(recipe, tmp_path / "run", progress=False)
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "timm",
+                 "--out", str(tmp_path / "vit.safetensors")]) == 0
+    w = load_file(str(tmp_path / "vit.safetensors"))
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(2):
+        for n in ["norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]:
+            expected |= {f"blocks.{i}.{n}.weight", f"blocks.{i}.{n}.bias"}
+    assert set(w) == expected
+    assert tuple(w["pos_embed"].shape) == (1, 1 + 64, 128)
+
+
+def test_missing_data_and_checkpoint_errors_are_clear(tmp_path, capsys):
+    assert main(["pretrain", "--recipe", "sim", "--out", str(tmp_path), "--steps", "1",
+                 f"data.sources=[{{spec: 'folder:{tmp_path}/nowhere'}}]"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no such run" in capsys.readouterr().err
