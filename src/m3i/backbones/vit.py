@@ -90,7 +90,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
         # attn_mask: (B, 1, L, L) bool, True = may attend; broadcast over heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # the CPU's fused bf16 attention kernel runs ~3.6x slower than its fp32 one
+            # (benchmarks/attention_cpu.py); attend in fp32 there, everything else stays bf16
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -1,0 +1,162 @@
+"""``m3i eval``: load a checkpoint, embed a data set with the frozen backbone, score a task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import load_recipe
+from ..data import builtin_source
+from ..objective import Objective
+from ..train import checkpoint as ckpt
+from ..train.loop import optional_prefixes
+from . import metrics
+
+TASKS = ("knn", "linear", "zeroshot", "retrieval")
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+
+
+def load_trained(checkpoint: str | Path, device: str = "cpu") -> Objective:
+    """Rebuild a run's objective from its saved config and weights."""
+    path = ckpt.find(Path(checkpoint))
+    run = path.parent.parent
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{run}: no config.yaml beside the checkpoint; is it an m3i run directory?")
+    recipe = load_recipe(str(cfg))
+    weights, _ = ckpt.load(path)
+    tables = [v for k, v in weights.items() if k.endswith(".classes.weight")]
+    obj = Objective(recipe, num_classes=tables[0].shape[0] if tables else 0)
+    ckpt.load_weights_into(obj, weights, str(path), optional_prefixes(obj))
+    return obj.to(device).eval()
+
+
+def splits(spec: str):
+    """SPEC -> (train source, train indices, test source, test indices, class names)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "fashion-mnist":
+        tr, te = builtin_source("fashion-mnist:train"), builtin_source("fashion-mnist:test")
+        return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
+    if kind == "emoji":
+        src = builtin_source(f"emoji:{arg or 'category'}")
+        return (*_seeded_split(len(src), src), src.class_names)
+    if kind == "folder":
+        root = Path(arg)
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            tr, te = builtin_source(f"folder:{root / 'train'}"), builtin_source(f"folder:{root / 'test'}")
+            if tr.class_names != te.class_names:
+                raise ValueError(f"{root}: train/ and test/ have different class folders")
+            return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
+        src = builtin_source(f"folder:{root}")
+        if not src.has_labels:
+            raise ValueError(f"{root}: expected one subfolder per class (or train/ and test/ holding them)")
+        return (*_seeded_split(len(src), src), src.class_names)
+    raise ValueError(f"--dataset {spec!r}: expected fashion-mnist, emoji:category, emoji:subcategory or folder:PATH")
+
+
+def _seeded_split(n: int, src):
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = int(round(TEST_FRACTION * n))
+    return src, np.sort(perm[n_test:]), src, np.sort(perm[:n_test])
+
+
+def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """uint8 (N, 3, S, S), labels (N,), captions for the given indices; unreadable ones counted."""
+    from PIL import Image
+
+    images, labels, captions, bad = [], [], [], 0
+    for i in tqdm(indices, desc=f"load {src.name}", disable=not progress, leave=False):
+        try:
+            s = src.get(int(i))
+        except Exception:  # unreadable image: counted and reported below
+            bad += 1
+            continue
+        im = s["image"].convert("RGB").resize((size, size), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        labels.append(s["label"])
+        captions.append(s["caption"])
+    if bad:
+        print(f"{src.name}: skipped {bad} unreadable images of {len(indices)}")
+    if not images:
+        raise ValueError(f"{src.name}: no readable image")
+    return torch.stack(images), torch.tensor(labels), captions
+
+
+@torch.no_grad()
+def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head=None, progress: bool = True) -> torch.Tensor:
+    """Pooled backbone features (or a head of them) of uint8 images, in batches, bf16 where it helps."""
+    dev = next(obj.parameters()).device
+    aug = obj.augment[0]
+    mean = torch.tensor(aug.mean[:3], device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(aug.std[:3], device=dev).view(1, -1, 1, 1)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+        x = (images[i:i + batch_size].to(dev).float() / 255 - mean) / std
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            f = obj.backbone.forward_features(x).pooled
+            if head is not None:
+                f = head(f)
+        out.append(f.float().cpu())
+    return torch.cat(out)
+
+
+def caption_term(obj: Objective, task: str):
+    for t in obj.terms:
+        if t.cfg.target.kind == "caption":
+            return t
+    raise ValueError(f"--task {task}: this checkpoint's recipe ({obj.recipe.name}) has no text tower; "
+                     f"zeroshot and retrieval need a recipe with a caption target (clip, m3i)")
+
+
+@torch.no_grad()
+def embed_text(term, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(captions), batch_size):
+        t = term.text(captions[i:i + batch_size])
+        out.append(term.text_proj(t.to(term.text_proj.weight.dtype)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None = None, progress: bool = True,
+             limit: int | None = None, verbose: bool = True) -> dict:
+    """Run one evaluation; returns {"task", "dataset", "metrics", "n_train", "n_test"}."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    obj = load_trained(checkpoint, dev)
+    if task in ("zeroshot", "retrieval"):
+        term = caption_term(obj, task)
+    tr_src, tr_idx, te_src, te_idx, classes = splits(dataset)
+    if limit:  # a seeded subset, for quick comparisons
+        rng = np.random.default_rng(SPLIT_SEED)
+        tr_idx = np.sort(rng.choice(tr_idx, min(limit, len(tr_idx)), replace=False))
+        te_idx = np.sort(rng.choice(te_idx, min(max(limit // 4, 1), len(te_idx)), replace=False))
+    size = obj.backbone.img_size
+    te_img, te_y, te_cap = load_images(te_src, te_idx, size, progress)
+    n_train = 0
+    if task in ("knn", "linear"):
+        tr_img, tr_y, _ = load_images(tr_src, tr_idx, size, progress)
+        n_train = len(tr_y)
+        tr_f, te_f = embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)
+        fn = metrics.knn if task == "knn" else metrics.linear_probe
+        result = fn(tr_f, tr_y, te_f, te_y, len(classes))
+    elif task == "zeroshot":
+        img = embed(obj, te_img, head=lambda f: term.predictor(term.decoder(f)), progress=progress)
+        prompts = [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in classes]
+        result = metrics.zeroshot(img, embed_text(term, prompts), te_y)
+    else:
+        keep = [i for i, c in enumerate(te_cap) if c]
+        if not keep:
+            raise ValueError(f"--dataset {dataset}: retrieval needs captions; this data set has none")
+        img = embed(obj, te_img[keep], head=lambda f: term.predictor(term.decoder(f)), progress=progress)
+        result = metrics.retrieval(img, embed_text(term, [te_cap[i] for i in keep]))
+        te_y = te_y[keep]
+    out = {"task": task, "dataset": dataset, "metrics": result, "n_train": n_train, "n_test": int(len(te_y))}
+    if verbose:
+        print(f"{task} on {dataset} ({out['n_train']} train / {out['n_test']} test)")
+        for k, v in result.items():
+            print(f"  {k:<14} {v:.4f}" if isinstance(v, float) and k != "weight_decay" else f"  {k:<14} {v}")
+    return out
