@@ -70,7 +70,8 @@ def _export(args) -> int:
 def _eval(args) -> int:
     from .eval.run import evaluate
 
-    result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress)
+    result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress,
+                      limit=args.limit)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dataset", required=True,
                    help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
     v.add_argument("--json", help="write the result here")
+    v.add_argument("--limit", type=int, help="a seeded subset: LIMIT train and LIMIT/4 test images")
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)

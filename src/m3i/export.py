@@ -6,27 +6,18 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .train import checkpoint as ckpt
-
-EXPORT_SKIP = ("mask_token",)  # m3i-only parameters (SimMIM fill token)
-
-
-def backbone_weights(checkpoint: str | Path) -> dict:
-    weights, _ = ckpt.load(Path(checkpoint))
-    out = {k.removeprefix("backbone."): v for k, v in weights.items()
-           if k.startswith("backbone.") and not k.removeprefix("backbone.").startswith(EXPORT_SKIP)}
-    if not out:
-        raise ValueError(f"{checkpoint}: the checkpoint holds no backbone weights")
-    return out
-
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
+    from .eval.run import load_trained
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: expected a .safetensors file name")
-    weights = backbone_weights(checkpoint)
+    backbone = load_trained(checkpoint).backbone
+    weights = backbone.timm_state_dict()  # m3i-only tensors (the fill mask token) left out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"format": "pt", "layout": "timm"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
+              metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
     tmp.replace(out)
     return out

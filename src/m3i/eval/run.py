@@ -1,6 +1,7 @@
 """``m3i eval``: load a checkpoint, embed a data set with the frozen backbone, score a task."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,43 +121,71 @@ def embed_text(term, captions: list[str], batch_size: int = 256) -> torch.Tensor
     return torch.cat(out)
 
 
-def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None = None, progress: bool = True,
-             limit: int | None = None, verbose: bool = True) -> dict:
-    """Run one evaluation; returns {"task", "dataset", "metrics", "n_train", "n_test"}."""
-    if task not in TASKS:
-        raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    obj = load_trained(checkpoint, dev)
-    if task in ("zeroshot", "retrieval"):
-        term = caption_term(obj, task)
+@dataclass
+class EvalSet:
+    """A data set loaded once for evaluation: uint8 images, labels and captions of both splits."""
+
+    dataset: str
+    classes: list[str]
+    test: tuple[torch.Tensor, torch.Tensor, list]
+    train: tuple[torch.Tensor, torch.Tensor, list] | None = None
+
+
+def load_evalset(dataset: str, size: int, with_train: bool = True, limit: int | None = None,
+                 progress: bool = True) -> EvalSet:
     tr_src, tr_idx, te_src, te_idx, classes = splits(dataset)
     if limit:  # a seeded subset, for quick comparisons
         rng = np.random.default_rng(SPLIT_SEED)
         tr_idx = np.sort(rng.choice(tr_idx, min(limit, len(tr_idx)), replace=False))
         te_idx = np.sort(rng.choice(te_idx, min(max(limit // 4, 1), len(te_idx)), replace=False))
-    size = obj.backbone.img_size
-    te_img, te_y, te_cap = load_images(te_src, te_idx, size, progress)
+    test = load_images(te_src, te_idx, size, progress)
+    train = load_images(tr_src, tr_idx, size, progress) if with_train else None
+    return EvalSet(dataset, list(classes), test, train)
+
+
+def score(obj: Objective, task: str, data: EvalSet, progress: bool = True) -> dict:
+    """One task on a loaded data set -> {"task", "dataset", "metrics", "n_train", "n_test"}."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    te_img, te_y, te_cap = data.test
     n_train = 0
     if task in ("knn", "linear"):
-        tr_img, tr_y, _ = load_images(tr_src, tr_idx, size, progress)
+        tr_img, tr_y, _ = data.train
         n_train = len(tr_y)
         tr_f, te_f = embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)
         fn = metrics.knn if task == "knn" else metrics.linear_probe
-        result = fn(tr_f, tr_y, te_f, te_y, len(classes))
-    elif task == "zeroshot":
-        img = embed(obj, te_img, head=lambda f: term.predictor(term.decoder(f)), progress=progress)
-        prompts = [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in classes]
-        result = metrics.zeroshot(img, embed_text(term, prompts), te_y)
+        result = fn(tr_f, tr_y, te_f, te_y, len(data.classes))
     else:
-        keep = [i for i, c in enumerate(te_cap) if c]
-        if not keep:
-            raise ValueError(f"--dataset {dataset}: retrieval needs captions; this data set has none")
-        img = embed(obj, te_img[keep], head=lambda f: term.predictor(term.decoder(f)), progress=progress)
-        result = metrics.retrieval(img, embed_text(term, [te_cap[i] for i in keep]))
-        te_y = te_y[keep]
-    out = {"task": task, "dataset": dataset, "metrics": result, "n_train": n_train, "n_test": int(len(te_y))}
+        term = caption_term(obj, task)
+        head = lambda f: term.predictor(term.decoder(f))  # noqa: E731
+        if task == "zeroshot":
+            img = embed(obj, te_img, head=head, progress=progress)
+            prompts = [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in data.classes]
+            result = metrics.zeroshot(img, embed_text(term, prompts), te_y)
+        else:
+            keep = [i for i, c in enumerate(te_cap) if c]
+            if not keep:
+                raise ValueError(f"--dataset {data.dataset}: retrieval needs captions; this data set has none")
+            img = embed(obj, te_img[keep], head=head, progress=progress)
+            result = metrics.retrieval(img, embed_text(term, [te_cap[i] for i in keep]))
+            te_y = te_y[keep]
+    return {"task": task, "dataset": data.dataset, "metrics": result, "n_train": n_train, "n_test": int(len(te_y))}
+
+
+def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None = None, progress: bool = True,
+             limit: int | None = None, verbose: bool = True) -> dict:
+    """``m3i eval``: one task of one checkpoint on one data set; prints a small table."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    obj = load_trained(checkpoint, dev)
+    if task in ("zeroshot", "retrieval"):
+        caption_term(obj, task)  # fail before loading any data
+    data = load_evalset(dataset, obj.backbone.img_size, with_train=task in ("knn", "linear"), limit=limit,
+                        progress=progress)
+    out = score(obj, task, data, progress)
     if verbose:
         print(f"{task} on {dataset} ({out['n_train']} train / {out['n_test']} test)")
-        for k, v in result.items():
-            print(f"  {k:<14} {v:.4f}" if isinstance(v, float) and k != "weight_decay" else f"  {k:<14} {v}")
+        for k, v in out["metrics"].items():
+            print(f"  {k:<14} {v:.4f}" if k != "weight_decay" else f"  {k:<14} {v:g}")
     return out

@@ -28,6 +28,9 @@ def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture
     if d.batch_size % world_size:
         raise ValueError(f"data.batch_size: {d.batch_size} is the global batch; it must divide by the "
                          f"{world_size} ranks")
+    if recipe.views.input_mode == "mix" and (d.batch_size // world_size) % 2:
+        raise ValueError(f"data.batch_size: the 'mix' input pairs images on each rank, so the batch of each of the "
+                         f"{world_size} ranks ({d.batch_size // world_size}) must be even")
     return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
                    seed=recipe.train.seed, rank=rank, world_size=world_size)
 
@@ -155,7 +158,11 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
+            ckpt.set_rng_state(rngs[rank])
+        elif main:
+            print(f"note: the checkpoint holds the random state of {len(rngs)} ranks, not {world}; not restored")
         start = int(state["step"])
         if state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
             print("note: resuming with a recipe that differs from the checkpoint's")
@@ -164,9 +171,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         return ckpt.find(out)
     mixture.start_step = start
 
-    model: nn.Module = objective
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+    model: nn.Module = dist.wrap(objective, dev)  # DDP (and global batch norm) when world > 1
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +199,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
             with autocast:
                 outputs = model(batch)
             loss = outputs["loss"]
-            if not torch.isfinite(loss):
+            if not dist.all_finite(loss):  # every rank skips together
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 opt.zero_grad(set_to_none=True)
                 if main:
@@ -237,6 +242,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         bar.close()
         if log:
             log.close()
+    dist.barrier()  # the last checkpoint is whole when pretrain returns on any rank
     if main:
         if skipped:
             print(f"skipped {skipped} unreadable images (counted in metrics.jsonl: skipped_images)")
