@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from conftest import needs_data
+from m3i.cli import main
+from m3i.config import load_recipe
+from m3i.train.loop import pretrain
+
+pytestmark = needs_data
+TINY = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0", "train.steps=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    pretrain(load_recipe("mae", overrides=TINY), root / "mae", progress=False)
+    pretrain(load_recipe("clip", overrides=TINY + ["terms.0.target_encoder.tower=scratch"]), root / "clip",
+             progress=False)
+    return root
+
+
+@pytest.mark.parametrize("task, dataset, keys", [
+    ("knn", "emoji:category", {"top1", "top5"}),
+    ("linear", "fashion-mnist", {"top1", "top5", "weight_decay"}),
+])
+def test_eval_writes_the_documented_json(runs, tmp_path, task, dataset, keys):
+    out = tmp_path / "r.json"
+    args = ["eval", "--checkpoint", str(runs / "mae"), "--task", task, "--dataset", dataset, "--json", str(out),
+            "--no-progress"]
+    if dataset == "fashion-mnist":
+        args += ["--limit", "400"]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["task"] == task and r["dataset"] == dataset and set(r["metrics"]) == keys
+    assert r["n_test"] > 0 and r["n_train"] > r["n_test"]
+    assert 0.0 <= r["metrics"]["top1"] <= 1.0
+
+
+def test_text_tasks(runs, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(runs / "clip"), "--task", "retrieval", "--dataset", "emoji:category",
+                 "--json", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["metrics"]) == {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"}
+    assert main(["eval", "--checkpoint", str(runs / "clip"), "--task", "zeroshot", "--dataset", "emoji:category",
+                 "--no-progress"]) == 0
+
+
+def test_text_task_without_text_tower_is_a_clear_error(runs, capsys):
+    assert main(["eval", "--checkpoint", str(runs / "mae"), "--task", "zeroshot", "--dataset", "emoji:category"]) == 2
+    err = capsys.readouterr().err
+    assert "no text tower" in err and "Traceback" not in err
+
+
+def test_folder_dataset_split(runs, tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20, 20), (200 if c == "a" else 0, i * 10, 0)).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(runs / "mae"), "--task", "knn", "--dataset",
+                 f"folder:{tmp_path / 'imgs'}", "--json", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    assert r["n_train"] == 16 and r["n_test"] == 4
