@@ -279,7 +279,13 @@ class Objective(nn.Module):
         super().__init__()
         self.recipe = recipe
         bcfg = recipe.backbone
-        self.backbone = backbone or build_backbone(bcfg.name, **bcfg.kwargs())
+        mode = recipe.views.input_mode
+        masked = any(t.source.masked for t in recipe.terms)
+        self.backbone = backbone or build_backbone(bcfg.name, **bcfg.kwargs(), **({"fill": True} if mode == "fill" else {}))
+        if masked and mode == "drop" and not self.backbone.supports_drop:
+            raise ValueError(f"views.input_mode: {bcfg.name} is convolutional and cannot drop masked tokens; "
+                             f"use views.input_mode=fill (a learned mask token) or views.input_mode=mix (two images "
+                             f"share one canvas)")
         if bcfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         size = self.backbone.img_size

@@ -130,3 +130,37 @@ def test_missing_data_and_checkpoint_errors_are_clear(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "no such run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["mix", "fill"])
+def test_convnext_trains_m3i_in_both_masked_input_modes_and_exports_timm_layout(tmp_path, mode):
+    out = tmp_path / mode
+    assert main(["pretrain", "--recipe", "m3i", "--out", str(out), "--steps", "2", "--no-progress",
+                 "backbone=convnext_atto", "backbone.patch_size=8", f"views.input_mode={mode}",
+                 "data.batch_size=8", "data.num_workers=0", "train.log_every=1",
+                 "terms.2.target_encoder.tower=scratch"]) == 0
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(r["dense"] == r["dense"] for r in rows)
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "cnx.safetensors")]) == 0
+    w = load_file(str(tmp_path / "cnx.safetensors"))
+    # timm's ConvNeXt-atto names (conv_mlp=True: 1x1 conv MLP kernels), written out independently
+    dims, depths = (40, 80, 160, 320), (2, 2, 6, 2)
+    expected = {"stem.0.weight": (40, 3, 1, 1), "stem.0.bias": (40,), "stem.1.weight": (40,), "stem.1.bias": (40,),
+                "head.norm.weight": (320,), "head.norm.bias": (320,)}
+    for s, (d, n) in enumerate(zip(dims, depths)):
+        if s:
+            expected |= {f"stages.{s}.downsample.0.weight": (dims[s - 1],), f"stages.{s}.downsample.0.bias": (dims[s - 1],),
+                         f"stages.{s}.downsample.1.weight": (d, dims[s - 1], 2, 2), f"stages.{s}.downsample.1.bias": (d,)}
+        for b in range(n):
+            p = f"stages.{s}.blocks.{b}."
+            expected |= {p + "gamma": (d,), p + "conv_dw.weight": (d, 1, 7, 7), p + "conv_dw.bias": (d,),
+                         p + "norm.weight": (d,), p + "norm.bias": (d,), p + "mlp.fc1.weight": (4 * d, d, 1, 1),
+                         p + "mlp.fc1.bias": (4 * d,), p + "mlp.fc2.weight": (d, 4 * d, 1, 1), p + "mlp.fc2.bias": (d,)}
+    assert {k: tuple(v.shape) for k, v in w.items()} == expected
+
+
+def test_convnext_cannot_drop_tokens_clear_error(tmp_path, capsys):
+    assert main(["pretrain", "--recipe", "mae", "--out", str(tmp_path), "--steps", "1",
+                 "backbone=convnext_atto", "data.num_workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "views.input_mode" in err and "fill" in err

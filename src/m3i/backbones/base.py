@@ -30,6 +30,7 @@ class Backbone(nn.Module):
     patch_size: int
     in_chans: int
     img_size: int
+    supports_drop: bool = True  # can compute only the visible tokens (input mode "drop")
 
     @property
     def num_patches(self) -> int:

@@ -129,6 +129,8 @@ class ConvNeXtHead(nn.Module):
 class ConvNeXt(Backbone):
     """Hierarchical convolutional backbone (timm ``ConvNeXt`` state-dict layout)."""
 
+    supports_drop = False  # a convolution sees every position: use mix or fill
+
     def __init__(
         self,
         img_size: int = 224,
