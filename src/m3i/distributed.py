@@ -136,7 +136,7 @@ class GlobalBatchNorm(_BatchNorm):
         # two passes (mean, then centred squares): the numbers one process gets on the whole batch
         s = all_reduce_with_grad(torch.cat([xf.sum(dims), local]))
         n, mean = s[-1], s[:-1] / s[-1]
-        if float(n) < 2:
+        if float(n.detach()) < 2:
             raise ValueError(f"batch norm needs more than 1 value per channel over the global batch, got {int(n)}")
         centred = xf - mean.view(shape)
         var = all_reduce_with_grad(centred.pow(2).sum(dims)) / n

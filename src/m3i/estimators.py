@@ -15,7 +15,7 @@ from torch import Tensor
 
 
 def boltzmann(pred: Tensor, cand: Tensor, positive: Tensor, temperature: Tensor | float = 1.0,
-              bias: Tensor | None = None, exclude: Tensor | None = None) -> Tensor:
+              bias: Tensor | None = None, exclude: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Mean of −log p̂(z⁺ | ẑ) with p̂ a softmax over candidates.
 
     pred: (B, D) predictions ẑ; cand: (M, D) candidate targets Z; positive: (B,) index of
@@ -28,7 +28,7 @@ def boltzmann(pred: Tensor, cand: Tensor, positive: Tensor, temperature: Tensor 
         logits = logits + bias
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(logits.float(), positive)
+    return F.cross_entropy(logits.float(), positive, reduction=reduction)
 
 
 def gaussian(pred: Tensor, target: Tensor, normalize: bool = False, reduce: str = "mean") -> Tensor:

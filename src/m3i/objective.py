@@ -175,7 +175,11 @@ class Term(nn.Module):
         if self.cfg.estimator.normalize:
             pred = F.normalize(pred, dim=-1)
         cand, bias = self.classes()
-        return boltzmann(pred, cand, label[rows], self.temperature, bias=bias), int(rows.numel())
+        # a sum over this rank's labelled rows over (all ranks' labelled rows / ranks): DDP's mean over
+        # ranks is then the mean over the global batch, whatever each rank drew
+        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
+        loss = boltzmann(pred, cand, label[rows], self.temperature, bias=bias, reduction="sum")
+        return loss * dist.world_size() / n_all, int(rows.numel())
 
     def _caption(self, ctx: Context, s: int):
         captions = ctx.batch["caption"]
@@ -215,18 +219,22 @@ class Term(nn.Module):
         rows = avail.nonzero().squeeze(1)
         pos = index[dist.rank() * b + rows]
         tau = self.temperature
+        # this rank's sum over its anchors, over (global anchors / ranks): DDP's mean over ranks is the
+        # mean over the global batch, also when ranks hold different numbers of anchors, or none (a sum
+        # over no rows is 0 and still reaches the gathered tensors, whose backward is a collective)
+        scale = dist.world_size() / max(cand.numel(), 1)
         if est.candidates == "batch":
-            loss = boltzmann(pred[rows], all_target[cand], pos, tau)
+            loss = boltzmann(pred[rows], all_target[cand], pos, tau, reduction="sum")
             if est.directions == 2:
-                loss = (loss + boltzmann(target[rows], all_pred[cand], pos, tau)) / 2
-            return loss
+                loss = (loss + boltzmann(target[rows], all_pred[cand], pos, tau, reduction="sum")) / 2
+            return loss * scale
         m = cand.numel()
         z = torch.cat([all_pred[cand], all_target[cand]])
         anchors = torch.cat([pred[rows], target[rows]])
         self_idx = torch.cat([pos, pos + m])
         exclude = torch.zeros(anchors.shape[0], 2 * m, dtype=torch.bool, device=z.device)
         exclude[torch.arange(anchors.shape[0], device=z.device), self_idx] = True
-        return boltzmann(anchors, z, torch.cat([pos + m, pos]), tau, exclude=exclude)
+        return boltzmann(anchors, z, torch.cat([pos + m, pos]), tau, exclude=exclude, reduction="sum") * scale / 2
 
     def _dense(self, ctx: Context, s: int, t: int):
         obj, enc, est = ctx.obj, self.cfg.target_encoder, self.cfg.estimator

@@ -203,7 +203,8 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 opt.zero_grad(set_to_none=True)
                 if main:
-                    tqdm.write(f"step {step}: loss is {loss.item()}; step skipped ({bad_in_row} in a row)")
+                    what = f"{loss.item()}" if world == 1 else f"not finite on some rank (here {loss.item()})"
+                    tqdm.write(f"step {step}: loss is {what}; step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= tr.max_bad_steps:
                     raise TrainingError(
                         f"the loss was not finite for {bad_in_row} steps in a row (last at step {step}); "

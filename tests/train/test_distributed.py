@@ -1,0 +1,209 @@
+"""Scale-out on CPU: 2 gloo processes of batch B give the loss and gradients of one process on
+the global batch of 2·B, and `m3i pretrain` runs, checkpoints and resumes on 2 ranks as under torchrun."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from m3i import distributed as dist
+from m3i.config import load_recipe
+from m3i.objective import Objective, Views
+from conftest import needs_data
+
+WORLD, B = 2, 4
+TINY = ["backbone.name=vit_nano", "backbone.depth=2"]
+CLIP = TINY + ["terms.0.target_encoder.tower=scratch"]
+CASES = {  # case: (recipe, overrides, rows of the global batch without caption)
+    "clip": ("clip", CLIP, (1, B + 2)),             # gathered captions, availability masks: 3 per rank
+    "clip_uneven": ("clip", CLIP, (0, 1, 2, 3, 5)),  # rank 0 holds no caption, rank 1 three
+    "simclr": ("simclr", TINY, ()),  # NT-Xent over both views of the global batch, global batch norm
+    "sim": ("sim", TINY, ()),        # UniGrad: the target correlation all-reduced
+}
+
+# -- process harness ------------------------------------------------------------------------
+def _worker(rank, init_file, fn, args):
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    finally:
+        tdist.destroy_process_group()
+
+
+def spawn(fn, tmp_path, *args):
+    """Run ``fn(rank, *args)`` on WORLD gloo processes; an exception in one fails the test."""
+    init = tmp_path / "pg_init"
+    mp.spawn(_worker, args=(str(init), fn, args), nprocs=WORLD, join=True)
+
+
+# -- the global batch, fixed in the parent ----------------------------------------------------
+def case_recipe(name: str):
+    recipe, overrides, _ = CASES[name]
+    return load_recipe(recipe, overrides=overrides)
+
+
+def make_case(name: str):
+    recipe = case_recipe(name)
+    torch.manual_seed(0)
+    obj = Objective(recipe)
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * B
+    captions = [f"a small picture number {i}" for i in range(n)]
+    for i in CASES[name][2]:
+        captions[i] = None
+    batch = {"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "label": torch.full((n,), -1), "caption": captions}
+    views = obj.make_views(batch["image"])
+    masked = {t.source.view for t in recipe.terms if t.source.masked}
+    if masked:  # draw the masks once, on the global batch
+        from m3i.objective import Context
+
+        ctx = Context(obj, batch, views)
+        views.visible = {v: ctx.visible(v) for v in masked}
+    return recipe, obj, batch, views
+
+
+def rank_slice(batch: dict, views: Views, r: int):
+    rows = slice(r * B, (r + 1) * B)
+    part = {k: v[rows] for k, v in batch.items()}
+    return part, Views([x[rows] for x in views.images], [x[rows] for x in views.boxes],
+                       [x[rows] for x in views.flips], {k: v[rows] for k, v in views.visible.items()})
+
+
+def _equivalence_worker(rank, inputs, out_dir):
+    _gather_worker(rank, out_dir)
+    for name, path in inputs.items():
+        case = torch.load(path, weights_only=False)
+        obj = Objective(case_recipe(name))
+        obj.load_state_dict(case["state"])
+        model = dist.wrap(obj, torch.device("cpu"))
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        batch, views = rank_slice(case["batch"], case["views"], rank)
+        out = model(batch, views)
+        out["loss"].backward()
+        losses = [None] * WORLD
+        tdist.all_gather_object(losses, {k: v.item() for k, v in out.items() if not k.startswith("n_")})
+        if rank == 0:  # DDP has averaged the gradients over the ranks
+            torch.save({"losses": losses,
+                        "grads": {k: p.grad for k, p in obj.named_parameters() if p.grad is not None},
+                        "buffers": dict(obj.named_buffers())}, f"{out_dir}/{name}.out.pt")
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    """{case: (single-process reference, 2-rank result)}, from one spawn for every case."""
+    tmp = tmp_path_factory.mktemp("dist")
+    refs, inputs = {}, {}
+    for name in CASES:
+        recipe, obj, batch, views = make_case(name)
+        torch.save({"state": obj.state_dict(), "batch": batch, "views": views}, tmp / f"{name}.pt")
+        inputs[name] = str(tmp / f"{name}.pt")
+        out = obj(batch, views)
+        out["loss"].backward()
+        refs[name] = {"losses": {k: v.item() for k, v in out.items() if not k.startswith("n_")},
+                      "grads": {k: p.grad for k, p in obj.named_parameters() if p.grad is not None},
+                      "buffers": dict(obj.named_buffers())}
+    spawn(_equivalence_worker, tmp, inputs, str(tmp))
+    out = {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
+    out["gather"] = [torch.load(tmp / f"gather{r}.pt") for r in range(WORLD)]
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_equal_one_process_on_the_global_batch(equivalence, name):
+    ref, got = equivalence[name]
+    for key, value in ref["losses"].items():  # DDP's mean over ranks of each rank's loss
+        mean = sum(r[key] for r in got["losses"]) / WORLD
+        assert mean == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert got["losses"][0]["loss"] != got["losses"][1]["loss"]  # the ranks saw different samples
+    assert set(got["grads"]) == set(ref["grads"])
+    # float32 noise: merely reordering the batch moves gradients by ~1e-5 relative (more through
+    # batch norm), and those that are 0 in exact arithmetic (biases before batch norm) by ~1e-6
+    scale = max(float(g.norm()) for g in ref["grads"].values())
+    for key, grad in ref["grads"].items():
+        err = float((got["grads"][key] - grad).norm())
+        assert err <= 1e-4 * float(grad.norm()) + 1e-6 * scale, f"{key}: |error| {err:.2e}, |grad| {grad.norm():.2e}"
+    for key, buf in ref["buffers"].items():  # batch-norm running statistics of the global batch
+        if buf.is_floating_point():
+            torch.testing.assert_close(got["buffers"][key], buf, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_gather_puts_each_rank_at_its_offset_and_sends_gradients_home(equivalence):
+    for r in range(WORLD):
+        assert equivalence["gather"][r] == pytest.approx([float(20 * r + 1)] * 3)
+
+
+def _gather_worker(rank, out_dir):
+    x = torch.full((3, 2), float(rank), requires_grad=True)
+    y = dist.gather_with_grad(x)
+    assert torch.equal(y[:, 0], torch.tensor([0.0, 0, 0, 1, 1, 1]))
+    # rank r's loss weighs rank q's rows by 10·q + r: the gradient at rank q's rows adds both ranks'
+    w = torch.arange(WORLD).repeat_interleave(3).float() * 10 + rank
+    (y[:, 0] * w).sum().backward()
+    torch.save(x.grad[:, 0].tolist(), f"{out_dir}/gather{rank}.pt")
+    assert dist.all_finite(torch.tensor(1.0)) and not dist.all_finite(torch.tensor(float("nan") if rank else 1.0))
+
+
+# -- end to end: `m3i pretrain` on 2 ranks, rank 0 writes, resume ------------------------------
+E2E = ["--recipe", "m3i", "--steps", "3", "--no-progress", "--device", "cpu", "backbone.name=vit_nano",
+       "backbone.depth=2", "data.batch_size=8", "data.num_workers=0", "terms.2.target_encoder.tower=scratch",
+       "train.log_every=1", "train.ckpt_every=2"]
+
+
+def _pretrain_worker(rank, port, a, b):
+    # what torchrun sets: the trainer's setup_device starts the gloo group from it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from m3i.cli import main
+
+    try:
+        assert main(["pretrain", "--out", a, *E2E]) == 0
+        assert tdist.is_initialized() and tdist.get_backend() == "gloo"
+        assert main(["pretrain", "--out", b, "--resume", f"{a}/checkpoints/step_000002", *E2E]) == 0
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_data
+def test_pretrain_on_two_ranks_writes_on_rank_0_and_resumes_exactly(tmp_path, capfd):
+    from m3i.train import checkpoint as ckpt
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    mp.spawn(_pretrain_worker, args=(free_port(), str(a), str(b)), nprocs=WORLD, join=True)
+    out = capfd.readouterr().out
+    assert out.count("checkpoint:") == 2  # rank 0 reports, once per run
+
+    rows = metrics(a)
+    assert [r["step"] for r in rows] == [1, 2, 3], out[-2000:]
+    assert all(r["bad_steps"] == 0 and r["loss"] == r["loss"] for r in rows)
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000003"]
+    _, state = ckpt.load(a)
+    assert state["step"] == 3 and len(state["rng"]) == WORLD  # one random state per rank
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+    # resumed from the step-2 checkpoint (per-rank random state, data stream, teacher), step 3 repeats
+    resumed = metrics(b)
+    assert [r["step"] for r in resumed] == [3]
+    for key in ("loss", "dense", "category", "caption"):
+        assert resumed[0][key] == pytest.approx(rows[2][key], rel=1e-6, abs=1e-7), key
+    wa, _ = ckpt.load(a)
+    wb, _ = ckpt.load(b)
+    assert set(wa) == set(wb)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
