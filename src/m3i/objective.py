@@ -169,15 +169,16 @@ class Term(nn.Module):
         label = ctx.batch["label"]
         rows = (label >= 0).nonzero().squeeze(1)
         pooled = ctx.online(s, self.cfg.source.masked).pooled
+        # every rank counts the labelled rows of all ranks (a collective, so before any early return)
+        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
         if rows.numel() == 0:
             return self.zero(pooled), 0
         pred = self.predictor(self.decoder(pooled[rows]))
         if self.cfg.estimator.normalize:
             pred = F.normalize(pred, dim=-1)
         cand, bias = self.classes()
-        # a sum over this rank's labelled rows over (all ranks' labelled rows / ranks): DDP's mean over
-        # ranks is then the mean over the global batch, whatever each rank drew
-        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
+        # this rank's sum over (all labelled rows / ranks): DDP's mean over ranks is then the mean
+        # over the global batch, whatever each rank drew
         loss = boltzmann(pred, cand, label[rows], self.temperature, bias=bias, reduction="sum")
         return loss * dist.world_size() / n_all, int(rows.numel())
 
