@@ -104,12 +104,12 @@ class DataCfg(Strict):
 
 
 class TrainCfg(Strict):
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     clip_grad: float = 1.0
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
