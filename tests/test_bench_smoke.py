@@ -1,0 +1,33 @@
+"""The comparison's --quick form runs end to end and writes well-formed results (not who wins)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import needs_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@needs_data
+def test_quick_comparison_completes_and_writes_results(tmp_path):
+    out = tmp_path / "cmp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    recipes = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
+    assert [r["recipe"] for r in res["runs"]] == recipes
+    for r in res["runs"]:
+        assert r["images"] == res["config"]["steps"] * res["config"]["batch"]
+        for task, v in r["scores"].items():
+            if task.startswith("emoji_retrieval") and r["recipe"] not in ("clip", "m3i"):
+                assert v is None  # no text target: n/a
+            else:
+                assert 0.0 <= v <= 1.0
+    table = (out / "table.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + len(recipes)
+    for png in ["fmnist_linear", "fmnist_knn", "emoji_sub_linear", "emoji_retrieval_R1"]:
+        assert (out / f"{png}.png").stat().st_size > 1000
