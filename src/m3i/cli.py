@@ -15,7 +15,7 @@ def _recipes(args) -> int:
     rows = []
     for name in recipe_names():
         r = load_recipe(name)
-        rows.append({"name": name, "terms": [describe_term(t) for t in r.terms]})
+        rows.append({"name": name, "terms": [describe_term(t, r.views.input_mode) for t in r.terms]})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -362,11 +362,12 @@ def load_recipe(name_or_path: str, config: str | None = None, overrides: list[st
     return validate(data, origin)
 
 
-def describe_term(t: TermCfg) -> dict[str, str]:
+def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
     """One row of the special-case table, in the paper's words, read off a term's config."""
     enc, est, tgt = t.target_encoder, t.estimator, t.target
     view = f"view {t.source.view + 1}"
-    source = ("masked " + view) if t.source.masked else view
+    masked = {"drop": "masked ", "fill": "masked (mask-token) ", "mix": "masked, mixed "}[input_mode]
+    source = (masked + view) if t.source.masked else view
     if t.decoder.kind == "global" and t.decoder.predictor:
         source += " (+ predictor)"
     if t.swap_views:
