@@ -15,3 +15,12 @@ def have_builtin_data() -> bool:
 
 
 needs_data = pytest.mark.skipif(not have_builtin_data(), reason="built-in data not fetched: run `make data`")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall badly on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

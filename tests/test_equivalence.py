@@ -29,13 +29,7 @@ BASE = ["backbone.depth=3", "backbone.embed_dim=64", "backbone.num_heads=4", f"b
 WORDS = ["cat", "dog", "red", "blue", "car", "tree", "sky", "boat", "small", "green", "house", "bird"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall badly on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -10,13 +10,7 @@ from m3i.backbones.convnext import ConvNeXt
 ATTO_DIMS = (40, 80, 160, 320)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: one thread avoids oversubscription on busy machines
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_DEPTHS = (1, 1, 1, 2)
 
 
