@@ -46,10 +46,11 @@ def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int)
     return ov
 
 
-def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: int) -> tuple[Path, float]:
+def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: int,
+          extra: list[str] = ()) -> tuple[Path, float]:
     t0 = time.perf_counter()
     if recipe != "multistage":
-        r = load_recipe(recipe, overrides=overrides_for(recipe, backbone, steps, batch, seed))
+        r = load_recipe(recipe, overrides=overrides_for(recipe, backbone, steps, batch, seed) + list(extra))
         return pretrain(r, out, progress=False), time.perf_counter() - t0
     prev, per = None, steps // len(STAGES)
     for i, stage in enumerate(STAGES):
@@ -59,31 +60,42 @@ def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: i
     return prev, time.perf_counter() - t0
 
 
-def run(args) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_evalsets(limit: int) -> dict:
     size = load_recipe("m3i").backbone.img_size
     evalsets = {}
-    for name, (task, dataset, _) in TASKS.items():
+    for task, dataset, _ in TASKS.values():
         key = (dataset, task in ("knn", "linear"))
         if key not in evalsets:
             evalsets[key] = load_evalset(dataset, size, with_train=key[1],
-                                         limit=args.limit if dataset == "fashion-mnist" else None, progress=False)
+                                         limit=limit if dataset == "fashion-mnist" else None, progress=False)
+    return evalsets
+
+
+def score_all(checkpoint: Path, evalsets: dict) -> dict[str, float | None]:
+    """Every task's headline number; None where the model has no text tower for retrieval."""
+    obj = load_trained(checkpoint)
+    has_text = any(t.cfg.target.kind == "caption" for t in obj.terms)
+    scores = {}
+    for name, (task, dataset, metric) in TASKS.items():
+        if task == "retrieval" and not has_text:
+            scores[name] = None
+            continue
+        m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], progress=False)["metrics"]
+        scores[name] = (m["i2t_R@1"] + m["t2i_R@1"]) / 2 if metric == "R@1" else m[metric]
+    return scores
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evalsets = load_evalsets(args.limit)
     results = {"config": vars(args), "runs": []}
     res_path = out / "results.json"
     for seed in range(args.seeds):
         for recipe in args.recipes:
             ck, secs = train(recipe, out / "runs" / f"{recipe}-s{seed}", args.backbone, args.steps, args.batch, seed)
-            obj = load_trained(ck)
-            has_text = any(t.cfg.target.kind == "caption" for t in obj.terms)
             row = {"recipe": recipe, "seed": seed, "train_seconds": secs,
-                   "images": args.steps * args.batch, "scores": {}}
-            for name, (task, dataset, metric) in TASKS.items():
-                if task == "retrieval" and not has_text:
-                    row["scores"][name] = None
-                    continue
-                m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], progress=False)["metrics"]
-                row["scores"][name] = (m["i2t_R@1"] + m["t2i_R@1"]) / 2 if metric == "R@1" else m[metric]
+                   "images": args.steps * args.batch, "scores": score_all(ck, evalsets)}
             results["runs"].append(row)
             print(json.dumps({k: row[k] for k in ("recipe", "seed", "train_seconds", "scores")}), flush=True)
             res_path.write_text(json.dumps(results, indent=2))

@@ -230,7 +230,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
                                  **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
                 bar.update(1)
                 if step % tr.log_every == 0 or step == tr.steps:
-                    rec = {"step": step, "loss": float(loss), **terms,
+                    rec = {"step": step, "loss": float(loss.detach()), **terms,
                            **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
                            "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
                            "bad_steps": bad_total}
