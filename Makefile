@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 data: $(M3I_DATA)/.complete
 
 $(M3I_DATA)/.complete: scripts/fetch_data.sh
-	bash scripts/fetch_data.sh "$(M3I_DATA)"
+	bash scripts/fetch_data.sh
 	touch $@
 
 demo: setup

@@ -34,7 +34,9 @@ fetch_fashion_mnist() {
     say "Fashion-MNIST: apt-get download dataset-fashion-mnist"
     local src=""
     # (as root, apt warns that the download runs unsandboxed: shown only if it fails)
-    if (cd "$work" && apt-get download dataset-fashion-mnist >/dev/null 2>"$work/apt.log"); then
+    download() { (cd "$work" && apt-get download dataset-fashion-mnist >/dev/null 2>"$work/apt.log"); }
+    # a fresh machine may have no package lists yet: refresh them once (as root) and retry
+    if download || { [ "$(id -u)" -eq 0 ] && apt-get update -qq >/dev/null 2>&1 && download; }; then
         dpkg -x "$work"/dataset-fashion-mnist_*.deb "$work/fmnist"
         src="$work/fmnist/usr/share/datasets/fashion-mnist"
     elif [ -s /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
