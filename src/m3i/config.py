@@ -132,6 +132,8 @@ class TargetCfg(Strict):
     kind: Literal["label", "caption", "view", "pixels"]
     view: int = Field(0, ge=0, le=1)
     dense: bool = False
+    # mixed input: the first image of each canvas predicts its own view, its partner ``view``
+    paired: bool = False
 
 
 class TargetEncoderCfg(Strict):
@@ -221,6 +223,9 @@ class TermCfg(Strict):
             raise ValueError("decoder.queries: 'masked' queries predict the source view itself; set target.view to source.view")
         if self.decoder.kind == "dense" and not self.source.masked:
             raise ValueError("source.masked: a dense prediction needs a masked source view")
+        if self.target.paired and not (self.target.dense and self.decoder.queries == "target_view"):
+            raise ValueError("target.paired: paired targets are dense features queried over a whole view "
+                             "(decoder.queries: target_view)")
         if enc == "frozen" and not self.target_encoder.weights:
             raise ValueError("target_encoder.weights: a frozen target encoder needs a safetensors file")
         if self.decoder.kind == "dense" and self.decoder.width % self.decoder.heads:
@@ -251,6 +256,9 @@ class Recipe(Strict):
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"terms: names must be unique, got {names}")
+        for i, t in enumerate(self.terms):
+            if t.target.paired and self.views.input_mode != "mix":
+                raise ValueError(f"terms.{i}.target.paired: pairs exist only in the 'mix' input (views.input_mode)")
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
         return self
@@ -377,7 +385,8 @@ def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
         "caption": "paired caption",
         "pixels": "pixels of the masked patches" + (" (per-patch normalised)" if enc.patch_norm else ""),
         "view": ("dense features of " if tgt.dense else "") + ("the full same view" if tgt.view == t.source.view
-                                                                else f"view {tgt.view + 1}"),
+                                                                else f"view {tgt.view + 1}")
+        + (f" (its partner in the canvas: view {t.source.view + 1})" if tgt.paired else ""),
     }[tgt.kind]
     encoder = {
         "identity": "identity",

@@ -71,13 +71,25 @@ class Context:
                 self._online[key] = self.obj.backbone.forward_features(x)
         return self._online[key]
 
+    def view(self, view: int | tuple) -> tuple[Tensor, Tensor, Tensor]:
+        """(images, boxes, flips) of a view index, or of ("paired", s, t): in the mixed input the
+        first image of each canvas takes view s and its partner view t (the paper's assignment:
+        one image predicts its own view, the other a different augmented view)."""
+        v = self.views
+        if isinstance(view, int):
+            return v.images[view], v.boxes[view], v.flips[view]
+        _, s, t = view
+        first = torch.arange(self.batch_size, device=v.images[s].device) < self.batch_size // 2
+        pick = lambda a, b: torch.where(first.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
+        return pick(v.images[s], v.images[t]), pick(v.boxes[s], v.boxes[t]), pick(v.flips[s], v.flips[t])
+
     @torch.no_grad()
-    def teacher(self, which: str, view: int) -> Features:
+    def teacher(self, which: str, view: int | tuple) -> Features:
         key = (which, view)
         if key not in self._teacher:
             net: Teacher = getattr(self.obj, which)
             self._teacher[key] = net.backbone.forward_features(
-                self.views.images[view], return_layers=self.obj.teacher_layers)
+                self.view(view)[0], return_layers=self.obj.teacher_layers)
         return self._teacher[key]
 
 
@@ -248,8 +260,11 @@ class Term(nn.Module):
         if self.cfg.decoder.queries == "masked":
             qpos, sel = abs_pos[hid_idx], hid_idx
         else:
-            v = ctx.views
-            qpos = relative_positions(v.boxes[s], v.flips[s], v.boxes[t], v.flips[t], grid)
+            if self.cfg.target.paired:
+                t = ("paired", s, t)
+            _, box_s, flip_s = ctx.view(s)
+            _, box_t, flip_t = ctx.view(t)
+            qpos = relative_positions(box_s, flip_s, box_t, flip_t, grid)
             sel = None
         pred = self.decoder.predict(context, qpos)
         if self.cfg.target.kind == "pixels":
@@ -264,7 +279,7 @@ class Term(nn.Module):
         return gaussian(pred, target, normalize=False, reduce=est.reduce), ctx.batch_size
 
     @torch.no_grad()
-    def _dense_target(self, ctx: Context, t: int, abs_pos: Tensor) -> Tensor:
+    def _dense_target(self, ctx: Context, t: int | tuple, abs_pos: Tensor) -> Tensor:
         enc = self.cfg.target_encoder
         which = "teacher" if enc.kind == "ema" else "frozen_" + self.name
         if enc.kind == "online":
