@@ -23,6 +23,7 @@ VARIANTS = {
     "no category term": ["terms.1.weight=0"],
     "no dense term": ["terms.0.weight=0"],
     "global targets from the unmasked view": ["terms.1.source.masked=false", "terms.2.source.masked=false"],
+    "paired dense targets (the paper's assignment)": ["terms.0.target.paired=true"],
 }
 
 
