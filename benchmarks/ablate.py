@@ -30,10 +30,10 @@ VARIANTS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="vit")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--limit", type=int, default=20000)
+    p.add_argument("--limit", type=int, default=10000)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out")
     a = p.parse_args()

@@ -75,12 +75,12 @@ def score_all(checkpoint: Path, evalsets: dict) -> dict[str, float | None]:
     """Every task's headline number; None where the model has no text tower for retrieval."""
     obj = load_trained(checkpoint)
     has_text = any(t.cfg.target.kind == "caption" for t in obj.terms)
-    scores = {}
+    scores, features = {}, {}
     for name, (task, dataset, metric) in TASKS.items():
         if task == "retrieval" and not has_text:
             scores[name] = None
             continue
-        m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], progress=False)["metrics"]
+        m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], False, features)["metrics"]
         scores[name] = (m["i2t_R@1"] + m["t2i_R@1"]) / 2 if metric == "R@1" else m[metric]
     return scores
 
@@ -153,17 +153,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke form: few steps, one seed, small eval sets")
     p.add_argument("--backbone", choices=list(BACKBONES), default="vit")
     p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
-    p.add_argument("--steps", type=int, help="optimiser steps per run (default 100; quick 6)")
+    p.add_argument("--steps", type=int, help="optimiser steps per run (default 60; quick 6)")
     p.add_argument("--batch", type=int, help="global batch (default 128; quick 32)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default 2; quick 1)")
-    p.add_argument("--limit", type=int, help="Fashion-MNIST train images for the probes (default 20000; quick 2000)")
+    p.add_argument("--limit", type=int, help="Fashion-MNIST train images for the probes (default 10000; quick 2000)")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick])")
     a = p.parse_args()
     quick = a.quick
-    a.steps = a.steps or (6 if quick else 100)
+    a.steps = a.steps or (6 if quick else 60)
     a.batch = a.batch or (32 if quick else 128)
     a.seeds = a.seeds or (1 if quick else 2)
-    a.limit = a.limit or (2000 if quick else 20000)
+    a.limit = a.limit or (2000 if quick else 10000)
     a.out = a.out or f"results/compare-{a.backbone}{'-quick' if quick else ''}"
     t0 = time.perf_counter()
     results = run(a)

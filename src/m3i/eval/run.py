@@ -143,8 +143,11 @@ def load_evalset(dataset: str, size: int, with_train: bool = True, limit: int | 
     return EvalSet(dataset, list(classes), test, train)
 
 
-def score(obj: Objective, task: str, data: EvalSet, progress: bool = True) -> dict:
-    """One task on a loaded data set -> {"task", "dataset", "metrics", "n_train", "n_test"}."""
+def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, features: dict | None = None) -> dict:
+    """One task on a loaded data set -> {"task", "dataset", "metrics", "n_train", "n_test"}.
+
+    ``features``: a dict kept across calls for the same model, so k-NN and the linear probe
+    on one data set embed its images once."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     te_img, te_y, te_cap = data.test
@@ -152,7 +155,11 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True) -> di
     if task in ("knn", "linear"):
         tr_img, tr_y, _ = data.train
         n_train = len(tr_y)
-        tr_f, te_f = embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)
+        features = {} if features is None else features
+        key = (data.dataset, len(tr_y), len(te_y))
+        if key not in features:
+            features[key] = embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)
+        tr_f, te_f = features[key]
         fn = metrics.knn if task == "knn" else metrics.linear_probe
         result = fn(tr_f, tr_y, te_f, te_y, len(data.classes))
     else:
