@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.vit import Block
+
 __all__ = [
     "TextTower",
     "MiniLMTower",
@@ -280,28 +282,6 @@ class MiniLMTower(TextTower):
         self.cache.clear()
 
 
-class _Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        # key_mask (B, 1, 1, L): True where the key is a real token; every row has at least [CLS]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
-
-
 class ScratchTextTower(TextTower):
     """A small text transformer trained from scratch on the MiniLM WordPiece vocabulary.
 
@@ -327,7 +307,7 @@ class ScratchTextTower(TextTower):
         self.out_dim = width
         self.token_embed = nn.Embedding(self.vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_length, width))
-        self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, 0.0) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self._init_weights(depth)
 
@@ -340,8 +320,8 @@ class ScratchTextTower(TextTower):
                 nn.init.zeros_(module.bias)
         # scale the residual-branch outputs so the stream's variance does not grow with depth
         for block in self.blocks:
-            block.proj.weight.data.div_(math.sqrt(2 * depth))
-            block.mlp[-1].weight.data.div_(math.sqrt(2 * depth))
+            block.attn.proj.weight.data.div_(math.sqrt(2 * depth))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2 * depth))
 
     def extra_repr(self) -> str:
         return f"out_dim={self.out_dim}, max_length={self.max_length}, vocab={self.vocab_size}"
