@@ -88,6 +88,12 @@ def test_overrides_and_errors():
         load_recipe("sim", overrides=["train.stepz=7"])
     with pytest.raises(ConfigError, match="not an index"):
         load_recipe("sim", overrides=["terms.5.weight=1"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_recipe("sim", overrides=["terms.2={name: x}"])
+    two = load_recipe("supervised", overrides=["terms.1={name: again, target: {kind: label}, "
+                                               "target_encoder: {kind: class_table}, "
+                                               "estimator: {kind: boltzmann, candidates: classes}}"])
+    assert [t.name for t in two.terms] == ["category", "again"]
     with pytest.raises(ConfigError, match="key=value"):
         load_recipe("sim", overrides=["train.steps"])
     with pytest.raises(ConfigError, match="unknown recipe 'simm'"):

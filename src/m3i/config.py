@@ -328,9 +328,13 @@ def apply_override(data: dict, item: str) -> dict:
             raise ConfigError(f"override {item!r}: {where} is a value, not a group of settings")
     last = parts[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {item!r}: {last} is not an index of a list of {len(node)}")
-        node[int(last)] = value
+        if not last.isdigit() or int(last) > len(node):
+            raise ConfigError(f"override {item!r}: {last} is not an index of a list of {len(node)} "
+                              f"(or {len(node)} to append)")
+        if int(last) == len(node):  # terms.3={...} adds a fourth term
+            node.append(value)
+        else:
+            node[int(last)] = value
     else:
         node[last] = value
     return data
