@@ -91,7 +91,7 @@ def run(args) -> dict:
     evalsets = load_evalsets(args.limit)
     results = {"config": vars(args), "runs": []}
     res_path = out / "results.json"
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for recipe in args.recipes:
             ck, secs = train(recipe, out / "runs" / f"{recipe}-s{seed}", args.backbone, args.steps, args.batch, seed)
             row = {"recipe": recipe, "seed": seed, "train_seconds": secs,
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="optimiser steps per run (default 60; quick 6)")
     p.add_argument("--batch", type=int, help="global batch (default 128; quick 32)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default 2; quick 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (to split seeds across processes)")
     p.add_argument("--limit", type=int, help="Fashion-MNIST train images for the probes (default 10000; quick 2000)")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick])")
     a = p.parse_args()
