@@ -17,17 +17,14 @@ import numpy as np
 from compare import TASKS, load_evalsets, score_all, train
 
 VARIANTS = {
-    "m3i (default)": [],
+    "m3i": [],
     "drop input instead of mix": ["views.input_mode=drop"],
     "no caption term": ["terms.2.weight=0"],
     "no category term": ["terms.1.weight=0"],
     "no dense term": ["terms.0.weight=0"],
     "global targets from the unmasked view": ["terms.1.source.masked=false", "terms.2.source.masked=false"],
     "paired dense targets (the paper's assignment)": ["terms.0.target.paired=true"],
-    "+ global cross-view term (MoCo v3 form)": [
-        "terms.3={name: view, weight: 0.4, source: {view: 0, masked: true}, target: {kind: view, view: 1}, "
-        "target_encoder: {kind: ema, head: true}, decoder: {kind: global, projector: [512, 128], "
-        "predictor: [512, 128], norm: batch}, estimator: {kind: boltzmann, candidates: batch, temperature: 0.2}}"],
+    "no global view term": ["terms.3.weight=0"],
 }
 
 
