@@ -567,7 +567,7 @@ def test_mix_input_equals_drop_per_image(m3i_obj):
 
 
 def _m3i_refs(obj, batch, views, vis):
-    dense, category, caption = obj.terms
+    dense, category, caption, view = obj.terms
     feats = obj.backbone.forward_features(views.images[0], vis, mode="drop")  # per image, no canvas
     refs = {"dense": ref_sim_dense(obj, dense, feats.tokens, vis, views)}
 
@@ -581,10 +581,16 @@ def _m3i_refs(obj, batch, views, vis):
     img = caption.predictor(caption.decoder(feats.pooled[crow]))
     txt = caption.text_proj(caption.text([batch["caption"][i] for i in crow]))
     refs["caption"] = ref_clip(img, txt, caption.log_scale.exp())
+
+    # the other view's global embedding, MoCo v3 form: masked mixed view 1 against view 2's EMA key
+    q = view.predictor(view.decoder(feats.pooled))
+    with torch.no_grad():
+        k = obj.teacher.heads["view"](obj.teacher.backbone.forward_features(views.images[1]).pooled)
+    refs["view"] = nll_diag(normalize(q) @ normalize(k).T / 0.2)
     return refs, len(rows), len(crow)
 
 
-def test_m3i_is_sum_of_dense_category_and_caption_under_mix_input(m3i_obj):
+def test_m3i_is_sum_of_dense_category_caption_and_view_under_mix_input(m3i_obj):
     obj = m3i_obj
     assert obj.recipe.views.input_mode == "mix"
     b = 8
@@ -596,14 +602,14 @@ def test_m3i_is_sum_of_dense_category_and_caption_under_mix_input(m3i_obj):
     out = obj(batch, views)
     refs, n_label, n_caption = _m3i_refs(obj, batch, views, vis)
 
-    for name in ("dense", "category", "caption"):
+    for name in ("dense", "category", "caption", "view"):
         close(out[name], refs[name], rtol=1e-5, atol=2e-6)
     assert int(out["n_category"]) == n_label == 5
     assert int(out["n_caption"]) == n_caption == 6
-    total = refs["dense"] + refs["category"] + refs["caption"]
+    total = refs["dense"] + refs["category"] + refs["caption"] + 0.4 * refs["view"]
     close(out["loss"], total, rtol=1e-5, atol=2e-6)
     assert_same_grads(obj, out["loss"], total)
-    for name in ("dense", "category", "caption"):
+    for name in ("dense", "category", "caption", "view"):
         assert_same_grads(obj, out[name], refs[name])
 
 
@@ -621,13 +627,13 @@ def test_m3i_missing_targets_give_zero_terms_and_finite_gradients(m3i_obj):
         assert torch.isfinite(out[name]) and float(out[name].detach()) == 0.0, name
         assert int(out["n_" + name]) == 0
     assert float(out["dense"].detach()) > 0
-    close(out["loss"], out["dense"], rtol=0, atol=0)
+    close(out["loss"], out["dense"] + 0.4 * out["view"], rtol=1e-6, atol=1e-7)
     named = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(out["loss"], [p for _, p in named], allow_unused=True, retain_graph=True)
     for (name, _), g in zip(named, grads):
         assert g is None or torch.isfinite(g).all(), name
-    feats = obj.backbone.forward_features(views.images[0], vis, mode="drop")
-    assert_same_grads(obj, out["loss"], ref_sim_dense(obj, obj.terms[0], feats.tokens, vis, views))
+    refs, _, _ = _m3i_refs(obj, {**batch, "label": torch.tensor([0] * b), "caption": ["x"] * b}, views, vis)
+    assert_same_grads(obj, out["loss"], refs["dense"] + 0.4 * refs["view"])
 
 
 def test_m3i_unlabelled_sample_does_not_change_category(m3i_obj):
