@@ -47,7 +47,7 @@ def main() -> None:
         rate = (end["step"] - s5["step"]) * a.batch / (t_end - t5)
         rows[name] = {"img_per_s": rate, "wall_s": wall}
         print(f"{name:<12} {rate:7.1f} img/s   ({wall:.0f} s for {a.steps} steps incl. start-up)", flush=True)
-    out = Path("results") / f"speed-{a.backbone}.json"
+    out = Path(__file__).resolve().parents[1] / "results" / f"speed-{a.backbone}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"config": vars(a), "threads": torch.get_num_threads(), "recipes": rows}, indent=2))
 
