@@ -39,8 +39,7 @@ def main():
         ref = tc.ConvNeXt(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True, num_classes=0,
                           patch_size=a.stem)
         mine = build_backbone("convnext_atto", img_size=a.img, stem_stride=a.stem)
-    missing, unexpected = ref.load_state_dict(w, strict=True), None
-    print("timm load_state_dict(strict=True): ok", missing)
+    print("timm load_state_dict(strict=True):", ref.load_state_dict(w, strict=True))
     mine.load_state_dict({k: v.reshape(mine.state_dict()[k].shape) for k, v in w.items()}, strict=False)
     ref.eval(), mine.eval()
     with torch.no_grad():

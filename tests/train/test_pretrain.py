@@ -1,6 +1,5 @@
 """End-to-end runs of the trainer on the real built-in data, at small sizes."""
 import json
-import os
 
 import pytest
 import torch
