@@ -19,7 +19,7 @@ from .backbones import Backbone, Features, build_backbone, visible_indices
 from .config import Recipe, TermCfg
 from .estimators import boltzmann, gaussian, target_correlation, unigrad
 from .targets.decoders import DenseDecoder, MLPHead
-from .targets.encoders import (ClassTable, Teacher, dense_target_norm, ema_momentum, patchify, pixel_target,
+from .targets.encoders import (ClassTable, Teacher, dense_target_norm, ema_momentum, pixel_target,
                                top_k_average)
 from .views import ViewAugment, absolute_positions, block_mask, mix_visible, random_mask, relative_positions
 
@@ -138,6 +138,11 @@ class Term(nn.Module):
         return None
 
     @property
+    def target_net(self) -> str:
+        """Attribute of the objective holding this term's copied target encoder."""
+        return "teacher" if self.cfg.target_encoder.kind == "ema" else "frozen_" + self.name
+
+    @property
     def temperature(self) -> Tensor:
         return 1.0 / self.log_scale.clamp(max=math.log(100.0)).exp()
 
@@ -158,11 +163,10 @@ class Term(nn.Module):
         enc = self.cfg.target_encoder
         if enc.kind == "online":
             return self.decoder(ctx.online(view, False).pooled)
-        feats = ctx.teacher("teacher" if enc.kind == "ema" else "frozen_" + self.name, view)
+        feats = ctx.teacher(self.target_net, view)
         if enc.head:
-            net = ctx.obj.teacher if enc.kind == "ema" else getattr(ctx.obj, "frozen_" + self.name)
             with torch.no_grad():
-                return net.heads[self.name](feats.pooled)
+                return getattr(ctx.obj, self.target_net).heads[self.name](feats.pooled)
         return feats.pooled
 
     # -- the term --------------------------------------------------------------------------
@@ -281,17 +285,13 @@ class Term(nn.Module):
     @torch.no_grad()
     def _dense_target(self, ctx: Context, t: int | tuple, abs_pos: Tensor) -> Tensor:
         enc = self.cfg.target_encoder
-        which = "teacher" if enc.kind == "ema" else "frozen_" + self.name
-        if enc.kind == "online":
-            feats = ctx.online(t, False)
-        else:
-            feats = ctx.teacher(which, t)
+        feats = ctx.online(t, False) if enc.kind == "online" else ctx.teacher(self.target_net, t)
         if enc.top_k:
             tokens = top_k_average(feats.layers[-enc.top_k:], enc.norm)
         else:
             tokens = feats.tokens
             if enc.head:
-                tokens = getattr(ctx.obj, which).heads[self.name].project(tokens, abs_pos.unsqueeze(0))
+                tokens = getattr(ctx.obj, self.target_net).heads[self.name].project(tokens, abs_pos.unsqueeze(0))
             tokens = dense_target_norm(tokens, enc.norm)
         return tokens.float()
 
@@ -383,4 +383,4 @@ def load_frozen(cfg: TermCfg, backbone: Backbone, head: nn.Module | None) -> Tea
     return teacher
 
 
-__all__ = ["Objective", "Term", "Context", "Views", "patchify"]
+__all__ = ["Objective", "Term", "Context", "Views"]
