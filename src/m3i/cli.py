@@ -71,7 +71,7 @@ def _eval(args) -> int:
     from .eval.run import evaluate
 
     result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress,
-                      limit=args.limit)
+                      limit=args.limit, split=args.split, image_size=args.image_size)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -105,12 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
-    v.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    v.add_argument("--checkpoint", required=True,
+                   help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline")
     v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval"])
     v.add_argument("--dataset", required=True,
                    help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
     v.add_argument("--json", help="write the result here")
     v.add_argument("--limit", type=int, help="a seeded subset: LIMIT train and LIMIT/4 test images")
+    v.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test: probe on train, score test; val: probe on fit, score val (for choices)")
+    v.add_argument("--image-size", type=int, default=32, help="side of the raw pixels that 'pixels' scores")
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)

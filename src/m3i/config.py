@@ -87,12 +87,13 @@ class SourceCfg(Strict):
 
 
 def builtin_mix() -> list[SourceCfg]:
-    """The built-in mix: Fashion-MNIST with labels, emoji with captions, both also unlabelled."""
+    """The built-in mix: Fashion-MNIST with labels, emoji with captions, both also unlabelled;
+    the train part of each (``m3i.data.splits``), so evaluation's test items are never seen."""
     return [
-        SourceCfg(spec="fashion-mnist", weight=0.4, captions=False),
-        SourceCfg(spec="emoji", weight=0.3, labels=False),
-        SourceCfg(spec="fashion-mnist", weight=0.15, labels=False, captions=False),
-        SourceCfg(spec="emoji", weight=0.15, labels=False, captions=False),
+        SourceCfg(spec="fashion-mnist:train", weight=0.4, captions=False),
+        SourceCfg(spec="emoji:train", weight=0.3, labels=False),
+        SourceCfg(spec="fashion-mnist:train", weight=0.15, labels=False, captions=False),
+        SourceCfg(spec="emoji:train", weight=0.15, labels=False, captions=False),
     ]
 
 

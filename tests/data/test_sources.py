@@ -242,7 +242,7 @@ def test_fashion_mnist_default_root_and_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="scripts/fetch_data.sh"):
         FashionMNIST(tmp_path / "missing")
     with pytest.raises(ValueError, match="split"):
-        FashionMNIST(tmp_path / "fashion-mnist", split="val")
+        FashionMNIST(tmp_path / "fashion-mnist", split="dev")
 
 
 REAL_FM = [data_root() / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
@@ -297,8 +297,9 @@ def test_emoji_from_package_layout(tmp_path):
 @pytest.mark.skipif(not (data_root() / "emoji" / "emoji.json").is_file(),
                     reason="emoji not installed in the m3i cache (run scripts/fetch_data.sh)")
 def test_real_emoji():
-    src = Emoji()
-    assert len(src) == 1911 and src.num_classes == 10
+    src, test = Emoji(), Emoji(split="test")
+    assert len(src) + len(test) == 1911 and src.num_classes == test.num_classes == 10
+    assert 0.19 < len(test) / 1911 < 0.21
     assert Emoji(label="subcategory").num_classes == 99
     s = src.get(0)
     assert s["image"].size == (64, 64) and s["image"].mode == "RGB" and s["caption"] == s["caption"].lower()
@@ -320,7 +321,10 @@ def test_builtin_specs(tmp_path, monkeypatch):
     assert e.num_classes == 0 and not e.has_captions
     assert builtin_source("emoji", captions=False).get(0)["caption"] is None
     assert builtin_source(f"folder:{tmp_path / 'imgs'}").class_names == ["c"]
-    with pytest.raises(ValueError, match=r"accepted forms: fashion-mnist\[:train\|test\]"):
+    with pytest.raises(ValueError, match=r"accepted forms: fashion-mnist\[:train\|test\|fit\|val\]"):
         builtin_source("imagenet:/data")
     with pytest.raises(ValueError, match="split"):
-        builtin_source("fashion-mnist:val")
+        builtin_source("fashion-mnist:dev")
+    with pytest.raises(ValueError, match="emoji takes a label"):
+        builtin_source("emoji:category:dev")
+    assert builtin_source("emoji:subcategory:train").name == "emoji:subcategory:train"

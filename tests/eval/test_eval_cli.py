@@ -65,3 +65,39 @@ def test_folder_dataset_split(runs, tmp_path):
                  f"folder:{tmp_path / 'imgs'}", "--json", str(out), "--no-progress"]) == 0
     r = json.loads(out.read_text())
     assert r["n_train"] == 16 and r["n_test"] == 4
+
+
+def test_pixels_baseline_is_the_standardised_input(tmp_path):
+    """``--checkpoint pixels`` scores raw pixels, standardised per pixel on the train part: the
+    same k-NN as the metric applied to features built here by hand."""
+    import torch
+
+    from m3i.eval import metrics
+    from m3i.eval.run import load_evalset
+
+    out = tmp_path / "p.json"
+    assert main(["eval", "--checkpoint", "pixels", "--task", "knn", "--dataset", "fashion-mnist", "--limit", "400",
+                 "--json", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    data = load_evalset("fashion-mnist", 32, limit=400, progress=False)
+    (tr, tr_y, _), (te, te_y, _) = data.train, data.test
+    tr, te = tr.reshape(len(tr), -1).double() / 255, te.reshape(len(te), -1).double() / 255
+    mu, sd = tr.mean(0), tr.std(0).clamp_min(1e-3)
+    ref = metrics.knn(((tr - mu) / sd).float(), tr_y, ((te - mu) / sd).float(), te_y, 10)
+    assert r["checkpoint"] == "pixels" and r["metrics"]["top1"] == pytest.approx(ref["top1"], abs=1 / len(te_y))
+    assert r["metrics"]["top1"] > 0.6  # raw Fashion-MNIST pixels are a strong baseline
+
+
+def test_pixels_have_no_text_embedding(capsys):
+    assert main(["eval", "--checkpoint", "pixels", "--task", "retrieval", "--dataset", "emoji:category"]) == 2
+    assert "raw pixels have no text embedding" in capsys.readouterr().err
+
+
+def test_val_split_never_scores_test(runs, tmp_path):
+    out = tmp_path / "v.json"
+    assert main(["eval", "--checkpoint", str(runs / "mae"), "--task", "knn", "--dataset", "emoji:category",
+                 "--split", "val", "--json", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    from m3i.data import Emoji
+
+    assert r["split"] == "val" and r["n_test"] == len(Emoji(split="val")) and r["n_train"] == len(Emoji(split="fit"))

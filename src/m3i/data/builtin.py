@@ -2,8 +2,12 @@
 
 Accepted specs::
 
-    fashion-mnist[:train|test]               Fashion-MNIST (10 classes, no captions)
-    emoji[:category|subcategory|none]        Noto Emoji, caption = name, label as given
+    fashion-mnist[:train|test|fit|val]       Fashion-MNIST (10 classes, no captions)
+    emoji[:category|subcategory|none][:train|test|fit|val]
+                                             Noto Emoji, caption = name, label as given
+
+The splits are those of :mod:`m3i.data.splits`; a built-in set without a split named is its
+``train`` part, so a test item is never drawn unless ``:test`` is asked for.
     folder:PATH                              ImageFolder (class subfolders or flat)
     manifest:PATH                            JSONL/CSV manifest (path, caption[, label])
     shards:PATTERN                           WebDataset tar shards (brace pattern, glob, path)
@@ -17,13 +21,14 @@ from __future__ import annotations
 
 import re
 
+from .splits import SPLITS
 from .sources import Emoji, FashionMNIST, ImageFolder, Manifest, Shards, Source, data_root
 
 __all__ = ["SPEC_FORMS", "builtin_source", "data_root", "parse_spec"]
 
 SPEC_FORMS = (
-    "fashion-mnist[:train|test]",
-    "emoji[:category|subcategory|none]",
+    "fashion-mnist[:train|test|fit|val]",
+    "emoji[:category|subcategory|none][:train|test|fit|val]",
     "folder:PATH",
     "manifest:PATH",
     "shards:PATTERN",
@@ -69,14 +74,20 @@ def builtin_source(spec: str, *, labels: bool = True, captions: bool = True,
     common = dict(labels=labels, captions=captions, name=name)
     if kind in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         split = (arg or "train").strip().lower()
-        if split not in ("train", "test"):
-            raise _unknown(spec, f"Fashion-MNIST split must be train or test, got {split!r}")
+        if split not in SPLITS:
+            raise _unknown(spec, f"Fashion-MNIST split must be one of {', '.join(SPLITS)}, got {split!r}")
         return FashionMNIST(split=split, **common)
     if kind == "emoji":
-        field = (arg or "category").strip().lower()
-        if field not in ("category", "subcategory", "none"):
-            raise _unknown(spec, f"emoji label must be category, subcategory or none, got {field!r}")
-        return Emoji(label=None if field == "none" else field, **common)
+        field, split = "category", "train"
+        for part in (p.strip().lower() for p in (arg or "").split(":") if p.strip()):
+            if part in ("category", "subcategory", "none"):
+                field = part
+            elif part in SPLITS:
+                split = part
+            else:
+                raise _unknown(spec, f"emoji takes a label (category, subcategory, none) and a split "
+                                     f"({', '.join(SPLITS)}), got {part!r}")
+        return Emoji(label=None if field == "none" else field, split=split, **common)
     if kind in ("folder", "manifest", "shards"):
         if not arg:
             raise _unknown(spec, f"{kind}: needs a path")

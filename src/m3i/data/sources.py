@@ -39,6 +39,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .splits import SPLITS, grouped_split, inner_split
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -634,13 +636,14 @@ class FashionMNIST(Source):
     ``M3I_DATA``) when present, else the Debian package's ``/usr/share/datasets/fashion-mnist``.
     """
 
-    PREFIX = {"train": "train", "test": "t10k"}
+    PREFIX = {"train": "train", "test": "t10k", "fit": "train", "val": "train"}
+    N_VAL = 10_000
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
                  labels: bool = True, captions: bool = True, name: str | None = None):
         super().__init__(labels=labels, captions=captions, name=name or f"fashion-mnist:{split}")
         if split not in self.PREFIX:
-            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+            raise ValueError(f"Fashion-MNIST split must be one of {', '.join(self.PREFIX)}, got {split!r}")
         self.split = split
         self.root = self._find_root(root)
         p = self.PREFIX[split]
@@ -653,6 +656,10 @@ class FashionMNIST(Source):
                 f"{images}: expected N×H×W images matching {labels_file}'s labels, got "
                 f"{self.images.shape} and {self.targets.shape}"
             )
+        # fit / val: the seeded inner split of the official train set (m3i.data.splits)
+        self.file_index = (inner_split(len(self.images), split, self.N_VAL) if split in ("fit", "val")
+                           else np.arange(len(self.images)))
+        self.images, self.targets = self.images[self.file_index], self.targets[self.file_index]
         self._images_file = images
         self._require_samples(len(self.images), f"{images} holds no image")
         self._class_names = list(FASHION_MNIST_CLASSES)
@@ -694,7 +701,7 @@ class FashionMNIST(Source):
         return int(self.targets[i])
 
     def locate(self, i):
-        return f"{self._images_file}[{i}]"
+        return f"{self._images_file}[{int(self.file_index[i])}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,18 +716,22 @@ class Emoji(Source):
     (``~/.cache/m3i/emoji``). Samples: the base emoji with a Google image (1,911 in 16.0.0;
     skin-tone variants excluded), ordered by ``sort_order``. Caption: the lower-cased name.
     Label: ``category`` (10 classes), ``subcategory`` (99) or ``None``. RGBA is composited on
-    white.
+    white. ``split``: ``train`` (the default), ``test``, ``fit`` or ``val`` of the one seeded
+    split in :mod:`m3i.data.splits`; the class list is the same in every split.
     """
 
     provides_captions = True
 
     def __init__(self, root: str | os.PathLike | None = None, label: str | None = "category",
                  caption: bool = True, labels: bool = True, captions: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, split: str = "train"):
         if label not in ("category", "subcategory", None):
             raise ValueError(f"Emoji label must be 'category', 'subcategory' or None, got {label!r}")
+        if split not in SPLITS:
+            raise ValueError(f"Emoji split must be one of {', '.join(SPLITS)}, got {split!r}")
         super().__init__(labels=labels and label is not None, captions=captions and caption,
-                         name=name or f"emoji:{label or 'none'}")
+                         name=name or f"emoji:{label or 'none'}:{split}")
+        self.split = split
         self.label_field = label
         self.root = Path(root).expanduser() if root is not None else data_root() / "emoji"
         meta = self.root / "emoji.json"
@@ -735,15 +746,20 @@ class Emoji(Source):
         entries = [e for e in entries if e.get("has_img_google") and e.get("image")]
         entries.sort(key=lambda e: (e.get("sort_order", 0), e["image"]))
         self._require_samples(len(entries), f"{meta} lists no emoji with has_img_google")
+        names = [(e.get("name") or e.get("short_name") or "").strip().lower() or e["image"] for e in entries]
+        keep = grouped_split(names, split)  # classes come from every emoji, samples from the split
         self.files = [str(self.image_dir / e["image"]) for e in entries]
         self._captions = [(e.get("name") or e.get("short_name") or "").strip().lower() or None for e in entries]
         if label is not None:
             values = [e.get(label) or "" for e in entries]
             self._class_names = sorted(set(values))
             pos = {c: k for k, c in enumerate(self._class_names)}
-            self.targets = np.asarray([pos[v] for v in values], dtype=np.int64)
+            self.targets = np.asarray([pos[v] for v in values], dtype=np.int64)[keep]
         else:
             self.targets = None
+        self.files = [self.files[i] for i in keep]
+        self._captions = [self._captions[i] for i in keep]
+        self._require_samples(len(self.files), f"the {split!r} split of {meta} is empty")
 
     def __len__(self):
         return len(self.files)

@@ -10,14 +10,13 @@ from tqdm import tqdm
 
 from ..config import load_recipe
 from ..data import builtin_source
+from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from ..objective import Objective
 from ..train import checkpoint as ckpt
 from ..train.loop import optional_prefixes
 from . import metrics
 
 TASKS = ("knn", "linear", "zeroshot", "retrieval")
-SPLIT_SEED = 0
-TEST_FRACTION = 0.2
 
 
 def load_trained(checkpoint: str | Path, device: str = "cpu") -> Objective:
@@ -35,33 +34,38 @@ def load_trained(checkpoint: str | Path, device: str = "cpu") -> Objective:
     return obj.to(device).eval()
 
 
-def splits(spec: str):
-    """SPEC -> (train source, train indices, test source, test indices, class names)."""
+def splits(spec: str, split: str = "test"):
+    """SPEC -> (train source, train indices, test source, test indices, class names).
+
+    ``split="test"`` trains the probe on the train part and scores the test part;
+    ``split="val"`` trains on ``fit`` and scores ``val`` (for choices), never touching test.
+    The parts are those of :mod:`m3i.data.splits`, the same the pre-training sources use."""
+    if split not in ("test", "val"):
+        raise ValueError(f"--split {split!r}: expected test or val")
+    fit, held = ("train", "test") if split == "test" else ("fit", "val")
     kind, _, arg = spec.partition(":")
-    if kind == "fashion-mnist":
-        tr, te = builtin_source("fashion-mnist:train"), builtin_source("fashion-mnist:test")
+    if kind in ("fashion-mnist", "emoji"):
+        field = f"{arg or 'category'}:" if kind == "emoji" else ""
+        tr, te = builtin_source(f"{kind}:{field}{fit}"), builtin_source(f"{kind}:{field}{held}")
         return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
-    if kind == "emoji":
-        src = builtin_source(f"emoji:{arg or 'category'}")
-        return (*_seeded_split(len(src), src), src.class_names)
     if kind == "folder":
         root = Path(arg)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            tr, te = builtin_source(f"folder:{root / 'train'}"), builtin_source(f"folder:{root / 'test'}")
+            tr = builtin_source(f"folder:{root / 'train'}")
+            if split == "val":  # an inner split of train/
+                idx_fit, idx_val = (grouped_split(range(len(tr)), s, test_fraction=VAL_FRACTION) for s in
+                                    ("train", "test"))
+                return tr, idx_fit, tr, idx_val, tr.class_names
+            te = builtin_source(f"folder:{root / 'test'}")
             if tr.class_names != te.class_names:
                 raise ValueError(f"{root}: train/ and test/ have different class folders")
             return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
         src = builtin_source(f"folder:{root}")
         if not src.has_labels:
             raise ValueError(f"{root}: expected one subfolder per class (or train/ and test/ holding them)")
-        return (*_seeded_split(len(src), src), src.class_names)
+        keys = range(len(src))
+        return (src, grouped_split(keys, fit), src, grouped_split(keys, held), src.class_names)
     raise ValueError(f"--dataset {spec!r}: expected fashion-mnist, emoji:category, emoji:subcategory or folder:PATH")
-
-
-def _seeded_split(n: int, src):
-    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_test = int(round(TEST_FRACTION * n))
-    return src, np.sort(perm[n_test:]), src, np.sort(perm[:n_test])
 
 
 def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -104,6 +108,21 @@ def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head=None
     return torch.cat(out)
 
 
+PIXELS = "pixels"
+
+
+def is_pixels(obj) -> bool:
+    """``pixels`` stands for the raw input: the baseline every backbone must beat."""
+    return isinstance(obj, str) and obj == PIXELS
+
+
+def pixel_features(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw pixels, flattened and standardised per pixel with the train part's mean and std."""
+    tr, te = (x.flatten(1).float() / 255 for x in (train, test))
+    mean, std = tr.mean(0), tr.std(0).clamp_min(1e-3)
+    return (tr - mean) / std, (te - mean) / std
+
+
 def caption_term(obj: Objective, task: str):
     for t in obj.terms:
         if t.cfg.target.kind == "caption":
@@ -132,8 +151,8 @@ class EvalSet:
 
 
 def load_evalset(dataset: str, size: int, with_train: bool = True, limit: int | None = None,
-                 progress: bool = True) -> EvalSet:
-    tr_src, tr_idx, te_src, te_idx, classes = splits(dataset)
+                 progress: bool = True, split: str = "test") -> EvalSet:
+    tr_src, tr_idx, te_src, te_idx, classes = splits(dataset, split)
     if limit:  # a seeded subset, for quick comparisons
         rng = np.random.default_rng(SPLIT_SEED)
         tr_idx = np.sort(rng.choice(tr_idx, min(limit, len(tr_idx)), replace=False))
@@ -158,11 +177,14 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
         features = {} if features is None else features
         key = (data.dataset, len(tr_y), len(te_y))
         if key not in features:
-            features[key] = embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)
+            features[key] = (pixel_features(tr_img, te_img) if is_pixels(obj) else
+                             (embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)))
         tr_f, te_f = features[key]
         fn = metrics.knn if task == "knn" else metrics.linear_probe
         result = fn(tr_f, tr_y, te_f, te_y, len(data.classes))
     else:
+        if is_pixels(obj):
+            raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
         term = caption_term(obj, task)
         head = lambda f: term.predictor(term.decoder(f))  # noqa: E731
         if task == "zeroshot":
@@ -180,19 +202,29 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
 
 
 def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None = None, progress: bool = True,
-             limit: int | None = None, verbose: bool = True) -> dict:
-    """``m3i eval``: one task of one checkpoint on one data set; prints a small table."""
+             limit: int | None = None, verbose: bool = True, split: str = "test", image_size: int = 32) -> dict:
+    """``m3i eval``: one task of one checkpoint (or ``pixels``) on one data set; prints a small table.
+
+    ``image_size`` is the side of the raw pixels that ``pixels`` scores (a checkpoint uses its
+    backbone's own size)."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    obj = load_trained(checkpoint, dev)
+    if is_pixels(checkpoint):
+        if task not in ("knn", "linear"):
+            raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
+        obj, size = PIXELS, image_size
+    else:
+        obj = load_trained(checkpoint, dev)
+        size = obj.backbone.img_size
     if task in ("zeroshot", "retrieval"):
         caption_term(obj, task)  # fail before loading any data
-    data = load_evalset(dataset, obj.backbone.img_size, with_train=task in ("knn", "linear"), limit=limit,
-                        progress=progress)
+    data = load_evalset(dataset, size, with_train=task in ("knn", "linear"), limit=limit,
+                        progress=progress, split=split)
     out = score(obj, task, data, progress)
+    out["checkpoint"], out["split"] = str(checkpoint), split
     if verbose:
-        print(f"{task} on {dataset} ({out['n_train']} train / {out['n_test']} test)")
+        print(f"{task} on {dataset}, {split} split ({out['n_train']} train / {out['n_test']} {split})")
         for k, v in out["metrics"].items():
             print(f"  {k:<14} {v:.4f}" if k != "weight_decay" else f"  {k:<14} {v:g}")
     return out
