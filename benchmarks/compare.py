@@ -37,6 +37,15 @@ BACKBONES = {
 }
 
 
+def fit_mix_override(split: str = "fit") -> str:
+    """``data.sources=[...]``: the built-in mix on the ``fit`` part of each set (for choices made
+    on ``val``), as one key=value override."""
+    from m3i.config import builtin_mix
+
+    sources = [s.model_dump() | {"spec": s.spec.replace(":train", f":{split}")} for s in builtin_mix()]
+    return "data.sources=" + json.dumps(sources)
+
+
 def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int) -> list[str]:
     ov = BACKBONES[backbone] + [f"train.steps={steps}", f"data.batch_size={batch}", f"train.seed={seed}",
                                 f"train.warmup_steps={max(1, steps // 10)}", f"train.ckpt_every={steps}",

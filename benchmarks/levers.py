@@ -1,0 +1,92 @@
+"""Levers of the demo, each measured on the validation split: the m3i recipe plus overrides,
+pre-trained on the fit part of the built-in mix and scored on the val part (never on test).
+
+    python benchmarks/levers.py --variants vit_micro resnet_nano --steps 300
+
+Writes OUT/results.json and OUT/table.md (default results/levers): per variant the val scores,
+the training seconds and images/s (measured one run after another, on an otherwise idle
+machine unless the table says otherwise), beside raw pixels on the same splits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from compare import fit_mix_override
+
+from m3i.config import load_recipe
+from m3i.eval.run import PIXELS, load_evalset, load_trained, score
+from m3i.train.loop import pretrain
+
+TASKS = {  # name -> (task, dataset, metric), scored on the val split
+    "fmnist_knn": ("knn", "fashion-mnist", "top1"),
+    "fmnist_linear": ("linear", "fashion-mnist", "top1"),
+    "emoji_cat_linear": ("linear", "emoji:category", "top1"),
+    "emoji_sub_linear": ("linear", "emoji:subcategory", "top1"),
+}
+VARIANTS = {
+    "vit_micro": ["backbone.name=vit_micro"],
+    "vit_nano p8": ["backbone.name=vit_nano", "backbone.patch_size=8"],
+    "convnext_atto stem 1": ["backbone.name=convnext_atto", "backbone.patch_size=8"],
+    "resnet_nano": ["backbone.name=resnet_nano"],
+    "resnet_micro": ["backbone.name=resnet_micro"],
+    "resnet18": ["backbone.name=resnet18"],
+}
+
+
+def evalsets(limit: int | None) -> dict:
+    out = {}
+    for task, dataset, _ in TASKS.values():
+        if dataset not in out:
+            out[dataset] = load_evalset(dataset, 32, limit=limit if dataset == "fashion-mnist" else None,
+                                        progress=False, split="val")
+    return out
+
+
+def scores(model, sets: dict) -> dict[str, float]:
+    feats: dict = {}
+    return {name: score(model, task, sets[dataset], False, feats)["metrics"][metric]
+            for name, (task, dataset, metric) in TASKS.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every variant")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--recipe", default="m3i")
+    p.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST fit images for the probes")
+    p.add_argument("--out", default="results/levers")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": []}
+    sets = evalsets(a.limit)
+    if not any(r["variant"] == PIXELS for r in results["runs"]):
+        results["runs"].append({"variant": PIXELS, "scores": scores(PIXELS, sets)})
+    for name in a.variants:
+        ov = VARIANTS.get(name, name.split())  # a known variant, or overrides written out
+        ov = ov + a.extra + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix_override()]
+        recipe = load_recipe(a.recipe, overrides=ov)
+        t0 = time.perf_counter()
+        ck = pretrain(recipe, out / "runs" / name.replace(" ", "_").replace("=", "-"), progress=False)
+        secs = time.perf_counter() - t0
+        row = {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "train_seconds": secs,
+               "img_per_s": a.steps * recipe.data.batch_size / secs, "scores": scores(load_trained(ck), sets)}
+        results["runs"].append(row)
+        print(json.dumps({k: row[k] for k in ("variant", "train_seconds", "img_per_s", "scores")}), flush=True)
+        res_path.write_text(json.dumps(results, indent=2))
+    lines = ["| variant | steps | " + " | ".join(TASKS) + " | train s | img/s |", "|---" * (len(TASKS) + 4) + "|"]
+    for r in results["runs"]:
+        cells = " | ".join(f"{r['scores'][t] * 100:.1f}" for t in TASKS)
+        lines.append(f"| {r['variant']} | {r.get('steps', '')} | {cells} | {r.get('train_seconds', 0):.0f} | "
+                     f"{r.get('img_per_s', 0):.0f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
