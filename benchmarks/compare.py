@@ -1,25 +1,30 @@
-"""The paper's central comparison on real data: single-stage M3I against each single objective
-and against a multi-stage pipeline, every one seeing the same number of images with the same
-backbone.
+"""The paper's central comparison on real data: single-stage M3I against each single objective,
+against a multi-stage pipeline and against raw pixels, every recipe seeing the same number of
+images with the same backbone and the same tuning (``benchmarks/tune.py``).
 
-    python benchmarks/compare.py                      # full: 2 seeds, ViT
-    python benchmarks/compare.py --backbone convnext  # the convolutional family
-    python benchmarks/compare.py --quick              # smoke form (minutes)
+    python benchmarks/compare.py                          # ResNet, 2 seeds, the demo's budget
+    python benchmarks/compare.py --backbone vit           # or convnext
+    python benchmarks/compare.py --device cuda --jobs 4   # a GPU: larger budget, runs in parallel
+    python benchmarks/compare.py --quick                  # smoke form (minutes)
 
-Writes OUT/results.json (every run and score), OUT/table.md (mean ± spread over seeds, and
-the average rank) and OUT/<task>.png (one bar chart per task).
+Writes OUT/results.json (every run and score), OUT/table.md (mean ± spread over seeds, mean
+rank, training time and images/s) and OUT/<task>.png (one bar chart per task). The ``pixels``
+row scores the raw, standardised input with the same probes: the floor every backbone must beat.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from m3i.config import load_recipe
-from m3i.eval.run import load_evalset, load_trained, score
+from m3i.eval.run import PIXELS, load_evalset, load_trained, score
 from m3i.train.loop import pretrain
 
 RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
@@ -27,10 +32,12 @@ STAGES = ["sim", "clip", "supervised"]  # the multi-stage pipeline, each continu
 TASKS = {  # name -> (task, dataset, metric)
     "fmnist_linear": ("linear", "fashion-mnist", "top1"),
     "fmnist_knn": ("knn", "fashion-mnist", "top1"),
+    "emoji_cat_linear": ("linear", "emoji:category", "top1"),
     "emoji_sub_linear": ("linear", "emoji:subcategory", "top1"),
     "emoji_retrieval_R@1": ("retrieval", "emoji:subcategory", "R@1"),
 }
 BACKBONES = {
+    "resnet": ["backbone.name=resnet_nano"],
     "vit": ["backbone.name=vit_micro", "backbone.patch_size=4"],
     # a convolutional network cannot drop tokens: masked inputs use the mask-token fill
     "convnext": ["backbone.name=convnext_atto", "backbone.patch_size=8"],
@@ -46,44 +53,63 @@ def fit_mix_override(split: str = "fit") -> str:
     return "data.sources=" + json.dumps(sources)
 
 
-def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int) -> list[str]:
+def tuned_overrides(recipe: str, tuned: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in tuned.get(recipe, {}).items()]
+
+
+def text_tower_overrides(recipe: str, tower: str | None) -> list[str]:
+    """Put every caption term of ``recipe`` on another text tower (``scratch`` where the MiniLM
+    weights are not installed)."""
+    if not tower:
+        return []
+    return [f"terms.{i}.target_encoder.tower={tower}" for i, t in enumerate(load_recipe(recipe).terms)
+            if t.target.kind == "caption"]
+
+
+def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int, split: str = "test",
+                  tuned: dict | None = None, workers: int | None = None, text_tower: str | None = None) -> list[str]:
     ov = BACKBONES[backbone] + [f"train.steps={steps}", f"data.batch_size={batch}", f"train.seed={seed}",
                                 f"train.warmup_steps={max(1, steps // 10)}", f"train.ckpt_every={steps}",
                                 f"train.log_every={max(1, steps // 20)}"]
-    if backbone == "convnext" and load_recipe(recipe).views.input_mode == "drop":
+    if not backbone == "vit" and load_recipe(recipe).views.input_mode == "drop":
         ov.append("views.input_mode=fill")
-    return ov
+    if split == "val":
+        ov.append(fit_mix_override())
+    if workers is not None:
+        ov.append(f"data.num_workers={workers}")
+    return ov + text_tower_overrides(recipe, text_tower) + tuned_overrides(recipe, tuned or {})
 
 
-def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: int,
-          extra: list[str] = ()) -> tuple[Path, float]:
+def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: int, extra: list[str] = (),
+          split: str = "test", tuned: dict | None = None, device: str | None = None,
+          workers: int | None = None, text_tower: str | None = None) -> tuple[Path, float]:
     t0 = time.perf_counter()
+    kw = dict(split=split, tuned=tuned, workers=workers, text_tower=text_tower)
     if recipe != "multistage":
-        r = load_recipe(recipe, overrides=overrides_for(recipe, backbone, steps, batch, seed) + list(extra))
-        return pretrain(r, out, progress=False), time.perf_counter() - t0
+        r = load_recipe(recipe, overrides=overrides_for(recipe, backbone, steps, batch, seed, **kw) + list(extra))
+        return pretrain(r, out, progress=False, device=device), time.perf_counter() - t0
     prev, per = None, steps // len(STAGES)
     for i, stage in enumerate(STAGES):
         n = per if i < len(STAGES) - 1 else steps - per * (len(STAGES) - 1)
-        r = load_recipe(stage, overrides=overrides_for(stage, backbone, n, batch, seed))
-        prev = pretrain(r, out / f"stage{i + 1}_{stage}", progress=False, init_from=prev)
+        r = load_recipe(stage, overrides=overrides_for(stage, backbone, n, batch, seed, **kw) + list(extra))
+        prev = pretrain(r, out / f"stage{i + 1}_{stage}", progress=False, init_from=prev, device=device)
     return prev, time.perf_counter() - t0
 
 
-def load_evalsets(limit: int) -> dict:
-    size = load_recipe("m3i").backbone.img_size
+def load_evalsets(limit: int | None, split: str = "test", size: int = 32) -> dict:
     evalsets = {}
     for task, dataset, _ in TASKS.values():
         key = (dataset, task in ("knn", "linear"))
         if key not in evalsets:
-            evalsets[key] = load_evalset(dataset, size, with_train=key[1],
+            evalsets[key] = load_evalset(dataset, size, with_train=key[1], split=split,
                                          limit=limit if dataset == "fashion-mnist" else None, progress=False)
     return evalsets
 
 
-def score_all(checkpoint: Path, evalsets: dict) -> dict[str, float | None]:
+def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu") -> dict[str, float | None]:
     """Every task's headline number; None where the model has no text tower for retrieval."""
-    obj = load_trained(checkpoint)
-    has_text = any(t.cfg.target.kind == "caption" for t in obj.terms)
+    obj = PIXELS if checkpoint == PIXELS else load_trained(checkpoint, device)
+    has_text = obj != PIXELS and any(t.cfg.target.kind == "caption" for t in obj.terms)
     scores, features = {}, {}
     for name, (task, dataset, metric) in TASKS.items():
         if task == "retrieval" and not has_text:
@@ -94,45 +120,81 @@ def score_all(checkpoint: Path, evalsets: dict) -> dict[str, float | None]:
     return scores
 
 
-def run(args) -> dict:
-    out = Path(args.out)
+_EVALSETS: dict = {}
+
+
+def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict) -> dict:
+    """Train one recipe with one seed and score it (in a worker process when --jobs > 1)."""
+    if a.device == "cpu" and a.jobs > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.jobs))
+    key = (a.limit, a.split)
+    if key not in _EVALSETS:
+        _EVALSETS[key] = load_evalsets(a.limit, a.split)
+    ck, secs = train(recipe, Path(a.out) / "runs" / f"{recipe}-s{seed}", a.backbone, a.steps, a.batch, seed,
+                     split=a.split, tuned=tuned, device=a.device, workers=a.workers, text_tower=a.text_tower)
+    images = a.steps * a.batch
+    return {"recipe": recipe, "seed": seed, "train_seconds": secs, "images": images, "img_per_s": images / secs,
+            "scores": score_all(ck, _EVALSETS[key], a.device or "cpu")}
+
+
+def run(a: argparse.Namespace) -> dict:
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    evalsets = load_evalsets(args.limit)
-    results = {"config": vars(args), "runs": []}
+    tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
+    results = {"config": vars(a), "tuned": tuned, "runs": []}
     res_path = out / "results.json"
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for recipe in args.recipes:
-            ck, secs = train(recipe, out / "runs" / f"{recipe}-s{seed}", args.backbone, args.steps, args.batch, seed)
-            row = {"recipe": recipe, "seed": seed, "train_seconds": secs,
-                   "images": args.steps * args.batch, "scores": score_all(ck, evalsets)}
-            results["runs"].append(row)
-            print(json.dumps({k: row[k] for k in ("recipe", "seed", "train_seconds", "scores")}), flush=True)
-            res_path.write_text(json.dumps(results, indent=2))
+    evalsets = load_evalsets(a.limit, a.split)
+    results["runs"].append({"recipe": PIXELS, "seed": 0, "train_seconds": 0.0, "images": 0, "img_per_s": None,
+                            "scores": score_all(PIXELS, evalsets)})
+    jobs = [(r, s) for s in range(a.first_seed, a.first_seed + a.seeds) for r in a.recipes]
+
+    def done(row: dict) -> None:
+        results["runs"].append(row)
+        print(json.dumps({k: row[k] for k in ("recipe", "seed", "train_seconds", "scores")}), flush=True)
+        res_path.write_text(json.dumps(results, indent=2))
+
+    if a.jobs > 1:
+        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, r, s, a, tuned) for r, s in jobs]
+            for f in futures:
+                done(f.result())
+    else:
+        _EVALSETS[(a.limit, a.split)] = evalsets
+        for r, s in jobs:
+            done(run_one(r, s, a, tuned))
     return results
 
 
 def summarise(results: dict, out: Path) -> str:
     runs, recipes = results["runs"], list(dict.fromkeys(r["recipe"] for r in results["runs"]))
+    tasks = list(next(iter(runs))["scores"])
     stats: dict[str, dict[str, tuple[float, float] | None]] = {}
     for rec in recipes:
         stats[rec] = {}
-        for task in TASKS:
-            vals = [r["scores"][task] for r in runs if r["recipe"] == rec and r["scores"][task] is not None]
+        for task in tasks:
+            vals = [r["scores"][task] for r in runs if r["recipe"] == rec and r["scores"].get(task) is not None]
             stats[rec][task] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
-    ranks = {rec: [] for rec in recipes}  # rank among the recipes that have the task
-    for task in TASKS:
+    ranks = {rec: [] for rec in recipes}  # rank among the rows (pixels included) that have the task
+    for task in tasks:
         have = sorted((rec for rec in recipes if stats[rec][task]), key=lambda r: -stats[r][task][0])
         for i, rec in enumerate(have):
             ranks[rec].append(i + 1)
     cfg = results["config"]
+    where = f"{cfg.get('device') or 'cpu'}, split {cfg.get('split', 'test')}"
     lines = [f"Backbone: {cfg['backbone']}; {cfg['steps']} steps × batch {cfg['batch']} = "
-             f"{cfg['steps'] * cfg['batch']:,} images per run; {cfg['seeds']} seed(s); mean ± std over seeds.", "",
-             "| recipe | " + " | ".join(TASKS) + " | mean rank | train s |",
-             "|---" * (len(TASKS) + 3) + "|"]
+             f"{cfg['steps'] * cfg['batch']:,} images per run; {cfg['seeds']} seed(s); mean ± std over seeds; "
+             f"{where}.", "",
+             "| recipe | " + " | ".join(tasks) + " | mean rank | train s | img/s |",
+             "|---" * (len(tasks) + 4) + "|"]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]
-        secs = np.mean([r["train_seconds"] for r in runs if r["recipe"] == rec])
-        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {np.mean(ranks[rec]):.2f} | {secs:.0f} |")
+        rs = [r for r in runs if r["recipe"] == rec]
+        secs = np.mean([r["train_seconds"] for r in rs])
+        ips = [r["img_per_s"] for r in rs if r.get("img_per_s")]
+        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {np.mean(ranks[rec]):.2f} | "
+                     + (f"{secs:.0f} | {np.mean(ips):.0f} |" if ips else "– | – |"))
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     import matplotlib
@@ -140,13 +202,16 @@ def summarise(results: dict, out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for task in TASKS:
+    for task in tasks:
         have = [rec for rec in recipes if stats[rec][task]]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
+        fig, ax = plt.subplots(figsize=(7.5, 3.2))
         means = [stats[r][task][0] * 100 for r in have]
         errs = [stats[r][task][1] * 100 for r in have]
-        colors = ["tab:red" if r == "m3i" else "tab:gray" if r == "multistage" else "tab:blue" for r in have]
+        colors = ["tab:red" if r == "m3i" else "tab:gray" if r == "multistage" else
+                  "black" if r == PIXELS else "tab:blue" for r in have]
         ax.bar(have, means, yerr=errs, color=colors, capsize=3)
+        if PIXELS in have:
+            ax.axhline(stats[PIXELS][task][0] * 100, color="black", lw=0.8, ls="--")
         ax.set_ylabel(f"{task} (%)")
         ax.set_title(f"{task} — {cfg['backbone']}, {cfg['steps'] * cfg['batch']:,} images per run")
         lo = min(means) - max(errs + [0]) - 5
@@ -157,24 +222,40 @@ def summarise(results: dict, out: Path) -> str:
     return table
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke form: few steps, one seed, small eval sets")
-    p.add_argument("--backbone", choices=list(BACKBONES), default="vit")
+    p.add_argument("--backbone", choices=list(BACKBONES), default="resnet")
     p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
-    p.add_argument("--steps", type=int, help="optimiser steps per run (default 60; quick 6)")
+    p.add_argument("--steps", type=int, help="optimiser steps per run (default: the m3i demo's; quick 6)")
     p.add_argument("--batch", type=int, help="global batch (default 128; quick 32)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default 2; quick 1)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (to split seeds across processes)")
-    p.add_argument("--limit", type=int, help="Fashion-MNIST train images for the probes (default 10000; quick 2000)")
-    p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick])")
-    a = p.parse_args()
-    quick = a.quick
-    a.steps = a.steps or (6 if quick else 60)
-    a.batch = a.batch or (32 if quick else 128)
+    p.add_argument("--limit", type=int, help="Fashion-MNIST train images for the probes (default all; quick 2000)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="val: pre-train on the fit parts and score val (for choices); test: the report")
+    p.add_argument("--tuned", help="tune.py's JSON of chosen hyperparameters per recipe "
+                                   "(default results/tune-<backbone>/chosen.json when present)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--workers", type=int, help="loader workers per run (data.num_workers)")
+    p.add_argument("--text-tower", choices=["minilm", "scratch"],
+                   help="text tower of the caption terms (default: the recipes'; scratch needs no weights)")
+    p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
+    return p
+
+
+def main() -> None:
+    a = parser().parse_args()
+    quick, gpu = a.quick, a.device.startswith("cuda")
+    # a GPU runs at least 20 Fashion-MNIST epochs' worth of images per recipe
+    a.steps = a.steps or (6 if quick else 2400 if gpu else load_recipe("m3i").train.steps)
+    a.batch = a.batch or (32 if quick else 512 if gpu else 128)
     a.seeds = a.seeds or (1 if quick else 2)
-    a.limit = a.limit or (2000 if quick else 10000)
-    a.out = a.out or f"results/compare-{a.backbone}{'-quick' if quick else ''}"
+    a.limit = a.limit or (2000 if quick else None)
+    a.out = a.out or f"results/compare-{a.backbone}{'-quick' if quick else '-gpu' if gpu else ''}"
+    default_tuned = Path(f"results/tune-{a.backbone}/chosen.json")
+    a.tuned = a.tuned or (str(default_tuned) if default_tuned.is_file() and not quick else None)
     t0 = time.perf_counter()
     results = run(a)
     print(summarise(results, Path(a.out)))

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from compare import fit_mix_override
+from compare import fit_mix_override, text_tower_overrides
 
 from m3i.config import load_recipe
 from m3i.eval.run import PIXELS, load_evalset, load_trained, score
@@ -45,6 +45,22 @@ def evalsets(limit: int | None) -> dict:
     return out
 
 
+def run_variant(name: str, a: argparse.Namespace, sets: dict | None = None) -> dict:
+    """Pre-train one variant on the fit mix and score it on val."""
+    ov = VARIANTS.get(name, name.split())  # a known variant, or overrides written out
+    ov = (ov + a.extra + text_tower_overrides(a.recipe, a.text_tower)
+          + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix_override()])
+    recipe = load_recipe(a.recipe, overrides=ov)
+    t0 = time.perf_counter()
+    ck = pretrain(recipe, Path(a.out) / "runs" / name.replace(" ", "_").replace("=", "-"), progress=False,
+                  device=a.device)
+    secs = time.perf_counter() - t0
+    sets = sets or evalsets(a.limit)
+    return {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "device": a.device,
+            "train_seconds": secs, "img_per_s": a.steps * recipe.data.batch_size / secs,
+            "scores": scores(load_trained(ck, a.device), sets)}
+
+
 def scores(model, sets: dict) -> dict[str, float]:
     feats: dict = {}
     return {name: score(model, task, sets[dataset], False, feats)["metrics"][metric]
@@ -59,6 +75,9 @@ def main() -> None:
     p.add_argument("--recipe", default="m3i")
     p.add_argument("--limit", type=int, default=20000, help="Fashion-MNIST fit images for the probes")
     p.add_argument("--out", default="results/levers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="variants in parallel (processes)")
+    p.add_argument("--text-tower", choices=["minilm", "scratch"], help="text tower of the caption terms")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,21 +85,30 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": []}
     sets = evalsets(a.limit)
     if not any(r["variant"] == PIXELS for r in results["runs"]):
-        results["runs"].append({"variant": PIXELS, "scores": scores(PIXELS, sets)})
-    for name in a.variants:
-        ov = VARIANTS.get(name, name.split())  # a known variant, or overrides written out
-        ov = ov + a.extra + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix_override()]
-        recipe = load_recipe(a.recipe, overrides=ov)
-        t0 = time.perf_counter()
-        ck = pretrain(recipe, out / "runs" / name.replace(" ", "_").replace("=", "-"), progress=False)
-        secs = time.perf_counter() - t0
-        row = {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "train_seconds": secs,
-               "img_per_s": a.steps * recipe.data.batch_size / secs, "scores": scores(load_trained(ck), sets)}
+        results["runs"].append({"variant": PIXELS, "steps": 0, "scores": scores(PIXELS, sets)})
+    def done(row: dict) -> None:
         results["runs"].append(row)
         print(json.dumps({k: row[k] for k in ("variant", "train_seconds", "img_per_s", "scores")}), flush=True)
         res_path.write_text(json.dumps(results, indent=2))
+
+    if a.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+            futures = {name: pool.submit(run_variant, name, a) for name in a.variants}
+            for name, f in futures.items():
+                try:
+                    done(f.result())
+                except Exception as e:  # one broken variant is recorded, the others still run
+                    print(f"{name}: {type(e).__name__}: {e}", flush=True)
+    else:
+        for name in a.variants:
+            done(run_variant(name, a, sets))
     lines = ["| variant | steps | " + " | ".join(TASKS) + " | train s | img/s |", "|---" * (len(TASKS) + 4) + "|"]
     for r in results["runs"]:
+        if "scores" not in r:
+            continue
         cells = " | ".join(f"{r['scores'][t] * 100:.1f}" for t in TASKS)
         lines.append(f"| {r['variant']} | {r.get('steps', '')} | {cells} | {r.get('train_seconds', 0):.0f} | "
                      f"{r.get('img_per_s', 0):.0f} |")

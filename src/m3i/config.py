@@ -41,7 +41,7 @@ class BackboneCfg(Strict):
     def kwargs(self) -> dict[str, Any]:
         skip = {"name", "grad_checkpointing"}
         kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
-        if self.name.startswith(("convnext", "resnet")) and "patch_size" in kw:
+        if self.name.startswith("convnext") and "patch_size" in kw:
             stride = kw.pop("patch_size")
             kw.setdefault("stem_stride", min(4, max(1, stride // 8)))
         return kw

@@ -10,9 +10,9 @@ from m3i.backbones.resnet import BasicBlock, ResNet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def model(stem_stride: int = 1, fill: bool = True, **kw) -> ResNet:
+def model(patch_size: int = 8, fill: bool = True, **kw) -> ResNet:
     torch.manual_seed(0)
-    m = build_backbone("resnet_nano", img_size=32, stem_stride=stem_stride, fill=fill, **kw)
+    m = build_backbone("resnet_nano", img_size=32, patch_size=patch_size, fill=fill, **kw)
     with torch.no_grad():  # zero-initialised residual branches would make every block trivial
         for mod in m.modules():
             if isinstance(mod, BasicBlock):
@@ -20,17 +20,17 @@ def model(stem_stride: int = 1, fill: bool = True, **kw) -> ResNet:
     return m.eval()
 
 
-@pytest.mark.parametrize("stem_stride, grid", [(1, 4), (2, 2)])
-def test_shapes_and_grid(stem_stride, grid):
-    m = model(stem_stride)
-    assert m.patch_size == 8 * stem_stride and m.grid_size == (grid, grid) and m.embed_dim == 256
+@pytest.mark.parametrize("patch_size, stem_stride, grid", [(4, 1, 8), (8, 2, 4), (16, 4, 2)])
+def test_shapes_and_grid(patch_size, stem_stride, grid):
+    m = model(patch_size)
+    assert m.stem_stride == stem_stride and m.grid_size == (grid, grid) and m.embed_dim == 128
     f = m.forward_features(torch.randn(4, 3, 32, 32), return_layers=1)
-    assert f.pooled.shape == (4, 256) and f.tokens.shape == (4, grid * grid, 256) and f.layers[0].shape[1] == grid ** 2
+    assert f.pooled.shape == (4, 128) and f.tokens.shape == (4, grid * grid, 128) and f.layers[0].shape[1] == grid ** 2
 
 
 def test_residual_blocks_start_as_identity_plus_relu():
     torch.manual_seed(0)
-    blk = build_backbone("resnet_nano").stages[0].blocks[0].eval()
+    blk = build_backbone("resnet_nano", img_size=32).stages[0].blocks[0].eval()
     x = torch.randn(2, 32, 8, 8)
     assert torch.equal(blk(x), torch.relu(x))  # zero-init of the last BN: the branch adds 0
 
@@ -62,7 +62,9 @@ def test_fill_puts_the_mask_token_at_hidden_stem_positions():
 
 def test_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of the final stride 16"):
-        build_backbone("resnet_nano", img_size=40, stem_stride=2)
+        build_backbone("resnet_nano", img_size=40, patch_size=16)
+    with pytest.raises(ValueError, match="must be 4, 8, 16 for 3 stages, got 6"):
+        build_backbone("resnet_nano", patch_size=6)
     with pytest.raises(ValueError, match="cannot drop tokens"):
         model().forward_features(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool), mode="drop")
     with pytest.raises(ValueError, match="no timm layout"):
@@ -71,7 +73,7 @@ def test_errors_are_clear():
 
 @pytest.mark.parametrize("name", ["resnet_nano", "resnet_micro", "resnet18", "resnet34"])
 def test_every_config_trains_a_step(name):
-    m = build_backbone(name, img_size=32).train()
+    m = build_backbone(name, img_size=32, patch_size=8).train()
     x = torch.randn(2, 3, 32, 32)
     m.forward_features(x).pooled.sum().backward()
     assert all(p.grad is not None for n, p in m.named_parameters() if n != "mask_token")

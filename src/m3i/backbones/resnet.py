@@ -1,10 +1,10 @@
 """ResNet f_θ: a residual network of 3×3 convolutions with batch norm, for small images.
 
-The layout is ConvNeXt's (a stem, four stages, the first three downsampling by 2, so the final
-stride is ``stem_stride · 8``), with basic residual blocks (3×3 conv → BN → ReLU → 3×3 conv →
+The layout is ConvNeXt's (a stem, then three or four stages, each after the first downsampling
+by 2, so the final stride ``patch_size`` is the stem's stride × 4 or × 8), with basic residual blocks (3×3 conv → BN → ReLU → 3×3 conv →
 BN, added to the input, ReLU) in place of ConvNeXt blocks, and a 3×3 stride-2 conv + BN + ReLU
-in front of stages 1–3. With ``stem_stride=1`` it is the CIFAR-style ResNet that suits 28–64 px
-images: convolutions with batch norm learn from few images per CPU-minute far faster than
+in front of the later stages. With a stride-1 or stride-2 stem it is the CIFAR-style ResNet that
+suits 28–64 px images: convolutions with batch norm learn from few images per CPU-minute far faster than
 attention or depthwise 7×7 blocks with layer norm (see the README's lever table).
 
 Masking works as in :class:`~m3i.backbones.convnext.ConvNeXt` (``mix`` pastes two images along
@@ -57,22 +57,23 @@ class ResNet(ConvNeXt):
     """Residual 3×3-conv backbone with batch norm; the ConvNeXt forward pass and masking."""
 
     def __init__(self, img_size: int = 32, in_chans: int = 3, dims: Sequence[int] = (64, 128, 256, 512),
-                 depths: Sequence[int] = (2, 2, 2, 2), drop_path_rate: float = 0.0, stem_stride: int = 1,
+                 depths: Sequence[int] = (2, 2, 2, 2), drop_path_rate: float = 0.0, patch_size: int = 8,
                  fill: bool = False):
         nn.Module.__init__(self)
         dims, depths = tuple(int(d) for d in dims), tuple(int(d) for d in depths)
-        if len(dims) != 4 or min(dims) < 1:
-            raise ValueError(f"dims must be 4 positive channel counts, got {dims}")
-        if len(depths) != 4 or min(depths) < 1:
-            raise ValueError(f"depths must be 4 positive block counts, got {depths}")
-        if stem_stride not in _STEM_STRIDES:
-            raise ValueError(f"stem_stride must be one of {_STEM_STRIDES}, got {stem_stride}")
+        if len(dims) not in (3, 4) or min(dims) < 1 or len(depths) != len(dims) or min(depths) < 1:
+            raise ValueError(f"dims and depths must be 3 or 4 positive numbers each (one per stage), "
+                             f"got {dims} and {depths}")
+        down = 2 ** (len(dims) - 1)  # every stage after the first halves the map
+        stem_stride = int(patch_size) // down
+        if stem_stride not in _STEM_STRIDES or stem_stride * down != patch_size:
+            raise ValueError(f"patch_size (the final stride) must be {', '.join(str(s * down) for s in _STEM_STRIDES)} "
+                             f"for {len(dims)} stages, got {patch_size}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
-        stride = int(stem_stride) * 8
+        stride = int(patch_size)
         if img_size < stride or img_size % stride:
-            raise ValueError(f"img_size={img_size} must be a positive multiple of the final stride {stride} "
-                             f"(stem_stride={stem_stride} × 8)")
+            raise ValueError(f"img_size={img_size} must be a positive multiple of the final stride {stride}")
         self.img_size, self.in_chans = int(img_size), int(in_chans)
         self.dims, self.depths = dims, depths
         self.stem_stride, self.patch_size = int(stem_stride), stride
@@ -107,8 +108,9 @@ class ResNet(ConvNeXt):
 
 
 _CONFIGS = {
-    "resnet_nano": dict(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1)),
-    "resnet_micro": dict(dims=(48, 96, 192, 384), depths=(1, 1, 2, 1)),
+    # three stages: the final stride is 4 × the stem's (a stride-2 stem gives stride 8)
+    "resnet_nano": dict(dims=(32, 64, 128), depths=(1, 1, 1)),
+    "resnet_micro": dict(dims=(64, 128, 256), depths=(1, 2, 2)),
     "resnet18": dict(dims=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
     "resnet34": dict(dims=(64, 128, 256, 512), depths=(3, 4, 6, 3)),
 }
