@@ -172,14 +172,14 @@ def global_batch_norm(module: nn.Module) -> nn.Module:
 
 
 def wrap(objective: nn.Module, device: torch.device) -> nn.Module:
-    """The module the training loop calls: ``objective`` itself with one process; with several,
-    its batch norms made global and DDP around it. Parameters with ``requires_grad=False`` (EMA
+    """The module the training loop calls: ``objective`` itself without a process group; under
+    ``torchrun`` (even with one process) its batch norms made global and DDP around it. Parameters with ``requires_grad=False`` (EMA
     teacher, frozen towers) take no part in DDP's gradient sync, but DDP's initial broadcast
     copies every parameter and buffer of rank 0 (teacher included) so all ranks start equal;
     buffers are re-broadcast from rank 0 every step. Every trainable parameter must get a
     gradient on every rank each step (``Term.zero`` ensures it), hence no
     ``find_unused_parameters`` and its per-step graph walk."""
-    if world_size() == 1:
+    if not is_dist():
         return objective
     global_batch_norm(objective)
     return nn.parallel.DistributedDataParallel(

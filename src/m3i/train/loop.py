@@ -143,7 +143,8 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         text = getattr(term, "text", None)
         if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
             text.precompute(mixture.captions())
-    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas)
+    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas,
+                            fused=dev.type == "cuda")  # one kernel per step for all parameters
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
 
     start = 0
