@@ -161,6 +161,7 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
 
     from m3i.objective import Objective
     from m3i.train.loop import build_mixture, lr_lambda, param_groups
+    from m3i.train.step import BadSteps, TrainStep, make_optimizer
     from m3i.train.strategy import compile_backbones
 
     dev = torch.device(a.device)
@@ -171,29 +172,26 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     torch.manual_seed(0)
     objective = Objective(recipe, mixture.num_classes).to(dev)
     n_params = sum(p.numel() for p in objective.backbone.parameters())
-    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas, fused=dev.type == "cuda")
+    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
     batch = dict(cpu_batch, image=cpu_batch["image"].to(dev), label=cpu_batch["label"].to(dev))
     bsz = batch["image"].shape[0]
     part.update(model="ViT-B/16" if not a.smoke else "vit_micro (smoke)", img_size=recipe.backbone.img_size,
                 batch=bsz, precision="bf16", backbone_params=n_params, compile=compile_,
                 terms=[t.name for t in recipe.terms])
+    if compile_:  # before the step holds its parameter lists, as in the trainer
+        part["compiled_units"] = compile_backbones(objective)
+    # the trainer's own step (m3i.train.step): views, masks, every term, backward, clip, AdamW, EMA
+    train_step = TrainStep(objective, objective, opt, sched, tr, torch.autocast(dev.type, dtype=torch.bfloat16),
+                           BadSteps(dev))
     step_no = [0]
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = objective(batch)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), tr.clip_grad)
-        opt.step()
-        sched.step()
+        out = train_step(batch, step_no[0])
         step_no[0] += 1
-        objective.update_teacher(step_no[0], tr.steps)
         return out["loss"]
 
     if compile_:
-        part["compiled_units"] = compile_backbones(objective)
         t0 = time.perf_counter()
         step()
         sync(dev)

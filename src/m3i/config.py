@@ -117,6 +117,8 @@ class TrainCfg(Strict):
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
     max_bad_steps: int = Field(10, ge=1)
+    # torch.compile every block (ViT) or stage (ConvNeXt) of the backbones
+    compile: bool = False
 
 
 class EMACfg(Strict):

@@ -114,6 +114,16 @@ def all_finite(x: Tensor) -> bool:
     return bool(ok.item() > 0)
 
 
+def all_ranks(flag: Tensor) -> Tensor:
+    """Whether the 0-d bool ``flag`` holds on every rank, as a device tensor: no wait for the
+    device (an all-reduce queued on its stream), unlike :func:`all_finite`."""
+    if not is_dist() or world_size() == 1:
+        return flag
+    x = flag.to(torch.float32).reshape(1)  # gloo reduces no bools
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x[0] > 0
+
+
 class GlobalBatchNorm(_BatchNorm):
     """Batch norm over the global batch: in training, the mean and variance span every rank's
     rows (two all-reduces, with gradient), so W ranks of B samples normalise exactly as one

@@ -18,6 +18,8 @@ from ..config import Recipe
 from ..data import Mixture, builtin_source
 from ..objective import Objective
 from . import checkpoint as ckpt
+from .step import BadSteps, TrainStep, keep_fused, make_optimizer
+from .strategy import compile_backbones
 
 FROZEN_PREFIXES = ("frozen_",)
 
@@ -143,8 +145,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         text = getattr(term, "text", None)
         if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
             text.precompute(mixture.captions())
-    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas,
-                            fused=dev.type == "cuda")  # one kernel per step for all parameters
+    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
 
     start = 0
@@ -158,6 +159,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         weights, state = ckpt.load(Path(resume))
         ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
         opt.load_state_dict(state["optimizer"])
+        keep_fused(opt)
         sched.load_state_dict(state["scheduler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
@@ -172,7 +174,9 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         return ckpt.find(out)
     mixture.start_step = start
 
-    model: nn.Module = dist.wrap(objective, dev)  # DDP (and global batch norm) when world > 1
+    if tr.compile:
+        compile_backbones(objective)
+    model: nn.Module = dist.wrap(objective, dev)  # DDP (and global batch norm) under torchrun
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +190,10 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
-    bad_in_row = bad_total = skipped = 0
+    bad = BadSteps(dev)
+    train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
+    bad_seen = skipped = 0
+    read_at = start
     last_good: Path | None = None
     t0, seen = time.perf_counter(), 0
     step = start
@@ -197,48 +204,39 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
             skipped += int(batch["n_skipped"])
             batch["image"] = batch["image"].to(dev, non_blocking=True)
             batch["label"] = batch["label"].to(dev, non_blocking=True)
-            with autocast:
-                outputs = model(batch)
-            loss = outputs["loss"]
-            if not dist.all_finite(loss):  # every rank skips together
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                opt.zero_grad(set_to_none=True)
-                if main:
-                    what = f"{loss.item()}" if world == 1 else f"not finite on some rank (here {loss.item()})"
-                    tqdm.write(f"step {step}: loss is {what}; step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= tr.max_bad_steps:
-                    raise TrainingError(
-                        f"the loss was not finite for {bad_in_row} steps in a row (last at step {step}); "
-                        f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
-                        f"check the data.")
-                step += 1
-                sched.step()
-                continue
-            bad_in_row = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tr.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), tr.clip_grad)
-            opt.step()
-            sched.step()
+            outputs = train_step(batch, step)  # queued on the device: nothing read back here
             step += 1
-            momentum = objective.update_teacher(step, tr.steps)
             seen += batch["image"].shape[0] * world
-            if main:
+            bar.update(1)
+            logged = step % tr.log_every == 0 or step == tr.steps
+            saving = step % tr.ckpt_every == 0 or step == tr.steps
+            if not (logged or saving or step % tr.max_bad_steps == 0):
+                continue
+            bad_total, bad_in_row, worst = bad.read()  # waits for the device
+            if bad_total > bad_seen and main:
+                tqdm.write(f"step {step}: {bad_total - bad_seen} step(s) skipped since step {read_at}"
+                           f" (loss or gradients not finite; {bad_in_row} in a row now, {bad_total} in all)")
+            bad_seen, read_at = bad_total, step
+            if worst >= tr.max_bad_steps:
+                raise TrainingError(
+                    f"the loss or its gradients were not finite for {worst} steps in a row (by step {step}); "
+                    f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
+                    f"check the data.")
+            if logged and main:
                 rate = seen / (time.perf_counter() - t0)
-                terms = {t.name: float(outputs[t.name].detach()) for t in objective.terms}
-                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss.item():.3f}",
+                values = torch.stack([outputs["loss"].detach().float()] +
+                                     [outputs[t.name].detach().float() for t in objective.terms]).tolist()
+                terms = dict(zip([t.name for t in objective.terms], values[1:]))
+                rec = {"step": step, "loss": values[0], **terms,
+                       **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
+                       "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
+                       "bad_steps": bad_total}
+                if outputs["momentum"] is not None:
+                    rec["ema_momentum"] = outputs["momentum"]
+                log.write(rec)
+                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}",
                                  **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
-                bar.update(1)
-                if step % tr.log_every == 0 or step == tr.steps:
-                    rec = {"step": step, "loss": float(loss.detach()), **terms,
-                           **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
-                           "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
-                           "bad_steps": bad_total}
-                    if momentum is not None:
-                        rec["ema_momentum"] = momentum
-                    log.write(rec)
-            if step % tr.ckpt_every == 0 or step == tr.steps:
+            if saving and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
                 last_good = _save(out, step, objective, opt, sched, recipe, main)
     finally:
         bar.close()
