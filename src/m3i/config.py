@@ -119,6 +119,8 @@ class TrainCfg(Strict):
     max_bad_steps: int = Field(10, ge=1)
     # torch.compile every block (ViT) or stage (ConvNeXt) of the backbones
     compile: bool = False
+    # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class EMACfg(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,9 +20,11 @@ from ..data import Mixture, builtin_source
 from ..objective import Objective
 from . import checkpoint as ckpt
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
+from . import strategy
 from .strategy import compile_backbones
 
 FROZEN_PREFIXES = ("frozen_",)
+SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
 
 
 def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture:
@@ -60,14 +63,15 @@ def lr_lambda(train):
     return f
 
 
-def saved_weights(objective: Objective) -> dict[str, torch.Tensor]:
+def saved_weights(objective: Objective, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything that is learned or tracked, without frozen pre-trained towers (they come
-    from their package) and without frozen target encoders (they come from their file)."""
+    from their package) and without frozen target encoders (they come from their file).
+    ``state``: the objective's state dict when already at hand (gathered from shards)."""
     frozen_towers = {f"terms.{i}.text." for i, t in enumerate(objective.terms)
                      if t.cfg.target.kind == "caption" and not t.cfg.target_encoder.trainable
                      and t.cfg.target_encoder.tower == "minilm"}
-    return {k: v for k, v in objective.state_dict().items()
-            if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
+    state = objective.state_dict() if state is None else state
+    return {k: v for k, v in state.items() if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
 
 
 def optional_prefixes(objective: Objective) -> tuple[str, ...]:
@@ -137,18 +141,18 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     tr = recipe.train
-    torch.manual_seed(tr.seed + rank)
+    torch.manual_seed(tr.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
 
     mixture = build_mixture(recipe, rank, world)
     objective = Objective(recipe, mixture.num_classes).to(dev)
+    if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
+        torch.manual_seed(tr.seed + rank)
     for term in objective.terms:  # a frozen text tower embeds every caption once, up front
         text = getattr(term, "text", None)
         if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
             text.precompute(mixture.captions())
-    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
 
-    start = 0
+    start, state = 0, None
     if init_from:
         weights, _ = ckpt.load(Path(init_from))
         backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
@@ -158,9 +162,6 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     if resume:
         weights, state = ckpt.load(Path(resume))
         ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
-        opt.load_state_dict(state["optimizer"])
-        keep_fused(opt)
-        sched.load_state_dict(state["scheduler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
             ckpt.set_rng_state(rngs[rank])
@@ -176,7 +177,20 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
     if tr.compile:
         compile_backbones(objective)
-    model: nn.Module = dist.wrap(objective, dev)  # DDP (and global batch norm) under torchrun
+    # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
+    model: nn.Module = strategy.wrap(objective, dev, tr)
+    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)  # after sharding: the sharded parameters
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+    if state is not None:
+        if state["optimizer"] == SHARDED_OPTIMIZER:
+            strategy.load_sharded_optimizer(objective, opt, ckpt.find(Path(resume)) / SHARDED_OPTIMIZER)
+        elif strategy.is_sharded(objective):
+            raise ValueError(f"--resume {resume}: train.strategy=fsdp resumes from checkpoints of FSDP runs (a "
+                             f"sharded optimizer state); this one was written by a DDP or single-process run")
+        else:
+            opt.load_state_dict(state["optimizer"])
+        keep_fused(opt)
+        sched.load_state_dict(state["scheduler"])
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +265,18 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
 
 def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool) -> Path | None:
+    """Every rank calls it. Sharded (FSDP): the weights gathered to rank 0 (model.safetensors, as
+    any run's) and the optimizer state written by every rank, sharded."""
+    extra, optimizer = None, None
+    if strategy.is_sharded(objective):
+        staging = out / "checkpoints" / f".step_{step:06d}.{SHARDED_OPTIMIZER}"
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        strategy.save_sharded_optimizer(objective, opt, staging)
+        extra, optimizer = {SHARDED_OPTIMIZER: staging}, SHARDED_OPTIMIZER
+    sharded = extra is not None
+    weights = saved_weights(objective, strategy.full_state_dict(objective)) if sharded or main else {}
     rngs = [ckpt.rng_state()]
     if dist.world_size() > 1:
         gathered = [None] * dist.world_size()
@@ -258,6 +284,6 @@ def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe
         rngs = gathered
     if not main:
         return None
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    state = {"step": step, "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(),
              "rng": rngs if len(rngs) > 1 else rngs[0], "recipe": recipe.model_dump(mode="json")}
-    return ckpt.save(out, step, saved_weights(objective), state)
+    return ckpt.save(out, step, weights, state, extra=extra)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from . import strategy
 
 
 class BadSteps:
@@ -64,8 +65,9 @@ class TrainStep:
         finite = dist.all_ranks(torch.isfinite(loss.detach()))  # every rank takes, or skips, the step
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        strategy.sync_replicated_grads(self.objective)  # FSDP: the few parameters it leaves whole
         # the norm of the (all-reduced) gradients; max_norm=inf only measures it
-        norm = torch.nn.utils.clip_grad_norm_(self.params, tr.clip_grad if tr.clip_grad > 0 else float("inf"))
+        norm = strategy.clip_grad_norm_(self.params, tr.clip_grad if tr.clip_grad > 0 else float("inf"))
         bad = ~(finite & torch.isfinite(norm))
         self.opt.found_inf = bad.float()
         self.opt.step()
