@@ -123,6 +123,9 @@ def _pretrain_worker(rank, port, root):
         assert main(["pretrain", "--out", f"{root}/fsdp2", "--steps", "3", "--resume",
                      f"{root}/fsdp/checkpoints/step_000002", *E2E, "train.strategy=fsdp"]) == 0
         assert main(["pretrain", "--out", f"{root}/ddp", "--steps", "2", *E2E, "train.strategy=ddp"]) == 0
+        for how in ("fsdp", "ddp"):  # train.compile under either strategy
+            assert main(["pretrain", "--out", f"{root}/{how}_compiled", "--steps", "2", *E2E, f"train.strategy={how}",
+                         "train.compile=true"]) == 0
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
@@ -147,6 +150,11 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     for key in ("loss", "dense", "category", "caption", "view"):
         assert fsdp[0][key] == pytest.approx(ddp[0][key], rel=1e-5, abs=1e-6), key
         assert fsdp[1][key] == pytest.approx(ddp[1][key], rel=3e-3), key
+    for how, eager in (("fsdp", fsdp), ("ddp", ddp)):  # compiled blocks compute what eager ones do
+        compiled = metrics(tmp_path / f"{how}_compiled")
+        for key in ("loss", "dense", "category", "caption", "view"):
+            assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-5), (how, key)
+            assert compiled[1][key] == pytest.approx(eager[1][key], rel=3e-3), (how, key)
     step2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
     assert (step2 / "optimizer" / ".metadata").is_file()  # torch.distributed.checkpoint, one file per rank
     assert len(list((step2 / "optimizer").glob("*.distcp"))) == WORLD
