@@ -12,7 +12,8 @@ in the JSON and the next section runs; the JSON is rewritten after every section
   vit       the m3i recipe's training step on ViT-B/16 at 224 px, batch 256, bf16: images/s,
             peak memory, model FLOPs per step (torch.utils.flop_counter) and MFU
   vit_compile  the same with train.compile (torch.compile of every backbone block)
-  ddp       `torchrun --nproc_per_node 1` of the trainer: the NCCL DDP path, a few steps
+  ddp       `torchrun --nproc_per_node 1` of the trainer: the NCCL DDP path, a few steps, then the
+            same run with train.strategy=fsdp (FSDP2, sharded optimizer checkpoint)
 
 Captions are encoded by the scratch text tower (`target_encoder.tower=scratch`), which needs only
 the MiniLM tokenizer.json: from the installed package, or the folder given by --tokenizer (or
@@ -231,8 +232,14 @@ from m3i.train.loop import pretrain
 ck = pretrain(load_recipe("m3i", overrides={ov!r}), {out!r}, device={device!r}, progress=False)
 dev = torch.device("cuda", torch.cuda.current_device()) if {device!r}.startswith("cuda") else torch.device("cpu")
 wrap = type(dist.wrap(torch.nn.Linear(2, 2).to(dev), dev)).__name__
-print("DDPINFO", json.dumps({{"backend": td.get_backend(), "world": td.get_world_size(), "wrap": wrap,
-                            "checkpoint": str(ck)}}))
+info = {{"backend": td.get_backend(), "world": td.get_world_size(), "wrap": wrap, "checkpoint": str(ck)}}
+try:  # the same run sharded (FSDP2), and resumed from its sharded checkpoint
+    ck2 = pretrain(load_recipe("m3i", overrides={ov!r} + ["train.strategy=fsdp", "train.ckpt_every=5"]),
+                   {out!r} + "_fsdp", device={device!r}, progress=False)
+    info["fsdp_checkpoint"] = str(ck2)
+except Exception as e:
+    info["fsdp_error"] = f"{{type(e).__name__}}: {{e}}"[:500]
+print("DDPINFO", json.dumps(info))
 td.destroy_process_group()
 """
 
@@ -257,6 +264,12 @@ def section_ddp(a, part: dict, save) -> None:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     part.update(steps=lines[-1]["step"], img_per_s=lines[-1]["img_per_s"],
                 loss_finite=all(math.isfinite(x["loss"]) for x in lines))
+    fsdp = Path(str(out) + "_fsdp") / "metrics.jsonl"
+    if fsdp.is_file():
+        f = [json.loads(x) for x in fsdp.read_text().splitlines() if x.strip()]
+        part.update(fsdp_steps=f[-1]["step"], fsdp_img_per_s=f[-1]["img_per_s"],
+                    fsdp_loss_finite=all(math.isfinite(x["loss"]) for x in f),
+                    fsdp_sharded_optimizer=(Path(part.get("fsdp_checkpoint", "")) / "optimizer" / ".metadata").is_file())
     print(f"torchrun 1 process: backend {part['backend']}, wrap {part['wrap']}, {part['steps']} steps, "
           f"{part['img_per_s']:.0f} img/s", flush=True)
 
@@ -332,7 +345,9 @@ def print_table(res: dict) -> None:
                   + (f"  MFU {100 * s['mfu']:.1f} % ({s['achieved_tflops']:.0f} TFLOP/s)" if "mfu" in s else "")
                   + (f"  first step {s['first_step_s']:.0f} s" if "first_step_s" in s else ""))
         if name == "ddp" and s.get("ok"):
-            print(f"{name:<12} backend {s['backend']}, {s['wrap']}, {s['steps']} steps, {s['img_per_s']:.0f} img/s")
+            print(f"{name:<12} backend {s['backend']}, {s['wrap']}, {s['steps']} steps, {s['img_per_s']:.0f} img/s; "
+                  + (f"FSDP {s['fsdp_steps']} steps, {s['fsdp_img_per_s']:.0f} img/s" if "fsdp_steps" in s
+                     else f"FSDP ERROR {s.get('fsdp_error')}"))
 
 
 def main() -> None:

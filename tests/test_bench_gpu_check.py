@@ -41,6 +41,7 @@ def test_gpu_check_smoke_runs_every_section_and_records_figures(tmp_path):
     ddp = s["ddp"]  # torchrun with one process: a process group, and the trainer wraps in DDP
     assert ddp["backend"] == "gloo" and ddp["world"] == 1 and ddp["wrap"] == "DistributedDataParallel"
     assert ddp["steps"] == 10 and ddp["loss_finite"]
+    assert ddp["fsdp_steps"] == 10 and ddp["fsdp_loss_finite"] and ddp["fsdp_sharded_optimizer"]
     assert "bf16 matmul" in stdout and "MFU" in stdout
 
 

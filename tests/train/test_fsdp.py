@@ -123,6 +123,9 @@ def _pretrain_worker(rank, port, root):
         assert main(["pretrain", "--out", f"{root}/fsdp2", "--steps", "3", "--resume",
                      f"{root}/fsdp/checkpoints/step_000002", *E2E, "train.strategy=fsdp"]) == 0
         assert main(["pretrain", "--out", f"{root}/ddp", "--steps", "2", *E2E, "train.strategy=ddp"]) == 0
+        # bf16: the blocks gather and compute in bfloat16 (the rest under autocast, batch norm in float32)
+        assert main(["pretrain", "--out", f"{root}/fsdp_bf16", "--steps", "2", *E2E, "train.strategy=fsdp",
+                     "train.precision=bf16"]) == 0
         for how in ("fsdp", "ddp"):  # train.compile under either strategy
             assert main(["pretrain", "--out", f"{root}/{how}_compiled", "--steps", "2", *E2E, f"train.strategy={how}",
                          "train.compile=true"]) == 0
@@ -155,6 +158,10 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
         for key in ("loss", "dense", "category", "caption", "view"):
             assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-5), (how, key)
             assert compiled[1][key] == pytest.approx(eager[1][key], rel=3e-3), (how, key)
+    bf16 = metrics(tmp_path / "fsdp_bf16")
+    for key in ("loss", "dense", "category", "caption", "view"):
+        assert bf16[0][key] == pytest.approx(fsdp[0][key], rel=3e-2), key
+    assert all(r["bad_steps"] == 0 for r in bf16)
     step2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
     assert (step2 / "optimizer" / ".metadata").is_file()  # torch.distributed.checkpoint, one file per rank
     assert len(list((step2 / "optimizer").glob("*.distcp"))) == WORLD

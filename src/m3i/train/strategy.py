@@ -61,8 +61,8 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` every block (ViT) or stage (ConvNeXt) of the online backbone
     and of every copied target encoder (EMA teacher, frozen), then the objective itself, which
     holds the rest (embeddings, decoders, heads, class tables, text towers). With ``bf16`` the
-    blocks compute in bfloat16 and gradients are reduced in float32; the sharded parameters,
-    and AdamW's state, stay float32.
+    blocks gather and compute in bfloat16 and their gradients are reduced in float32; the
+    sharded parameters, and AdamW's state, stay float32; the rest runs under the loop's autocast.
 
     Every rank must have built the same initial weights (same seed): each keeps its shard of them.
     The EMA teacher is sharded like the online network, so its update is local to each rank
@@ -78,7 +78,8 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     # FSDP shards no 0-d tensor (learned temperatures): they stay whole on every rank and
     # :func:`sync_replicated_grads` averages their gradients as DDP would
     scalars = {p for p in objective.parameters() if p.ndim == 0}
-    fully_shard(objective, mp_policy=mp, ignored_params=scalars)
+    # the rest keeps float32 parameters (batch norm's statistics stay float32) under the loop's autocast
+    fully_shard(objective, ignored_params=scalars)
     objective._replicated_params = [p for p in scalars if p.requires_grad]
     return objective
 
