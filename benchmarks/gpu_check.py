@@ -202,6 +202,21 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     else:
         # model FLOPs of one step (forward + backward of everything the step computes), counted eagerly
         step()
+        if dev.type == "cuda":  # where the step makes the host wait for the GPU
+            import warnings
+            from collections import Counter
+
+            sync(dev)
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+            part.update(host_syncs_per_step=sum(sites.values()), host_sync_sites=dict(sites.most_common(20)))
+            print(f"host syncs in one step: {sum(sites.values())} {dict(sites.most_common(8))}", flush=True)
         counter = FlopCounterMode(display=False)
         with counter:
             step()
