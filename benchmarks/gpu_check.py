@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("peak", "recipes", "vit", "ddp", "vit_compile")
 # seconds: the most each section may take; the whole run also stops at --budget
-LIMITS = {"peak": 45, "recipes": 200, "vit": 90, "ddp": 60, "vit_compile": 150}
+LIMITS = {"peak": 45, "recipes": 180, "vit": 90, "ddp": 90, "vit_compile": 150}
 
 
 # -- shared pieces --------------------------------------------------------------------------------
