@@ -60,9 +60,9 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_timm
+    from .export import export_timm, export_timm_dir
 
-    path = export_timm(args.checkpoint, args.out)
+    path = (export_timm_dir if args.format == "timm-dir" else export_timm)(args.checkpoint, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write the backbone alone, in timm's layout")
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--format", default="timm", choices=["timm"])
-    e.add_argument("--out", required=True, help="FILE.safetensors")
+    e.add_argument("--format", default="timm", choices=["timm", "timm-dir"],
+                   help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads")
+    e.add_argument("--out", required=True, help="FILE.safetensors (timm) or a folder (timm-dir)")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")

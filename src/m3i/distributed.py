@@ -114,6 +114,16 @@ def all_finite(x: Tensor) -> bool:
     return bool(ok.item() > 0)
 
 
+def all_ranks(flag: Tensor) -> Tensor:
+    """Whether the 0-d bool ``flag`` holds on every rank, as a device tensor: no wait for the
+    device (an all-reduce queued on its stream), unlike :func:`all_finite`."""
+    if not is_dist() or world_size() == 1:
+        return flag
+    x = flag.to(torch.float32).reshape(1)  # gloo reduces no bools
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x[0] > 0
+
+
 class GlobalBatchNorm(_BatchNorm):
     """Batch norm over the global batch: in training, the mean and variance span every rank's
     rows (two all-reduces, with gradient), so W ranks of B samples normalise exactly as one
@@ -172,14 +182,14 @@ def global_batch_norm(module: nn.Module) -> nn.Module:
 
 
 def wrap(objective: nn.Module, device: torch.device) -> nn.Module:
-    """The module the training loop calls: ``objective`` itself with one process; with several,
-    its batch norms made global and DDP around it. Parameters with ``requires_grad=False`` (EMA
+    """The module the training loop calls: ``objective`` itself without a process group; under
+    ``torchrun`` (even with one process) its batch norms made global and DDP around it. Parameters with ``requires_grad=False`` (EMA
     teacher, frozen towers) take no part in DDP's gradient sync, but DDP's initial broadcast
     copies every parameter and buffer of rank 0 (teacher included) so all ranks start equal;
     buffers are re-broadcast from rank 0 every step. Every trainable parameter must get a
     gradient on every rank each step (``Term.zero`` ensures it), hence no
     ``find_unused_parameters`` and its per-step graph walk."""
-    if world_size() == 1:
+    if not is_dist():
         return objective
     global_batch_norm(objective)
     return nn.parallel.DistributedDataParallel(

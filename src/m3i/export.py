@@ -1,10 +1,29 @@
 """Export the pre-trained backbone alone, in timm's state-dict layout (ViT or ConvNeXt), for
-timm and the detection / segmentation toolkits that load timm weights."""
+timm and the detection / segmentation toolkits that load timm weights.
+
+Two forms:
+
+* ``timm``: one ``.safetensors`` file of timm-named weights;
+* ``timm-dir``: a folder that ``timm.create_model("local-dir:DIR", pretrained=True)`` builds and
+  loads with no other code, and that can be uploaded to a model hub as it is::
+
+      DIR/config.json        architecture, model_args, num_features, num_classes=0, pretrained_cfg
+                             (mean, std, input_size, interpolation, crop_pct, first_conv, classifier)
+      DIR/model.safetensors  the weights (timm names)
+      DIR/README.md          a model card
+"""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+# timm entry points whose defaults the model_args below override (architecture names must exist in timm)
+_VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+             1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
 
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
@@ -20,4 +39,83 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
               metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
     tmp.replace(out)
+    return out
+
+
+def timm_config(backbone, name: str, mean, std) -> dict:
+    """timm's ``config.json`` for ``backbone`` (an m3i ViT or ConvNeXt registered as ``name``)."""
+    size = backbone.img_size
+    common = {"input_size": [backbone.in_chans, size, size], "mean": list(mean)[:backbone.in_chans],
+              "std": list(std)[:backbone.in_chans], "interpolation": "bicubic", "crop_pct": 1.0,
+              "num_classes": 0}
+    if name.startswith("vit"):
+        d = backbone.embed_dim
+        blk = backbone.blocks[0]
+        args = {"img_size": size, "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
+                "embed_dim": d, "depth": len(backbone.blocks), "num_heads": blk.attn.num_heads,
+                "mlp_ratio": blk.mlp.fc1.out_features / d, "class_token": True, "global_pool": "token",
+                "num_classes": 0}
+        arch = _VIT_ARCH.get(d, "vit_base_patch16_224")
+        cfg = dict(common, fixed_input_size=True, first_conv="patch_embed.proj", classifier="head")
+    elif name.startswith("convnext"):
+        args = {"in_chans": backbone.in_chans, "depths": list(backbone.depths), "dims": list(backbone.dims),
+                "conv_mlp": backbone.timm_conv_mlp, "patch_size": backbone.stem_stride, "num_classes": 0}
+        arch = "convnext_atto" if backbone.timm_conv_mlp else "convnext_tiny"
+        cfg = dict(common, first_conv="stem.0", classifier="head.fc")
+    else:
+        raise ValueError(f"backbone {name!r}: only vit_* and convnext_* backbones have a timm layout")
+    return {"architecture": arch, "num_classes": 0, "num_features": backbone.embed_dim, "model_args": args,
+            "pretrained_cfg": cfg}
+
+
+_FILES = ("config.json", "model.safetensors", "README.md")
+_CARD = """---
+library_name: timm
+tags:
+- image-feature-extraction
+- timm
+- m3i
+---
+# {name}
+
+A {name} backbone pre-trained with m3i ({recipe} recipe, {steps} steps, {size}×{size} px), in timm's layout.
+
+```python
+import timm
+
+model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)  # or "hf-hub:USER/REPO"
+features = model.forward_features(images)  # images normalised with mean {mean}, std {std}
+```
+"""
+
+
+def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``out/`` (config.json, model.safetensors, README.md); see the module docstring."""
+    from .eval.run import load_trained
+
+    out = Path(out)
+    if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out}: expected a folder for --format timm-dir")
+    if out.is_dir() and not {p.name for p in out.iterdir()} <= set(_FILES):
+        raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
+                         f"give a new or empty folder")
+    objective = load_trained(checkpoint)
+    recipe, backbone = objective.recipe, objective.backbone
+    aug = objective.augment[0]
+    weights = backbone.timm_state_dict()  # raises, saying why, for backbones without a timm layout
+    config = timm_config(backbone, recipe.backbone.name, aug.mean, aug.std)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt", "m3i_backbone": recipe.backbone.name,
+                        "m3i_kwargs": json.dumps(recipe.backbone.kwargs())})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "README.md").write_text(_CARD.format(name=recipe.backbone.name, recipe=recipe.name,
+                                                steps=recipe.train.steps, size=backbone.img_size,
+                                                mean=config["pretrained_cfg"]["mean"],
+                                                std=config["pretrained_cfg"]["std"]))
+    if out.exists():  # a previous export (checked above): replaced whole
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out

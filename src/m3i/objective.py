@@ -353,12 +353,13 @@ class Objective(nn.Module):
         return {t.name: t.teacher_head for t in self.terms if t.name in (self.teacher.heads if self.teacher else {})}
 
     @torch.no_grad()
-    def update_teacher(self, step: int, total_steps: int) -> float | None:
-        """EMA step of the teacher after an optimiser step; returns the momentum used."""
+    def update_teacher(self, step: int, total_steps: int, skip: Tensor | None = None) -> float | None:
+        """EMA step of the teacher after an optimiser step (none when the 0-d bool ``skip`` is
+        true: a skipped step); returns the momentum of the schedule."""
         if self.teacher is None:
             return None
         m = ema_momentum(step, total_steps, self.recipe.ema.momentum, self.recipe.ema.end)
-        self.teacher.update(self.backbone, self.online_heads(), m)
+        self.teacher.update(self.backbone, self.online_heads(), m, skip)
         return m
 
 

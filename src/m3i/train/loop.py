@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,8 +19,12 @@ from ..config import Recipe
 from ..data import Mixture, builtin_source
 from ..objective import Objective
 from . import checkpoint as ckpt
+from .step import BadSteps, TrainStep, keep_fused, make_optimizer
+from . import strategy
+from .strategy import compile_backbones
 
 FROZEN_PREFIXES = ("frozen_",)
+SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
 
 
 def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture:
@@ -58,14 +63,15 @@ def lr_lambda(train):
     return f
 
 
-def saved_weights(objective: Objective) -> dict[str, torch.Tensor]:
+def saved_weights(objective: Objective, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Everything that is learned or tracked, without frozen pre-trained towers (they come
-    from their package) and without frozen target encoders (they come from their file)."""
+    from their package) and without frozen target encoders (they come from their file).
+    ``state``: the objective's state dict when already at hand (gathered from shards)."""
     frozen_towers = {f"terms.{i}.text." for i, t in enumerate(objective.terms)
                      if t.cfg.target.kind == "caption" and not t.cfg.target_encoder.trainable
                      and t.cfg.target_encoder.tower == "minilm"}
-    return {k: v for k, v in objective.state_dict().items()
-            if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
+    state = objective.state_dict() if state is None else state
+    return {k: v for k, v in state.items() if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
 
 
 def optional_prefixes(objective: Objective) -> tuple[str, ...]:
@@ -135,18 +141,18 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     tr = recipe.train
-    torch.manual_seed(tr.seed + rank)
+    torch.manual_seed(tr.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
 
     mixture = build_mixture(recipe, rank, world)
     objective = Objective(recipe, mixture.num_classes).to(dev)
+    if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
+        torch.manual_seed(tr.seed + rank)
     for term in objective.terms:  # a frozen text tower embeds every caption once, up front
         text = getattr(term, "text", None)
         if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
             text.precompute(mixture.captions())
-    opt = torch.optim.AdamW(param_groups(objective, tr.weight_decay), lr=tr.lr, betas=tr.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
 
-    start = 0
+    start, state = 0, None
     if init_from:
         weights, _ = ckpt.load(Path(init_from))
         backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
@@ -156,8 +162,6 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     if resume:
         weights, state = ckpt.load(Path(resume))
         ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
             ckpt.set_rng_state(rngs[rank])
@@ -171,7 +175,22 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
         return ckpt.find(out)
     mixture.start_step = start
 
-    model: nn.Module = dist.wrap(objective, dev)  # DDP (and global batch norm) when world > 1
+    if tr.compile:
+        compile_backbones(objective)
+    # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
+    model: nn.Module = strategy.wrap(objective, dev, tr)
+    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)  # after sharding: the sharded parameters
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
+    if state is not None:
+        if state["optimizer"] == SHARDED_OPTIMIZER:
+            strategy.load_sharded_optimizer(objective, opt, ckpt.find(Path(resume)) / SHARDED_OPTIMIZER)
+        elif strategy.is_sharded(objective):
+            raise ValueError(f"--resume {resume}: train.strategy=fsdp resumes from checkpoints of FSDP runs (a "
+                             f"sharded optimizer state); this one was written by a DDP or single-process run")
+        else:
+            opt.load_state_dict(state["optimizer"])
+        keep_fused(opt)
+        sched.load_state_dict(state["scheduler"])
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +204,10 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
-    bad_in_row = bad_total = skipped = 0
+    bad = BadSteps(dev)
+    train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
+    bad_seen = skipped = 0
+    read_at = start
     last_good: Path | None = None
     t0, seen = time.perf_counter(), 0
     step = start
@@ -196,48 +218,39 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
             skipped += int(batch["n_skipped"])
             batch["image"] = batch["image"].to(dev, non_blocking=True)
             batch["label"] = batch["label"].to(dev, non_blocking=True)
-            with autocast:
-                outputs = model(batch)
-            loss = outputs["loss"]
-            if not dist.all_finite(loss):  # every rank skips together
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                opt.zero_grad(set_to_none=True)
-                if main:
-                    what = f"{loss.item()}" if world == 1 else f"not finite on some rank (here {loss.item()})"
-                    tqdm.write(f"step {step}: loss is {what}; step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= tr.max_bad_steps:
-                    raise TrainingError(
-                        f"the loss was not finite for {bad_in_row} steps in a row (last at step {step}); "
-                        f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
-                        f"check the data.")
-                step += 1
-                sched.step()
-                continue
-            bad_in_row = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tr.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), tr.clip_grad)
-            opt.step()
-            sched.step()
+            outputs = train_step(batch, step)  # queued on the device: nothing read back here
             step += 1
-            momentum = objective.update_teacher(step, tr.steps)
             seen += batch["image"].shape[0] * world
-            if main:
+            bar.update(1)
+            logged = step % tr.log_every == 0 or step == tr.steps
+            saving = step % tr.ckpt_every == 0 or step == tr.steps
+            if not (logged or saving or step % tr.max_bad_steps == 0):
+                continue
+            bad_total, bad_in_row, worst = bad.read()  # waits for the device
+            if bad_total > bad_seen and main:
+                tqdm.write(f"step {step}: {bad_total - bad_seen} step(s) skipped since step {read_at}"
+                           f" (loss or gradients not finite; {bad_in_row} in a row now, {bad_total} in all)")
+            bad_seen, read_at = bad_total, step
+            if worst >= tr.max_bad_steps:
+                raise TrainingError(
+                    f"the loss or its gradients were not finite for {worst} steps in a row (by step {step}); "
+                    f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
+                    f"check the data.")
+            if logged and main:
                 rate = seen / (time.perf_counter() - t0)
-                terms = {t.name: float(outputs[t.name].detach()) for t in objective.terms}
-                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss.item():.3f}",
+                values = torch.stack([outputs["loss"].detach().float()] +
+                                     [outputs[t.name].detach().float() for t in objective.terms]).tolist()
+                terms = dict(zip([t.name for t in objective.terms], values[1:]))
+                rec = {"step": step, "loss": values[0], **terms,
+                       **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
+                       "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
+                       "bad_steps": bad_total}
+                if outputs["momentum"] is not None:
+                    rec["ema_momentum"] = outputs["momentum"]
+                log.write(rec)
+                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}",
                                  **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
-                bar.update(1)
-                if step % tr.log_every == 0 or step == tr.steps:
-                    rec = {"step": step, "loss": float(loss.detach()), **terms,
-                           **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
-                           "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
-                           "bad_steps": bad_total}
-                    if momentum is not None:
-                        rec["ema_momentum"] = momentum
-                    log.write(rec)
-            if step % tr.ckpt_every == 0 or step == tr.steps:
+            if saving and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
                 last_good = _save(out, step, objective, opt, sched, recipe, main)
     finally:
         bar.close()
@@ -252,6 +265,18 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
 
 def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool) -> Path | None:
+    """Every rank calls it. Sharded (FSDP): the weights gathered to rank 0 (model.safetensors, as
+    any run's) and the optimizer state written by every rank, sharded."""
+    extra, optimizer = None, None
+    if strategy.is_sharded(objective):
+        staging = out / "checkpoints" / f".step_{step:06d}.{SHARDED_OPTIMIZER}"
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        strategy.save_sharded_optimizer(objective, opt, staging)
+        extra, optimizer = {SHARDED_OPTIMIZER: staging}, SHARDED_OPTIMIZER
+    sharded = extra is not None
+    weights = saved_weights(objective, strategy.full_state_dict(objective)) if sharded or main else {}
     rngs = [ckpt.rng_state()]
     if dist.world_size() > 1:
         gathered = [None] * dist.world_size()
@@ -259,6 +284,6 @@ def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe
         rngs = gathered
     if not main:
         return None
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    state = {"step": step, "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(),
              "rng": rngs if len(rngs) > 1 else rngs[0], "recipe": recipe.model_dump(mode="json")}
-    return ckpt.save(out, step, saved_weights(objective), state)
+    return ckpt.save(out, step, weights, state, extra=extra)

@@ -1,0 +1,90 @@
+"""One training step that never waits for the device.
+
+A step whose loss or gradient norm is not finite is skipped, as in any careful trainer, but the
+decision stays on the device: the fused AdamW kernel takes it as ``found_inf`` (parameters,
+moments and step count left as they were), the EMA teacher's update is weighted by it, and
+batch-norm statistics the bad forward pass moved are put back. Nothing is read back to the host
+in the step; :class:`BadSteps` keeps the counts on the device and the loop reads them with the
+metrics (every ``log_every`` steps, at checkpoints and every ``max_bad_steps`` steps).
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist
+from . import strategy
+
+
+class BadSteps:
+    """Skipped-step counters on the device: in all, in a row now, and the longest row since the
+    last read."""
+
+    def __init__(self, device: torch.device, total: int = 0):
+        self.total = torch.tensor(total, device=device)
+        self.in_row = torch.zeros((), dtype=torch.long, device=device)
+        self.worst = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, bad: Tensor) -> None:
+        bad = bad.long()
+        self.total += bad
+        self.in_row.add_(bad).mul_(bad)
+        torch.maximum(self.worst, self.in_row, out=self.worst)
+
+    def read(self) -> tuple[int, int, int]:
+        """(total, in a row now, longest row since the last read): one transfer to the host."""
+        total, in_row, worst = torch.stack([self.total, self.in_row, self.worst]).tolist()
+        self.worst.copy_(self.in_row)
+        return total, in_row, worst
+
+
+def running_stats(module: nn.Module) -> list[Tensor]:
+    return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
+class TrainStep:
+    """forward (``model``, DDP/FSDP or not) → backward → clip → AdamW → EMA teacher, with the
+    skip of a non-finite step decided on the device. ``opt`` must be a fused AdamW."""
+
+    def __init__(self, objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sched, train,
+                 autocast: AbstractContextManager, bad: BadSteps):
+        self.objective, self.model, self.opt, self.sched, self.train = objective, model, opt, sched, train
+        self.autocast, self.bad = autocast, bad
+        self.stats = running_stats(objective)
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+
+    def __call__(self, batch: dict, step: int) -> dict[str, Tensor]:
+        """Run step ``step`` (0-based) and return the objective's outputs (device tensors)."""
+        tr = self.train
+        kept = [b.clone() for b in self.stats]
+        with self.autocast:
+            outputs = self.model(batch)
+        loss = outputs["loss"]
+        finite = dist.all_ranks(torch.isfinite(loss.detach()))  # every rank takes, or skips, the step
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.sync_replicated_grads(self.objective)  # FSDP: the few parameters it leaves whole
+        # the norm of the (all-reduced) gradients; max_norm=inf only measures it
+        norm = strategy.clip_grad_norm_(self.params, tr.clip_grad if tr.clip_grad > 0 else float("inf"))
+        bad = ~(finite & torch.isfinite(norm))
+        self.opt.found_inf = bad.float()
+        self.opt.step()
+        self.sched.step()
+        for b, k in zip(self.stats, kept):
+            b.copy_(torch.where(bad, k, b))
+        outputs["momentum"] = self.objective.update_teacher(step + 1, tr.steps, skip=bad)
+        self.bad.add(bad)
+        return outputs
+
+
+def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
+    """Fused AdamW (CPU and CUDA): one kernel for every parameter, and the on-device skip."""
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True)
+
+
+def keep_fused(opt: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a checkpoint written by a non-fused AdamW."""
+    for g in opt.param_groups:
+        g["fused"], g["foreach"] = True, None

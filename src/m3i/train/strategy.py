@@ -1,0 +1,154 @@
+"""How the objective is laid onto devices: ``train.strategy`` (DDP or FSDP2), ``train.compile``,
+and the units a backbone is compiled and sharded by.
+
+A backbone's *units* are its transformer blocks (ViT) or the blocks of its stages (ConvNeXt): the pieces that
+``torch.compile`` compiles one by one (identical blocks share one compiled graph, so compiling
+a deep model costs about as much as one block) and that FSDP shards one by one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist
+
+
+def backbone_units(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated pieces of ``backbone``: the blocks of a ViT, or of each ConvNeXt / ResNet stage."""
+    if hasattr(backbone, "blocks") and isinstance(backbone.blocks, (nn.ModuleList, nn.Sequential)):
+        return list(backbone.blocks)
+    if hasattr(backbone, "stages"):  # the forward pass calls each block of a stage (and its downsampling)
+        return [blk for stage in backbone.stages for blk in stage.blocks]
+    raise ValueError(f"{type(backbone).__name__}: no blocks or stages to compile or shard by")
+
+
+def encoder_backbones(objective: nn.Module) -> list[nn.Module]:
+    """The online backbone and the backbone of every copied target encoder (EMA teacher, frozen)."""
+    nets = [objective.backbone]
+    for name, child in objective.named_children():
+        if name == "teacher" or name.startswith("frozen_"):
+            if child is not None and child.backbone not in nets:
+                nets.append(child.backbone)
+    return nets
+
+
+def compile_backbones(objective: nn.Module, **options) -> int:
+    """``torch.compile`` every unit of every backbone of ``objective`` in place (parameter names,
+    state dicts and the optimiser's view of the parameters do not change); returns the number
+    of units compiled. Call it after the objective is built and moved to its device, before any
+    DDP or FSDP wrapping."""
+    n = 0
+    for net in encoder_backbones(objective):
+        for unit in backbone_units(net):
+            unit.compile(**options)
+            n += 1
+    return n
+
+
+# -- data parallel (DDP) or fully sharded (FSDP2) -----------------------------------------------------
+def wrap(objective: nn.Module, device: torch.device, train) -> nn.Module:
+    """The module the loop calls: DDP around ``objective`` (``train.strategy=ddp``) or
+    ``objective`` itself with its parameters sharded in place (``fsdp``). Without a process
+    group, ``objective`` itself."""
+    if train.strategy == "fsdp" and dist.is_dist():
+        return shard(objective, bf16=train.precision == "bf16")
+    return dist.wrap(objective, device)
+
+
+def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
+    """FSDP2 in place: ``fully_shard`` every block (ViT) or stage (ConvNeXt) of the online backbone
+    and of every copied target encoder (EMA teacher, frozen), then the objective itself, which
+    holds the rest (embeddings, decoders, heads, class tables, text towers). With ``bf16`` the
+    blocks gather and compute in bfloat16 and their gradients are reduced in float32; the
+    sharded parameters, and AdamW's state, stay float32; the rest runs under the loop's autocast.
+
+    Every rank must have built the same initial weights (same seed): each keeps its shard of them.
+    The EMA teacher is sharded like the online network, so its update is local to each rank
+    (:meth:`Teacher.update` works on the local shards); frozen towers and class tables are ordinary
+    (sharded) parameters of the objective."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist.global_batch_norm(objective)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for net in encoder_backbones(objective):
+        for unit in backbone_units(net):
+            fully_shard(unit, mp_policy=mp)
+    # FSDP shards no 0-d tensor (learned temperatures): they stay whole on every rank and
+    # :func:`sync_replicated_grads` averages their gradients as DDP would
+    scalars = {p for p in objective.parameters() if p.ndim == 0}
+    # the rest keeps float32 parameters (batch norm's statistics stay float32) under the loop's autocast
+    fully_shard(objective, ignored_params=scalars)
+    objective._replicated_params = [p for p in scalars if p.requires_grad]
+    return objective
+
+
+def sync_replicated_grads(objective: nn.Module) -> None:
+    """After backward on sharded ranks: the mean over ranks of the gradients of the parameters
+    FSDP leaves whole (queued on the device, no wait)."""
+    grads = [p.grad for p in getattr(objective, "_replicated_params", ()) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= dist.world_size()
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def clip_grad_norm_(params: list[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a mix of sharded (DTensor) and whole parameters:
+    the norm of the whole gradient over every rank, as a plain 0-d tensor, and the clip, both on
+    the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g.to_local() for g in grads if hasattr(g, "to_local")]
+    whole = [g for g in grads if not hasattr(g, "to_local")]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = torch.stack([n.float() for n in torch._foreach_norm(sharded)]).square().sum()
+    torch.distributed.all_reduce(local)  # shards are disjoint: their squares add up over ranks
+    if whole:
+        local = local + torch.stack([n.float() for n in torch._foreach_norm(whole)]).square().sum()
+    total = local.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(sharded + whole, coef)
+    return total
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state_dict(objective: nn.Module) -> dict[str, Tensor]:
+    """The objective's whole state dict; sharded: gathered onto rank 0's CPU (every rank must
+    call it; the others get ``{}``)."""
+    if not is_sharded(objective):
+        return objective.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_optimizer(objective: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    """AdamW's state with ``torch.distributed.checkpoint``: each rank writes its shards; the folder
+    loads on any number of ranks (:func:`load_sharded_optimizer`). Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(objective, opt)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(objective: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    """Load a :func:`save_sharded_optimizer` folder written on N ranks into ``opt`` on M ranks
+    (sharded or not; without a process group, in this one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not (folder / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder}: no sharded optimizer state (.metadata missing)")
+    state = {"optimizer": get_optimizer_state_dict(objective, opt)}  # the layout to fill, state initialised
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(objective, opt, state["optimizer"])

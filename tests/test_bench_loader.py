@@ -1,0 +1,25 @@
+"""benchmarks/loader.py at a tiny size: it writes its shards and folder, times every combination
+and prints the cores-per-GPU table from a given step rate."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loader_benchmark_prints_its_table(tmp_path):
+    out = tmp_path / "loader.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--size", "32", "--batch", "8",
+                           "--batches", "2", "--images", "24", "--workers", "0", "--photo", "96x64",
+                           "--step-img-per-s", "1000", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(r["source"], r["draft"]) for r in res["runs"]} == {("folder", True), ("folder", False),
+                                                                 ("shards", True), ("shards", False)}
+    for r in res["summary"]:
+        assert r["img_per_s"] > 0 and r["cores_per_gpu"] == 1000 / r["img_per_s"]
+    assert proc.stdout.count("| 96x64 |") == 4

@@ -1,0 +1,201 @@
+"""FSDP2 on CPU (2 gloo processes): a sharded step gives the loss and gradients of one process
+on the global batch for every estimator, and `m3i pretrain train.strategy=fsdp` trains like DDP,
+checkpoints a sharded optimizer state and resumes from it on 2 ranks and on 1."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from m3i.config import load_recipe
+from m3i.objective import Context, Objective, Views
+from m3i.train import strategy
+from conftest import needs_data
+from test_distributed import free_port
+
+WORLD, B = 2, 4
+TINY = ["backbone.name=vit_nano", "backbone.depth=2", "train.precision=fp32"]
+CASES = {  # every estimator: boltzmann (batch, both directions; all pairs; classes), gaussian, unigrad
+    "clip": ("clip", TINY + ["terms.0.target_encoder.tower=scratch"]),
+    "simclr": ("simclr", TINY),
+    "supervised": ("supervised", TINY),
+    "byol": ("byol", TINY),          # gaussian, EMA teacher with a head, batch norm
+    "sim": ("sim", TINY),            # unigrad, dense, masked input
+    # every kind at once; the mixed input pairs images within each rank's batch, so here one
+    # image per canvas: dropped tokens (ViT), mask tokens (ConvNeXt, sharded by stage)
+    "m3i": ("m3i", TINY + ["terms.2.target_encoder.tower=scratch", "views.input_mode=drop"]),
+    "convnext": ("m3i", ["backbone.name=convnext_atto", "backbone.patch_size=8", "train.precision=fp32",
+                         "terms.2.target_encoder.tower=scratch", "views.input_mode=fill"]),
+}
+
+
+def make_case(name):
+    recipe = load_recipe(CASES[name][0], overrides=CASES[name][1])
+    torch.manual_seed(0)
+    obj = Objective(recipe, num_classes=10)
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * B
+    batch = {"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "label": torch.tensor([3, -1, 0, 7, 7, -1, 2, 9]),
+             "caption": [None if i in (1, 6) else f"a small picture number {i}" for i in range(n)]}
+    views = obj.make_views(batch["image"])
+    ctx = Context(obj, batch, views)
+    views.visible = {t.source.view: ctx.visible(t.source.view) for t in recipe.terms if t.source.masked}
+    return recipe, obj, batch, views
+
+
+def rank_slice(batch, views, r):
+    rows = slice(r * B, (r + 1) * B)
+    part = {k: v[rows] for k, v in batch.items()}
+    return part, Views([x[rows] for x in views.images], [x[rows] for x in views.boxes],
+                       [x[rows] for x in views.flips], {k: v[rows] for k, v in views.visible.items()})
+
+
+def _worker(rank, init_file, inputs, out_dir):
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        for name, path in inputs.items():
+            case = torch.load(path, weights_only=False)
+            recipe = load_recipe(CASES[name][0], overrides=CASES[name][1])
+            obj = Objective(recipe, num_classes=10)
+            obj.load_state_dict(case["state"])
+            strategy.shard(obj, bf16=False)
+            assert strategy.is_sharded(obj)
+            batch, views = rank_slice(case["batch"], case["views"], rank)
+            out = obj(batch, views)
+            out["loss"].backward()
+            losses = [None] * WORLD
+            tdist.all_gather_object(losses, {k: v.item() for k, v in out.items() if not k.startswith("n_")})
+            strategy.sync_replicated_grads(obj)  # the temperatures FSDP leaves whole, as the trainer does
+            grads = {k: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for k, p in obj.named_parameters() if p.grad is not None}
+            if rank == 0:
+                torch.save({"losses": losses, "grads": grads}, f"{out_dir}/{name}.out.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    refs, inputs = {}, {}
+    for name in CASES:
+        recipe, obj, batch, views = make_case(name)
+        torch.save({"state": obj.state_dict(), "batch": batch, "views": views}, tmp / f"{name}.pt")
+        inputs[name] = str(tmp / f"{name}.pt")
+        out = obj(batch, views)
+        out["loss"].backward()
+        refs[name] = {"losses": {k: v.item() for k, v in out.items() if not k.startswith("n_")},
+                      "grads": {k: p.grad for k, p in obj.named_parameters() if p.grad is not None}}
+    mp.spawn(_worker, args=(str(tmp / "pg"), inputs, str(tmp)), nprocs=WORLD, join=True)
+    return {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fsdp_step_equals_one_process_on_the_global_batch(equivalence, name):
+    ref, got = equivalence[name]
+    for key, value in ref["losses"].items():  # the mean over ranks of each rank's loss
+        assert sum(r[key] for r in got["losses"]) / WORLD == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert set(got["grads"]) == set(ref["grads"])  # the same parameters learn (teacher and frozen ones not)
+    scale = max(float(g.norm()) for g in ref["grads"].values())
+    for key, grad in ref["grads"].items():  # the gathered shards of the reduce-scattered gradients
+        err = float((got["grads"][key] - grad).norm())
+        assert err <= 1e-4 * float(grad.norm()) + 1e-6 * scale, f"{key}: |error| {err:.2e}, |grad| {grad.norm():.2e}"
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+E2E = ["--recipe", "m3i", "--no-progress", "--device", "cpu", "backbone.name=vit_nano", "backbone.depth=2",
+       "data.batch_size=8", "data.num_workers=0", "terms.2.target_encoder.tower=scratch", "train.log_every=1",
+       "train.ckpt_every=2", "train.precision=fp32", "train.warmup_steps=1"]
+
+
+def _pretrain_worker(rank, port, root):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from m3i.cli import main
+
+    try:
+        assert main(["pretrain", "--out", f"{root}/fsdp", "--steps", "3", *E2E, "train.strategy=fsdp"]) == 0
+        assert main(["pretrain", "--out", f"{root}/fsdp2", "--steps", "3", "--resume",
+                     f"{root}/fsdp/checkpoints/step_000002", *E2E, "train.strategy=fsdp"]) == 0
+        assert main(["pretrain", "--out", f"{root}/ddp", "--steps", "2", *E2E, "train.strategy=ddp"]) == 0
+        # bf16: the blocks gather and compute in bfloat16 (the rest under autocast, batch norm in float32)
+        assert main(["pretrain", "--out", f"{root}/fsdp_bf16", "--steps", "2", *E2E, "train.strategy=fsdp",
+                     "train.precision=bf16"]) == 0
+        for how in ("fsdp", "ddp"):  # train.compile under either strategy
+            assert main(["pretrain", "--out", f"{root}/{how}_compiled", "--steps", "2", *E2E, f"train.strategy={how}",
+                         "train.compile=true"]) == 0
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_data
+def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
+    from m3i.cli import main
+    from m3i.train import checkpoint as ckpt
+    from m3i.train import loop
+
+    mp.spawn(_pretrain_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    fsdp, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
+    assert [r["step"] for r in fsdp] == [1, 2, 3]
+    # the same initial weights and global batches: FSDP and DDP agree. AdamW's first updates are
+    # ±lr for gradients that float noise alone decides (0 in exact arithmetic, e.g. biases before
+    # batch norm), so after one update the agreement is to ~lr, not to float precision
+    for key in ("loss", "dense", "category", "caption", "view"):
+        assert fsdp[0][key] == pytest.approx(ddp[0][key], rel=1e-5, abs=1e-6), key
+        assert fsdp[1][key] == pytest.approx(ddp[1][key], rel=3e-3), key
+    for how, eager in (("fsdp", fsdp), ("ddp", ddp)):  # compiled blocks compute what eager ones do
+        compiled = metrics(tmp_path / f"{how}_compiled")
+        for key in ("loss", "dense", "category", "caption", "view"):
+            assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-5), (how, key)
+            assert compiled[1][key] == pytest.approx(eager[1][key], rel=3e-3), (how, key)
+    bf16 = metrics(tmp_path / "fsdp_bf16")
+    for key in ("loss", "dense", "category", "caption", "view"):
+        assert bf16[0][key] == pytest.approx(fsdp[0][key], rel=3e-2), key
+    assert all(r["bad_steps"] == 0 for r in bf16)
+    step2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
+    assert (step2 / "optimizer" / ".metadata").is_file()  # torch.distributed.checkpoint, one file per rank
+    assert len(list((step2 / "optimizer").glob("*.distcp"))) == WORLD
+    wf, sf = ckpt.load(step2)
+    wd, sd = ckpt.load(tmp_path / "ddp" / "checkpoints" / "step_000002")
+    assert sf["optimizer"] == "optimizer" and set(wf) == set(wd)
+    lr_sum = 1.5e-3  # the two steps' learning rates (warm-up half, then the peak 1e-3)
+    for k in wd:  # the gathered weights (teacher included) are DDP's, to the sum of the steps
+        torch.testing.assert_close(wf[k], wd[k], rtol=1e-4, atol=2 * lr_sum, msg=lambda m: f"{k}: {m}")
+
+    # resumed on 2 ranks from step 2: step 3 repeats
+    resumed = metrics(tmp_path / "fsdp2")
+    assert [r["step"] for r in resumed] == [3]
+    for key in ("loss", "dense", "category", "caption", "view"):
+        assert resumed[0][key] == pytest.approx(fsdp[2][key], rel=1e-5, abs=1e-6), key
+
+    # on 1 process: the 2 shards of AdamW's state load into one whole optimizer, equal to DDP's
+    recipe = load_recipe(str(tmp_path / "fsdp" / "config.yaml"))
+    torch.manual_seed(0)
+    obj = Objective(recipe, num_classes=wf["terms.1.classes.weight"].shape[0])
+    ckpt.load_weights_into(obj, wf, "fsdp step 2", loop.optional_prefixes(obj))
+    opt = loop.make_optimizer(loop.param_groups(obj, recipe.train.weight_decay), recipe.train)
+    strategy.load_sharded_optimizer(obj, opt, step2 / "optimizer")
+    ref = torch.optim.AdamW(loop.param_groups(obj, recipe.train.weight_decay), fused=True)
+    ref.load_state_dict(sd["optimizer"])
+    assert len(opt.state) == len(ref.state) > 0
+    for p in opt.state:
+        torch.testing.assert_close(opt.state[p]["step"], ref.state[p]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):  # moments of gradients that agree to float noise
+            scale = float(ref.state[p][key].abs().max())
+            torch.testing.assert_close(opt.state[p][key], ref.state[p][key], rtol=2e-2, atol=2e-2 * scale + 1e-9)
+    assert float(next(iter(opt.state.values()))["step"]) == 2.0
+
+    # and `m3i pretrain --resume` of the FSDP run on 1 process continues it
+    assert main(["pretrain", "--out", str(tmp_path / "one"), "--steps", "3", "--resume", str(step2), *E2E,
+                 "train.strategy=fsdp"]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "one")] == [3]

@@ -1,0 +1,135 @@
+"""The training step: a non-finite step is skipped on the device exactly as if it had not been
+taken (parameters, AdamW moments and step count, EMA teacher, batch-norm statistics), the step
+reads nothing back to the host beyond what the objective's own forward does, and
+``train.compile`` trains like eager."""
+import copy
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from m3i.config import load_recipe
+from m3i.objective import Objective
+from m3i.train import loop
+from m3i.train.step import BadSteps, TrainStep, make_optimizer
+from conftest import needs_data
+
+TINY = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0"]
+
+
+def batch(seed, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+            "label": torch.randint(0, 10, (n,), generator=g), "caption": [None] * n}
+
+
+def setup(recipe):
+    torch.manual_seed(0)
+    obj = Objective(recipe, num_classes=10)
+    opt = make_optimizer(loop.param_groups(obj, recipe.train.weight_decay), recipe.train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda(recipe.train))
+    bad = BadSteps(torch.device("cpu"))
+    return obj, opt, sched, bad, TrainStep(obj, obj, opt, sched, recipe.train, nullcontext(), bad)
+
+
+def poisoned_forward(obj):
+    real = obj.forward
+
+    def forward(b, views=None):
+        out = real(b, views)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    return forward
+
+
+def test_skipped_step_changes_nothing_but_the_schedule():
+    # byol: EMA teacher with a head, batch norm in the projector and predictor
+    recipe = load_recipe("byol", overrides=TINY + ["train.steps=10", "train.warmup_steps=0"])
+    a_obj, a_opt, a_sched, a_bad, a_step = setup(recipe)
+    b_obj, b_opt, b_sched, b_bad, b_step = setup(recipe)
+    assert any("running_mean" in n for n, _ in a_obj.named_buffers())
+
+    torch.manual_seed(1)
+    a_step(batch(0), 0)
+    torch.manual_seed(2)
+    a_obj.forward = poisoned_forward(a_obj)
+    a_step(batch(1), 1)  # not finite: skipped on the device
+    del a_obj.forward
+    torch.manual_seed(3)
+    a_step(batch(2), 2)
+
+    torch.manual_seed(1)
+    b_step(batch(0), 0)
+    b_sched.step()  # step 1 not taken at all; the schedule still moves on
+    torch.manual_seed(3)
+    b_step(batch(2), 2)
+
+    assert a_bad.read() == (1, 0, 1) and b_bad.read() == (0, 0, 0)
+    sa, sb = a_obj.state_dict(), b_obj.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    oa, ob = a_opt.state_dict()["state"], b_opt.state_dict()["state"]
+    for i in oa:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(oa[i][key], ob[i][key], rtol=0, atol=0)
+    assert float(oa[0]["step"]) == 2.0
+    assert a_sched.last_epoch == b_sched.last_epoch == 3
+
+
+def test_bad_steps_count_the_longest_row_between_reads():
+    bad = BadSteps(torch.device("cpu"))
+    for flag in [1, 1, 0, 1, 1, 1, 0]:
+        bad.add(torch.tensor(bool(flag)))
+    assert bad.read() == (5, 0, 3)
+    bad.add(torch.tensor(True))
+    assert bad.read() == (6, 1, 1)  # the longest row restarts from the current one at each read
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (.item(), float(), int(), bool())."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["sim", "byol", "m3i"])
+def test_step_reads_no_value_back_beyond_the_objective(name):
+    ov = ["terms.2.target_encoder.tower=scratch"] if name == "m3i" else []
+    recipe = load_recipe(name, overrides=TINY + ov)
+    obj, opt, sched, bad, step = setup(recipe)
+    b = batch(0)
+    step(b, 0)  # optimiser state created
+    with ScalarReads() as fwd:
+        torch.manual_seed(5)
+        obj(b)
+    with ScalarReads() as whole:
+        torch.manual_seed(5)
+        step(b, 1)
+    assert whole.n == fwd.n
+
+
+@needs_data
+def test_compile_trains_like_eager(tmp_path):
+    ov = TINY + ["train.steps=3", "train.log_every=1", "train.warmup_steps=1", "data.sources=[{spec: fashion-mnist}]",
+                 "train.precision=fp32"]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = {}
+    for c in (False, True):
+        out = tmp_path / str(c)
+        loop.pretrain(load_recipe("sim", overrides=ov + [f"train.compile={str(c).lower()}"]), out, progress=False)
+        runs[c] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for e, c in zip(runs[False], runs[True]):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-3, abs=1e-4), e["step"]
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks really ran compiled (train and teacher)
+    assert runs[True][0]["loss"] != runs[True][-1]["loss"]
