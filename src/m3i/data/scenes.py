@@ -42,6 +42,7 @@ class Scenes:
     images: (N, 3, S, S) uint8 canvases.
     masks:  (N, S, S) int64 per-pixel labels, 0 = background, c + 1 = class c.
     items:  for each canvas, where its items come from (``Source.locate`` of each, paste order).
+    boxes:  for each canvas, each item's (top, left, side) in pixels, same order.
     classes: label names, ``classes[0] == "background"``.
     """
 
@@ -50,6 +51,7 @@ class Scenes:
     images: torch.Tensor
     masks: torch.Tensor
     items: list[tuple[str, ...]]
+    boxes: list[tuple[tuple[int, int, int], ...]]
     classes: list[str]
 
     def __len__(self) -> int:
@@ -93,7 +95,7 @@ def _paste(canvas: np.ndarray, mask: np.ndarray, item: Image.Image, label: int, 
 
 
 def render_scene(pool: _Items, dataset: str, split: str, seed: int, index: int, size: int = CANVAS):
-    """Canvas ``index``: (S, S, 3) uint8, (S, S) int64 labels, the items' locations."""
+    """Canvas ``index``: (S, S, 3) uint8, (S, S) int64 labels, the items' locations and boxes."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     k = int(rng.integers(ITEMS[0], ITEMS[1] + 1))
     chosen = rng.choice(len(pool), size=k, replace=False)
@@ -101,12 +103,14 @@ def render_scene(pool: _Items, dataset: str, split: str, seed: int, index: int, 
     canvas = np.full((size, size, 3), 0.0 if fmnist else 255.0, dtype=np.float32)
     mask = np.zeros((size, size), dtype=np.int64)
     lo, hi = (round(s * size / CANVAS) for s in ITEM_SIDE)
+    boxes = []
     for i in chosen:
         side = int(rng.integers(lo, hi + 1))
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        boxes.append((y, x, side))
         _paste(canvas, mask, pool.rgba(int(i)), int(pool.labels[i]) + 1, side, y, x, binary_alpha=fmnist)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-    return image, mask, tuple(pool.src.locate(int(i)) for i in chosen)
+    return image, mask, tuple(pool.src.locate(int(i)) for i in chosen), tuple(boxes)
 
 
 @lru_cache(maxsize=8)
@@ -123,11 +127,13 @@ def make_scenes(dataset: str, split: str = "train", n: int | None = None, seed: 
     if n < 1:
         raise ValueError(f"{dataset}: number of canvases must be positive, got {n}")
     pool = _Items(dataset, split)
-    images, masks, items = [], [], []
+    images, masks, items, boxes = [], [], [], []
     for i in range(n):
-        image, mask, where = render_scene(pool, dataset, split, seed, i, size)
+        image, mask, where, box = render_scene(pool, dataset, split, seed, i, size)
         images.append(image)
         masks.append(mask)
         items.append(where)
+        boxes.append(box)
     images_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Scenes(f"{dataset}:{split}", split, images_t, torch.from_numpy(np.stack(masks)), items, pool.classes)
+    return Scenes(f"{dataset}:{split}", split, images_t, torch.from_numpy(np.stack(masks)), items, boxes,
+                  pool.classes)
