@@ -70,8 +70,14 @@ def _export(args) -> int:
 def _eval(args) -> int:
     from .eval.run import evaluate
 
-    result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress,
-                      limit=args.limit, split=args.split, image_size=args.image_size)
+    if args.task == "segmentation":
+        from .eval.segmentation import evaluate_segmentation as evaluate_dense
+
+        result = evaluate_dense(args.checkpoint, args.dataset, args.split, device=args.device, limit=args.limit,
+                                progress=not args.no_progress)
+    else:
+        result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress,
+                          limit=args.limit, split=args.split, image_size=args.image_size)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -108,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
     v.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline")
-    v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval"])
+    v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval", "segmentation"])
     v.add_argument("--dataset", required=True,
-                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
+                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH; "
+                        "for segmentation: fashion-mnist-scenes | emoji-scenes")
     v.add_argument("--json", help="write the result here")
     v.add_argument("--limit", type=int, help="a seeded subset: LIMIT train and LIMIT/4 test images")
     v.add_argument("--split", default="test", choices=["test", "val"],

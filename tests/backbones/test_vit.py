@@ -296,7 +296,7 @@ def test_bad_inputs_raise():
     model = small(fill=False)
     x = images(2)
     with pytest.raises(ValueError, match="x must"):
-        model.forward_features(torch.randn(2, 3, 16, 16))
+        model.forward_features(torch.randn(2, 3, 20, 20))
     with pytest.raises(ValueError, match="visible"):
         model.forward_features(x, torch.ones(2, N - 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="visible"):
@@ -359,3 +359,36 @@ def test_config_overrides():
     assert model.forward_features(torch.randn(2, 1, 32, 32)).tokens.shape == (2, 64, 128)
     with pytest.raises(ValueError, match="img_size"):
         build_backbone("vit_huge", depth=1, img_size=224 + 1)
+
+
+# ---------------------------------------------------------------- other image sizes
+
+
+def test_position_table_resampling():
+    from m3i.backbones.vit import resample_pos_embed, sincos_pos_embed_2d
+
+    table = sincos_pos_embed_2d((4, 4), DIM)[None]
+    assert resample_pos_embed(table, (4, 4), (4, 4)) is table  # the trained grid: untouched
+    const = torch.full((1, 16, DIM), 0.3)
+    torch.testing.assert_close(resample_pos_embed(const, (4, 4), (8, 6)), torch.full((1, 48, DIM), 0.3))
+    # a table that depends on the column only keeps depending on the column only, in order
+    ramp = torch.arange(4.0).repeat(4).view(1, 16, 1).expand(1, 16, DIM)
+    up = resample_pos_embed(ramp, (4, 4), (8, 8)).view(8, 8, DIM)
+    torch.testing.assert_close(up, up[:1].expand(8, 8, DIM))
+    assert bool((up[0, 1:, 0] >= up[0, :-1, 0]).all()) and up[0, 0, 0] < up[0, -1, 0]
+
+
+def test_larger_image_runs_on_a_resampled_table():
+    model = small(fill=True)
+    big = torch.randn(2, 3, 2 * IMG, 3 * IMG)  # a 8 x 12 patch grid on a model trained at 4 x 4
+    vis = torch.zeros(2, 6 * N, dtype=torch.bool)
+    vis[:, ::2] = True
+    with torch.no_grad():
+        out = model.forward_features(big)
+        dropped = model.forward_features(big, vis, mode="drop")
+        filled = model.forward_features(big, torch.ones(2, 6 * N, dtype=torch.bool), mode="fill")
+    assert out.tokens.shape == (2, 6 * N, DIM) and out.pooled.shape == (2, DIM)
+    assert dropped.tokens.shape == (2, 3 * N, DIM)
+    torch.testing.assert_close(filled.tokens, out.tokens)  # every mode sees the same resampled table
+    with pytest.raises(ValueError, match=r"visible must have shape \(B, N\) = \(2, 96\)"):
+        model.forward_features(big, torch.ones(2, N, dtype=torch.bool))

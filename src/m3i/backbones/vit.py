@@ -11,6 +11,9 @@ Three ways to run a partially visible image (``visible``: (B, N) bool, True = se
   of the same image, so every sample's output equals its ``drop`` output.
 - ``fill``: hidden patches are replaced by a learned mask token after the stem; every position
   is computed and the output is read at the visible positions.
+
+An image of another size (a multiple of the patch size) gets the position table resampled
+bicubically to its patch grid (`resample_pos_embed`), as dense evaluation on larger canvases needs.
 """
 from __future__ import annotations
 
@@ -44,6 +47,22 @@ def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(xs), encode(ys)], dim=1).float()
+
+
+def resample_pos_embed(table: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """Patch position table (1, gh * gw, D) -> (1, nh * nw, D), resampled bicubically over the grid.
+
+    The table is treated as a D-channel image of the old grid, so a position keeps the embedding
+    of the same relative place in the image; the identity when the grids agree.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    gh, gw = old_grid
+    d = table.shape[-1]
+    grid = table.reshape(1, gh, gw, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False,
+                         antialias=new_grid[0] < gh or new_grid[1] < gw)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(table.dtype)
 
 
 class DropPath(nn.Module):
@@ -266,32 +285,38 @@ class VisionTransformer(Backbone):
                 layers.append(x)
         return x, layers
 
-    def _check_inputs(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int) -> None:
+    def _check_inputs(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int) -> tuple[int, int]:
+        """Validate the inputs; returns the patch grid (gh, gw) of ``x``."""
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if isinstance(return_layers, bool) or not isinstance(return_layers, int) or not 0 <= return_layers <= self.depth:
             raise ValueError(f"return_layers must be an integer in [0, depth={self.depth}], got {return_layers!r}")
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] % p or x.shape[3] % p or min(x.shape[2:]) < p:
+            raise ValueError(f"x must have shape (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
+                             f"{p} (trained at {self.img_size}), got {tuple(x.shape)}")
+        grid = (x.shape[2] // p, x.shape[3] // p)
         if visible is not None:
+            n = grid[0] * grid[1]
             if visible.dtype != torch.bool:
                 raise ValueError(f"visible must be a bool tensor, got dtype {visible.dtype}")
-            if tuple(visible.shape) != (x.shape[0], self.num_patches):
+            if tuple(visible.shape) != (x.shape[0], n):
                 raise ValueError(
-                    f"visible must have shape (B, N) = ({x.shape[0]}, {self.num_patches}), got {tuple(visible.shape)}"
+                    f"visible must have shape (B, N) = ({x.shape[0]}, {n}), got {tuple(visible.shape)}"
                 )
         if mode == "fill" and visible is not None and self.mask_token is None:
             raise ValueError("mode='fill' needs a mask_token: build the backbone with fill=True")
+        return grid
 
     def forward_features(
         self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
     ) -> Features:
         """See the module docstring; ``visible=None`` runs every patch whatever the mode."""
-        self._check_inputs(x, visible, mode, return_layers)
+        grid = self._check_inputs(x, visible, mode, return_layers)
         b = x.shape[0]
         patches = self.patch_embed(x)  # (B, N, D)
         pos = self.pos_embed.to(patches.dtype)
+        pos = torch.cat([pos[:, :1], resample_pos_embed(pos[:, 1:], self.grid_size, grid)], dim=1)
         cls = (self.cls_token.to(patches.dtype) + pos[:, :1]).expand(b, -1, -1)
 
         if visible is None:
