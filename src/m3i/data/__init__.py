@@ -4,6 +4,7 @@ from .builtin import SPEC_FORMS, builtin_source, parse_spec
 from .mixture import Mixture, SourceUnreadableError
 from .sources import (
     FASHION_MNIST_CLASSES,
+    Digits,
     Emoji,
     FashionMNIST,
     ImageFolder,
@@ -18,6 +19,7 @@ from .sources import (
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "SPEC_FORMS",
+    "Digits",
     "Emoji",
     "FashionMNIST",
     "ImageFolder",

@@ -8,6 +8,7 @@ Accepted specs::
 
 The splits are those of :mod:`m3i.data.splits`; a built-in set without a split named is its
 ``train`` part, so a test item is never drawn unless ``:test`` is asked for.
+    digits[:train|test|fit|val]              UCI handwritten digits, 8×8 (evaluation only)
     folder:PATH                              ImageFolder (class subfolders or flat)
     manifest:PATH                            JSONL/CSV manifest (path, caption[, label])
     shards:PATTERN                           WebDataset tar shards (brace pattern, glob, path)
@@ -22,13 +23,14 @@ from __future__ import annotations
 import re
 
 from .splits import SPLITS
-from .sources import Emoji, FashionMNIST, ImageFolder, Manifest, Shards, Source, data_root
+from .sources import Digits, Emoji, FashionMNIST, ImageFolder, Manifest, Shards, Source, data_root
 
 __all__ = ["SPEC_FORMS", "builtin_source", "data_root", "parse_spec"]
 
 SPEC_FORMS = (
     "fashion-mnist[:train|test|fit|val]",
     "emoji[:category|subcategory|none][:train|test|fit|val]",
+    "digits[:train|test|fit|val]",
     "folder:PATH",
     "manifest:PATH",
     "shards:PATTERN",
@@ -88,6 +90,11 @@ def builtin_source(spec: str, *, labels: bool = True, captions: bool = True,
                 raise _unknown(spec, f"emoji takes a label (category, subcategory, none) and a split "
                                      f"({', '.join(SPLITS)}), got {part!r}")
         return Emoji(label=None if field == "none" else field, split=split, **common)
+    if kind == "digits":
+        split = (arg or "train").strip().lower()
+        if split not in SPLITS:
+            raise _unknown(spec, f"digits split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return Digits(split=split, **common)
     if kind in ("folder", "manifest", "shards"):
         if not arg:
             raise _unknown(spec, f"{kind}: needs a path")

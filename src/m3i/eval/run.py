@@ -44,7 +44,7 @@ def splits(spec: str, split: str = "test"):
         raise ValueError(f"--split {split!r}: expected test or val")
     fit, held = ("train", "test") if split == "test" else ("fit", "val")
     kind, _, arg = spec.partition(":")
-    if kind in ("fashion-mnist", "emoji"):
+    if kind in ("fashion-mnist", "emoji", "digits"):
         field = f"{arg or 'category'}:" if kind == "emoji" else ""
         tr, te = builtin_source(f"{kind}:{field}{fit}"), builtin_source(f"{kind}:{field}{held}")
         return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
@@ -65,7 +65,8 @@ def splits(spec: str, split: str = "test"):
             raise ValueError(f"{root}: expected one subfolder per class (or train/ and test/ holding them)")
         keys = range(len(src))
         return (src, grouped_split(keys, fit), src, grouped_split(keys, held), src.class_names)
-    raise ValueError(f"--dataset {spec!r}: expected fashion-mnist, emoji:category, emoji:subcategory or folder:PATH")
+    raise ValueError(f"--dataset {spec!r}: expected fashion-mnist, emoji:category, emoji:subcategory, digits "
+                     f"or folder:PATH")
 
 
 def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -228,3 +229,18 @@ def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None
         for k, v in out["metrics"].items():
             print(f"  {k:<14} {v:.4f}" if k != "weight_decay" else f"  {k:<14} {v:g}")
     return out
+
+
+def quality_line(checkpoint: str | Path, limit: int = 10000, device: str | None = None) -> str:
+    """One line that says what a pre-training produced: Fashion-MNIST k-NN top-1 of its
+    backbone next to raw pixels, on a seeded subset (LIMIT train, LIMIT/4 test images)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    obj = load_trained(checkpoint, dev)
+    data = load_evalset("fashion-mnist", obj.backbone.img_size, limit=limit, progress=False)
+    ours = score(obj, "knn", data, progress=False)["metrics"]["top1"]
+    pixels = score(PIXELS, "knn", data, progress=False)["metrics"]["top1"]
+    n_tr, n_te = len(data.train[1]), len(data.test[1])
+    verdict = "above" if ours > pixels else "not above"
+    return (f"quality: Fashion-MNIST k-NN top-1 {ours:.3f}, raw pixels {pixels:.3f} ({verdict} the input; "
+            f"{n_tr:,} train / {n_te:,} test images). Full evaluation: m3i eval --checkpoint {checkpoint} "
+            f"--task knn --dataset fashion-mnist")

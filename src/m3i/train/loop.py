@@ -126,6 +126,8 @@ def setup_device(device: str | None) -> torch.device:
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
+    else:  # subnormal floats run ~20x slower on x86 CPUs; training reaches them after a few hundred steps
+        torch.set_flush_denormal(True)
     return dev
 
 
