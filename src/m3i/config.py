@@ -102,6 +102,9 @@ class DataCfg(Strict):
     image_size: int = 32
     batch_size: int = Field(128, ge=2)
     num_workers: int = Field(2, ge=0)
+    # the largest fraction of a source's samples that may be unusable (unreadable images, bad
+    # manifest rows); more stops the run with a message naming the source
+    max_lost: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class TrainCfg(Strict):
@@ -289,12 +292,18 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -358,7 +367,7 @@ def validate(data: dict, origin: str) -> Recipe:
             elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
             lines.append(f"{origin}: {loc}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("; ".join(lines)) from None
 
 
 def load_recipe(name_or_path: str, config: str | None = None, overrides: list[str] = ()) -> Recipe:
