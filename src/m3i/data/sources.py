@@ -393,7 +393,7 @@ class Manifest(Source):
             log.warning(msg)
         if bad_caps and self.captions:
             msg = (f"{self.path}: {self.num_bad_captions - empty} captions are dropped ("
-                   + ", ".join(f"{why}, first at {w}" for why, w in bad_caps.items()) + "); those images are used without")
+                   + ", ".join(f"{why}, first at {w}" for why, w in bad_caps.items()) + "); those images are used without a caption")
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
         if self.num_dropped:
