@@ -300,6 +300,12 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _printable(part) -> str:
+    """A key as messages show it: quoted when it holds line breaks or other unprintable characters."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
 def _one_line(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -341,6 +347,8 @@ def apply_override(data: dict, item: str) -> dict:
         else:
             raise ConfigError(f"override {item!r}: {where} is a value, not a group of settings")
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is a value, not a group of settings")
     if isinstance(node, list):
         if not last.isdigit() or int(last) > len(node):
             raise ConfigError(f"override {item!r}: {last} is not an index of a list of {len(node)} "
@@ -360,7 +368,7 @@ def validate(data: dict, origin: str) -> Recipe:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            loc = ".".join(_printable(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
