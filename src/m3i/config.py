@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -167,8 +167,8 @@ class TargetEncoderCfg(Strict):
 class DecoderCfg(Strict):
     kind: Literal["global", "dense"] = "global"
     # global: an MLP projector (dims, last = output) and an optional MLP predictor
-    projector: list[int] = Field(default_factory=lambda: [128])
-    predictor: list[int] = Field(default_factory=list)
+    projector: list[PositiveInt] = Field(default_factory=lambda: [128])
+    predictor: list[PositiveInt] = Field(default_factory=list)
     norm: Literal["batch", "layer", "none"] = "none"
     # dense: embed to width, projector blocks on the visible tokens, predictor blocks with queries
     width: int = 128

@@ -13,9 +13,12 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import torch
+
 from faultkit import RECIPE
 from m3i.cli import main
 from m3i.config import ConfigError, load_recipe
+from m3i.objective import Objective
 
 BASE = yaml.safe_load(Path(RECIPE).read_text())
 
@@ -132,3 +135,24 @@ def test_fuzzed_config_file_text(text):
     if not accepted(name_or_path=RECIPE, config=f.name):
         check_refusal(["pretrain", "--recipe", RECIPE, "--config", f.name, "--out", OUT], None)
     Path(f.name).unlink()
+
+
+@fuzz(200)
+@given(key=st.sampled_from(PATHS).map(".".join),
+       value=st.one_of(st.integers(-3, 3), st.integers(0, 64), st.floats(-2, 2), st.sampled_from([0.0, -1.0, 1.5])))
+def test_fuzzed_numbers_the_schema_accepts_build_and_train_or_are_refused_in_one_line(key, value):
+    """Small numbers anywhere: a recipe that loads either builds and takes a training step, or
+    is refused with a ValueError (one line, exit 2 on the command line), never anything else."""
+    try:
+        recipe = load_recipe(RECIPE, overrides=[f"{key}={value}"])
+    except ConfigError:
+        return
+    batch = {"image": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8),
+             "label": torch.arange(8) % 2, "caption": [None] * 8}
+    try:
+        Objective(recipe, num_classes=2)(batch)["loss"].backward()
+    except ValueError as e:
+        event("refused when built")
+        assert "\n" not in str(e)
+        return
+    event("built and trained")
