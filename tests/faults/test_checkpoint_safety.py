@@ -142,3 +142,28 @@ def test_read_only_output_folder_is_refused(tmp_path, capsys):
         assert f"cannot write into {ro} (Permission denied)" in line
     finally:
         ro.chmod(0o700)
+
+
+def test_a_sharded_optimizer_index_is_checked_before_torch_unpickles_it(tmp_path):
+    """FSDP runs keep the optimizer state in torch.distributed.checkpoint's format, whose index
+    torch unpickles as it is: m3i reads the names it would import first, without running it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    folder = tmp_path / "optimizer"
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(folder))
+    ckpt._check_sharded_index(folder / ".metadata")  # the real index passes
+
+    marker = tmp_path / "payload-ran"
+    import pickle
+    (folder / ".metadata").write_bytes(pickle.dumps({"index": Payload(marker)}))
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=r"\.metadata: refused: it names posix\.system"):
+        ckpt._check_sharded_index(folder / ".metadata")
+    (folder / "evil.pt").write_bytes(b"")
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="evil.pt: refused"):
+        ckpt._verify_sharded(folder)
+    assert not marker.exists()

@@ -17,9 +17,9 @@ Layout of a run directory::
 A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash (or a full disk) while saving leaves the previous one
 whole. A checkpoint folder holding any other file (a pickled ``state.pt``, say) is refused by
-every command: loading a pickle can run arbitrary code. The one pickle m3i reads, the
-``.metadata`` index of a sharded optimizer state, is first read by torch's restricted
-(``weights_only``) unpickler allowing only the index's own types; anything else is refused.
+every command: loading a pickle can run arbitrary code. The one pickle m3i lets torch read,
+the ``.metadata`` index of a sharded optimizer state (FSDP runs), is first checked opcode by
+opcode, without running it: it may name only the index's own types.
 """
 from __future__ import annotations
 
@@ -194,22 +194,66 @@ def _verify_sharded(folder: Path) -> None:
             raise UnsafeCheckpointError(f"{entry}: refused: not part of a sharded optimizer state (*.distcp, .metadata)")
 
 
-def _check_sharded_index(index: Path) -> None:
-    """torch.distributed.checkpoint unpickles its ``.metadata`` index as it is; read it first with
-    torch's restricted unpickler, allowing only the index's own types."""
-    from torch import _weights_only_unpickler
-    from torch.distributed.checkpoint import filesystem, metadata as meta
+# what a torch.distributed.checkpoint index may name: its own dataclasses, sizes, dtypes, paths
+_INDEX_GLOBALS = {f"torch.distributed.checkpoint.metadata.{n}" for n in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.Size", "torch.serialization._get_layout",
+    "pathlib.PosixPath", "pathlib.WindowsPath"}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
-    allowed = [meta.Metadata, meta.MetadataIndex, meta.StorageMeta, meta.TensorStorageMetadata,
-               meta.BytesStorageMetadata, meta.ChunkStorageMetadata, meta.TensorProperties,
-               meta._MEM_FORMAT_ENCODING, filesystem._StorageInfo, torch.Size]
+
+def _index_global(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    return name in _INDEX_GLOBALS or (module == "torch" and isinstance(getattr(torch, attr, None), torch.dtype))
+
+
+def _check_sharded_index(index: Path) -> None:
+    """torch.distributed.checkpoint unpickles its ``.metadata`` index as it is. Before it does,
+    every callable the pickle names is read off its opcodes (nothing is executed) and must be
+    one of the index's own types; anything else is refused."""
+    import pickletools
+
+    def refuse(why: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(f"{index}: refused: {why}; a sharded optimizer state's index names only "
+                                     f"its own types (m3i never unpickles anything else)")
+
+    pushed: list = []  # the values of recent pushes (strings, else None)
+    memo: dict[int, object] = {}
     try:
-        with torch.serialization.safe_globals(allowed), open(index, "rb") as f:
-            _weights_only_unpickler.load(f)
-    except Exception as e:
-        raise UnsafeCheckpointError(
-            f"{index}: refused: it holds more than a sharded optimizer state's index ({' '.join(str(e).split())[:160]})"
-        ) from None
+        for op, arg, _ in pickletools.genops(index.read_bytes()):
+            name = op.name
+            if name in ("FRAME", "PROTO", "STOP"):
+                continue
+            if name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            elif name in _STRING_OPS:
+                pushed.append(arg if isinstance(arg, str) else None)
+            elif name in ("GLOBAL", "INST"):
+                target = str(arg).replace(" ", ".")
+                if not _index_global(target):
+                    raise refuse(f"it names {target}")
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    raise refuse("it builds a name to import")
+                if not _index_global(f"{module}.{attr}"):
+                    raise refuse(f"it names {module}.{attr}")
+                pushed.append(None)
+            elif name in ("EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"):
+                raise refuse(f"it uses the {name} opcode")
+            else:
+                pushed.append(None)
+            del pushed[:-2]
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # not a pickle at all
+        raise refuse(f"not readable ({' '.join(str(e).split())[:120]})") from None
 
 
 def find(path: Path) -> Path:
