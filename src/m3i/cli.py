@@ -73,7 +73,10 @@ def _export(args) -> int:
 
 def _eval(args) -> int:
     from .eval.run import evaluate
+    from .export import writable_file
 
+    if args.json:
+        writable_file(Path(args.json), "--json")  # before any work
     if args.task == "segmentation":
         from .eval.segmentation import evaluate_segmentation as evaluate_dense
 
@@ -83,7 +86,6 @@ def _eval(args) -> int:
         result = evaluate(args.checkpoint, args.task, args.dataset, device=args.device, progress=not args.no_progress,
                           limit=args.limit, split=args.split, image_size=args.image_size)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -140,16 +142,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"m3i {args.command}: error: {e}", file=sys.stderr)
+        print(f"m3i {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        if type(e).__name__ in ("TrainingError", "SourceUnreadableError"):
-            print(f"m3i {args.command}: error: {e}", file=sys.stderr)
+        if type(e).__name__ in RUN_ERRORS:
+            print(f"m3i {args.command}: error: {_own_message(e)}", file=sys.stderr)
             return 1
         raise
+
+
+# failures of a run that are not the user's input: one line, exit 1
+RUN_ERRORS = ("TrainingError", "SourceUnreadableError", "CheckpointWriteError", "RunLockedError")
+
+
+def _own_message(e: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback
+    that the DataLoader wraps around it (its last line is ``module.Type: message``)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(e).__name__}: "
+    return last.split(prefix, 1)[1] if prefix in last else last
 
 
 if __name__ == "__main__":

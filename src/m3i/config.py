@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -102,6 +102,9 @@ class DataCfg(Strict):
     image_size: int = 32
     batch_size: int = Field(128, ge=2)
     num_workers: int = Field(2, ge=0)
+    # the largest fraction of a source's samples that may be unusable (unreadable images, bad
+    # manifest rows); more stops the run with a message naming the source
+    max_lost: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class TrainCfg(Strict):
@@ -164,8 +167,8 @@ class TargetEncoderCfg(Strict):
 class DecoderCfg(Strict):
     kind: Literal["global", "dense"] = "global"
     # global: an MLP projector (dims, last = output) and an optional MLP predictor
-    projector: list[int] = Field(default_factory=lambda: [128])
-    predictor: list[int] = Field(default_factory=list)
+    projector: list[PositiveInt] = Field(default_factory=lambda: [128])
+    predictor: list[PositiveInt] = Field(default_factory=list)
     norm: Literal["batch", "layer", "none"] = "none"
     # dense: embed to width, projector blocks on the visible tokens, predictor blocks with queries
     width: int = 128
@@ -289,12 +292,24 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data
+
+
+def _printable(part) -> str:
+    """A key as messages show it: quoted when it holds line breaks or other unprintable characters."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -332,6 +347,8 @@ def apply_override(data: dict, item: str) -> dict:
         else:
             raise ConfigError(f"override {item!r}: {where} is a value, not a group of settings")
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is a value, not a group of settings")
     if isinstance(node, list):
         if not last.isdigit() or int(last) > len(node):
             raise ConfigError(f"override {item!r}: {last} is not an index of a list of {len(node)} "
@@ -351,14 +368,14 @@ def validate(data: dict, origin: str) -> Recipe:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            loc = ".".join(_printable(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
             lines.append(f"{origin}: {loc}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("; ".join(lines)) from None
 
 
 def load_recipe(name_or_path: str, config: str | None = None, overrides: list[str] = ()) -> Recipe:

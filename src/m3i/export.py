@@ -17,13 +17,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 # timm entry points whose defaults the model_args below override (architecture names must exist in timm)
 _VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
              1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+
+
+def writable_file(out: Path, flag: str = "--out") -> None:
+    """Raise a one-line ValueError unless a file can be created at ``out`` (checked by writing one)."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot write into {parent} ({e.strerror or e}); "
+                         f"choose a folder you can write to") from None
+
+
+def _write_failed(out: Path, e: BaseException) -> ValueError:
+    return ValueError(f"--out {out}: could not be written ({getattr(e, 'strerror', None) or e}); "
+                      f"free some space or choose another folder")
 
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
@@ -32,13 +51,19 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: expected a .safetensors file name")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a .safetensors file name")
+    writable_file(out)  # before any work
     backbone = load_trained(checkpoint).backbone
     weights = backbone.timm_state_dict()  # m3i-only tensors (the fill mask token) left out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
-              metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
-    tmp.replace(out)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
+                  metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(out, e) from None
     return out
 
 
@@ -99,6 +124,7 @@ def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
     if out.is_dir() and not {p.name for p in out.iterdir()} <= set(_FILES):
         raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
                          f"give a new or empty folder")
+    writable_file(out / _FILES[0])  # before any work
     objective = load_trained(checkpoint)
     recipe, backbone = objective.recipe, objective.backbone
     aug = objective.augment[0]

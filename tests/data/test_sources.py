@@ -136,21 +136,26 @@ def test_csv_manifest(tmp_path):
     assert src.num_classes == 0 and src.get(0)["label"] == -1
 
 
-def test_manifest_errors_name_file_line_field(tmp_path):
+def test_manifest_bad_rows_are_dropped_and_counted_naming_file_line_field(tmp_path):
     m = tmp_path / "bad.jsonl"
     m.write_text('{"path": "a.png", "caption": "x"}\n\n{"caption": "no path"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: missing field 'path'"):
-        Manifest(m)
+    with pytest.warns(UserWarning, match=r"1 of 2 rows dropped \(first: .*bad\.jsonl:3: missing field 'path'"):
+        src = Manifest(m)
+    assert len(src) == 1 and src.num_dropped == 1
+    # a manifest with no usable row names the first reason
     m.write_text('{"path": "a.png"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: missing field 'caption'"):
         Manifest(m)
     m.write_text('{"path": "a.png", "caption": "x", "label": "cat"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'label'"):
         Manifest(m)
+    m.write_text('{"path": "a.png", "caption": "x"\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: invalid JSON"):
+        Manifest(m)
     c = tmp_path / "bad.csv"
     c.write_text("path,caption\na.png,ok\nb.png\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:3: missing field 'caption'"):
-        Manifest(c)
+    with pytest.warns(UserWarning, match=r"bad\.csv:3: missing field 'caption'"):
+        assert len(Manifest(c)) == 1
     c.write_text("path,label\na.png,1\n")
     with pytest.raises(ValueError, match=r"bad\.csv:1: missing field 'caption'"):
         Manifest(c)

@@ -49,13 +49,13 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch):
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     w = {"a": torch.ones(3)}
-    ckpt.save(tmp_path, 1, w, {"step": 1})
+    ckpt.save(tmp_path, 1, w, {"step": 1, "optimizer": {}, "scheduler": {}, "rng": {}})
 
     def broken(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointWriteError, match="step_000001 is whole"):
         ckpt.save(tmp_path, 2, {"a": torch.zeros(3)}, {"step": 2})
     weights, state = ckpt.load(tmp_path)  # the previous checkpoint is whole and still "latest"
     assert state["step"] == 1 and torch.equal(weights["a"], torch.ones(3))

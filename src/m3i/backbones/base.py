@@ -1,6 +1,7 @@
 """The one backbone interface every encoder f_θ answers to."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,7 +67,14 @@ def register(name: str, **defaults):
     """Register a backbone config: ``register("vit_base", embed_dim=768, ...)(VisionTransformer)``."""
 
     def wrap(cls):
-        _REGISTRY[name] = lambda **kw: cls(**{**defaults, **kw})
+        def build(**kw):
+            accepted = inspect.signature(cls).parameters
+            unknown = [k for k in kw if k not in accepted]
+            if unknown:
+                raise ValueError(f"backbone.{unknown[0]}: not a setting of {name} ({cls.__name__})")
+            return cls(**{**defaults, **kw})
+
+        _REGISTRY[name] = build
         return cls
 
     return wrap

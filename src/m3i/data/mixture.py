@@ -38,8 +38,16 @@ _RESAMPLE = {
 }
 
 
+MIN_DRAWS = 32  # images drawn from a source before its lost fraction is judged
+
+
 class SourceUnreadableError(RuntimeError):
-    """A source gave only unreadable images for ``max_failures`` draws in a row."""
+    """A source gave only unreadable images for ``max_failures`` draws in a row, or lost more
+    than ``max_lost`` of its samples."""
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 class Mixture(IterableDataset):
@@ -57,6 +65,10 @@ class Mixture(IterableDataset):
             (so resuming keeps the same end); ``None`` streams forever.
         max_failures: consecutive unreadable images within one slot before
             :class:`SourceUnreadableError` is raised.
+        max_lost: the largest fraction of a source that may be lost: entries its index dropped
+            (``source.num_dropped``, checked here) and images that fail to decode (checked as
+            they are drawn, once ``MIN_DRAWS`` were drawn from it in this process). More raises
+            :class:`SourceUnreadableError` naming the source.
         interpolation: PIL resampling for the resize, ``"bicubic"`` (default) or ``"bilinear"``
             (also ``"lanczos"``, ``"nearest"``).
 
@@ -78,6 +90,7 @@ class Mixture(IterableDataset):
         start_step: int = 0,
         num_steps: int | None = None,
         max_failures: int = 100,
+        max_lost: float = 1.0,
         interpolation: str = "bicubic",
     ):
         super().__init__()
@@ -113,6 +126,18 @@ class Mixture(IterableDataset):
         self.start_step = int(start_step)
         self.num_steps = None if num_steps is None else int(num_steps)
         self.max_failures = int(max_failures)
+        if not 0.0 <= float(max_lost) <= 1.0:
+            raise ValueError(f"max_lost must be in [0, 1], got {max_lost}")
+        self.max_lost = float(max_lost)
+        for src in self.sources:
+            dropped = int(getattr(src, "num_dropped", 0))
+            if dropped and dropped / (dropped + len(src)) > self.max_lost:
+                raise SourceUnreadableError(
+                    f"source {src.name!r}: {dropped} of {dropped + len(src)} entries are unusable "
+                    f"({dropped / (dropped + len(src)):.0%} > data.max_lost={self.max_lost:g}; first: "
+                    f"{src.dropped[0] if getattr(src, 'dropped', None) else '?'}); fix them or raise data.max_lost")
+        self._draws = np.zeros(len(self.sources), dtype=np.int64)  # images drawn / lost, per source
+        self._lost = np.zeros(len(self.sources), dtype=np.int64)
         self.interpolation = interpolation
 
         self.class_offsets: list[int | None] = []
@@ -182,6 +207,7 @@ class Mixture(IterableDataset):
             failures = 0
             while True:
                 i = int(g.integers(len(src)))
+                self._draws[k] += 1
                 try:
                     sample = src.get(i, draft=(S, S)) if self._draft[k] else src.get(i)
                     img = sample["image"]
@@ -194,11 +220,18 @@ class Mixture(IterableDataset):
                 except Exception as e:  # unreadable sample: draw another from the same stream
                     failures += 1
                     skipped += 1
+                    self._lost[k] += 1
                     log.debug("skipping unreadable sample %s of %s: %s", src.locate(i), src.name, e)
+                    drawn, lost = int(self._draws[k]), int(self._lost[k])
+                    if drawn >= MIN_DRAWS and lost / drawn > self.max_lost:
+                        raise SourceUnreadableError(
+                            f"source {src.name!r}: {lost} of the {drawn} images read are unreadable "
+                            f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {src.locate(i)}: "
+                            f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost")
                     if failures >= self.max_failures:
                         raise SourceUnreadableError(
                             f"source {src.name!r} gave {failures} unreadable images in a row "
-                            f"(last: {src.locate(i)}: {type(e).__name__}: {e}); check its files"
+                            f"(last: {src.locate(i)}: {type(e).__name__}: {_line(e)}); check its files"
                         ) from e
             images[b] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
             lab = int(sample["label"])

@@ -17,7 +17,10 @@ shards in the LAION layout, indexed once for random access) and the two built-in
 
 Decoding errors are not caught here: ``get`` raises (``OSError``, ``ValueError``, ...) and the
 mixture decides what to do (skip and count). ``locate(i)`` names the file behind a sample for
-error messages.
+error messages. Entries that are broken before any image is read (a manifest row without a
+path or with a non-integer label, the unreadable tail of a truncated shard) are dropped while
+indexing and counted in ``num_dropped`` (reasons in ``dropped``). A caption that is empty,
+longer than ``MAX_CAPTION_CHARS`` or not UTF-8 is dropped (the image is kept without it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order inside one sample
 FETCH_HINT = "fetch it with `make data` or `scripts/fetch_data.sh`"
+MAX_CAPTION_CHARS = 10_000
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -76,9 +80,14 @@ def data_root() -> Path:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels are composited on white."""
+    """Convert any PIL mode to RGB; transparent pixels are composited on white, 16-bit gray
+    is scaled to 8 bits (PIL's own conversion would clip it to white)."""
     if im.mode == "RGB":
         return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        a = a >> 8 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (
         im.mode in ("P", "L", "RGB") and "transparency" in im.info
     )
@@ -98,11 +107,13 @@ def decode_image(src: str | os.PathLike | bytes, draft: tuple[int, int] | None =
     Raises on unreadable, truncated or non-image data.
     """
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-    with Image.open(fp) as im:
-        if draft is not None and im.format == "JPEG":
-            im.draft("RGB", draft)
-        im.load()
-        return to_rgb(im)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, never decode
+        with Image.open(fp) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.load()
+            return to_rgb(im)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +135,8 @@ class Source:
         self.captions = bool(captions)
         self.name = name or type(self).__name__
         self._class_names: list[str] = []
+        self.num_dropped = 0  # entries dropped while indexing
+        self.dropped: list[str] = []  # the first reasons, for messages
 
     # annotations ---------------------------------------------------------------------------
     @property
@@ -190,13 +203,39 @@ class Source:
 
     def _require_samples(self, n: int, what: str) -> None:
         if n == 0:
-            raise ValueError(f"source {self.name!r} has no usable sample: {what}")
+            first = f" (first dropped: {self.dropped[0]})" if self.dropped else ""
+            raise ValueError(f"source {self.name!r} has no usable sample: {what}{first}")
+
+    def _drop(self, reason: str) -> None:
+        self.num_dropped += 1
+        if len(self.dropped) < 5:
+            self.dropped.append(reason)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, len={len(self)}, "
             f"num_classes={self.num_classes}, captions={self.has_captions})"
         )
+
+
+def clean_caption(text: Any) -> tuple[str | None, str | None]:
+    """(caption or None, why it was dropped or None): empty, huge or not UTF-8 (text read with
+    ``surrogateescape`` or ``bytes``) captions are dropped."""
+    if text is None:
+        return None, None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not UTF-8"
+    text = str(text).strip()
+    if not text:
+        return None, "empty"
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        return None, "not UTF-8"
+    if len(text) > MAX_CAPTION_CHARS:
+        return None, f"longer than {MAX_CAPTION_CHARS} characters"
+    return text, None
 
 
 def _label_value(raw: Any) -> int | None:
@@ -295,9 +334,12 @@ class Manifest(Source):
     lines ignored); CSV has a header row. The format follows the extension (``.jsonl``,
     ``.json``, ``.ndjson`` or ``.csv``), otherwise the first character (``{`` means JSONL).
 
-    A missing field or a bad value raises ``ValueError`` naming the file, line and field. Rows
-    with an empty caption are kept without a caption; their count is reported once as a
-    warning.
+    A row with invalid JSON, a missing field or a bad label is dropped and counted in
+    ``num_dropped`` (the reasons name the file, line and field); a CSV header without ``path``
+    and ``caption`` raises ``ValueError``. Rows whose caption is empty, huge or not UTF-8 are
+    kept without a caption (``num_bad_captions``). Both counts are reported once as a warning.
+    A missing image file is found when it is read, and skipped by the mixture like any other
+    unreadable image.
     """
 
     provides_captions = True
@@ -315,32 +357,48 @@ class Manifest(Source):
         paths: list[str] = []
         caps: list[str | None] = []
         labs: list[int] = []
-        empty = 0
+        empty, bad_caps = 0, {}
         for line, row in self._rows():
-            for field in ("path", "caption"):
-                if field not in row or (field == "path" and row[field] is None):
-                    raise ValueError(f"{self.path}:{line}: missing field {field!r}")
+            where = f"{self.path}:{line}"
+            if isinstance(row, str):  # a row that is no JSON object
+                self._drop(f"{where}: {row}")
+                continue
+            missing = [f for f in ("path", "caption") if f not in row or (f == "path" and row[f] is None)]
+            if missing:
+                self._drop(f"{where}: missing field {missing[0]!r}")
+                continue
             p = str(row["path"]).strip()
             if not p:
-                raise ValueError(f"{self.path}:{line}: field 'path' is empty")
-            cap = row["caption"]
-            cap = None if cap is None else str(cap).strip()
-            if not cap:
-                cap = None
-                empty += 1
+                self._drop(f"{where}: field 'path' is empty")
+                continue
             lab = _label_value(row.get("label"))
             if lab is None:
-                raise ValueError(
-                    f"{self.path}:{line}: field 'label' must be an integer >= 0 (or -1/empty for "
-                    f"none), got {row.get('label')!r}"
-                )
+                self._drop(f"{where}: field 'label' must be an integer >= 0 (or -1/empty for none), "
+                           f"got {row.get('label')!r}")
+                continue
+            cap, why = clean_caption(row["caption"])
+            if why == "empty":
+                empty += 1
+            elif why:
+                bad_caps.setdefault(why, f"{where}")
             paths.append(p if os.path.isabs(p) else str(base / p))
             caps.append(cap)
             labs.append(lab)
-        self._require_samples(len(paths), f"{self.path} lists no rows")
+        self._require_samples(len(paths), f"{self.path} lists no usable row")
+        self.num_bad_captions = sum(c is None for c in caps)  # empty, huge or not UTF-8
         if empty and self.captions:
             msg = (f"{self.path}: {empty} of {len(paths)} rows have an empty caption; "
                    "they are used without a caption")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        if bad_caps and self.captions:
+            msg = (f"{self.path}: {self.num_bad_captions - empty} captions are dropped ("
+                   + ", ".join(f"{why}, first at {w}" for why, w in bad_caps.items()) + "); those images are used without a caption")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        if self.num_dropped:
+            msg = (f"{self.path}: {self.num_dropped} of {self.num_dropped + len(paths)} rows dropped "
+                   f"(first: {self.dropped[0]})")
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
         self.paths = paths
@@ -356,25 +414,29 @@ class Manifest(Source):
             return "jsonl"
         if ext in (".csv",):
             return "csv"
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
             head = f.read(1024).lstrip()
         return "jsonl" if head.startswith("{") else "csv"
 
-    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        """(line, row) pairs; the row is a string saying what is wrong when it cannot be parsed.
+        Bytes that are not UTF-8 come through as surrogates (see :func:`clean_caption`)."""
         if self._format() == "jsonl":
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
                 for line, text in enumerate(f, start=1):
                     if not text.strip():
                         continue
                     try:
                         row = json.loads(text)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{self.path}:{line}: invalid JSON ({e.msg})") from None
+                        yield line, f"invalid JSON ({e.msg})"
+                        continue
                     if not isinstance(row, dict):
-                        raise ValueError(f"{self.path}:{line}: expected a JSON object, got {type(row).__name__}")
+                        yield line, f"expected a JSON object, got {type(row).__name__}"
+                        continue
                     yield line, row
         else:
-            with open(self.path, encoding="utf-8", newline="") as f:
+            with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 reader = csv.DictReader(f)
                 header = reader.fieldnames or []
                 for field in ("path", "caption"):
@@ -409,6 +471,7 @@ class Manifest(Source):
 # In-memory index per shard file, keyed by (real path, size, mtime): built once per process
 # (inherited by forked DataLoader workers) and shared by every Shards object reading the file.
 _SHARD_INDEX: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+_TRUNCATED: set[tuple[str, int, int]] = set()
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -462,9 +525,22 @@ def index_shard(path: str) -> list[dict[str, Any]]:
         raise ValueError(
             f"shard {path!r} is not an uncompressed tar file ({e}); random access needs plain .tar shards"
         ) from None
+    truncated = False
     with tf:
-        for m in tf:
+        members = []
+        try:
+            for m in tf:
+                members.append(m)
+        except (tarfile.ReadError, EOFError, OSError):  # a truncated shard: keep what is whole
+            truncated = True
+        with open(path, "rb") as f:  # after the last header: end-of-archive zeros, or a cut-off header
+            f.seek(tf.offset)
+            truncated = truncated or bool(f.read(1 << 16).strip(b"\0"))
+        for m in members:
             if not m.isfile():
+                continue
+            if m.offset_data + m.size > st.st_size:  # its data is cut off
+                truncated = True
                 continue
             key, ext = base_plus_ext(m.name)
             if key is None:
@@ -493,7 +569,15 @@ def index_shard(path: str) -> list[dict[str, Any]]:
         s["label"] = lab
         index.append(s)
     _SHARD_INDEX[cache_key] = index
+    if truncated:
+        _TRUNCATED.add(cache_key)
     return index
+
+
+def shard_truncated(path: str) -> bool:
+    """Whether :func:`index_shard` found ``path`` cut off (its whole samples are still indexed)."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns) in _TRUNCATED
 
 
 def _pread(path: str, offset: int, size: int) -> bytes:
@@ -529,6 +613,11 @@ class Shards(Source):
         top = -1
         for k, u in enumerate(self.urls):
             idx = index_shard(u)
+            if shard_truncated(u):  # how many samples the cut took is unknown: counted as one
+                self._drop(f"{u}: truncated; its samples up to the cut are used")
+                msg = f"shard {u!r} is truncated; its {len(idx)} whole samples are used, the rest is lost"
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
             self._shard_index.append(idx)
             shard_of.append(np.full(len(idx), k, dtype=np.int32))
             for s in idx:
@@ -570,8 +659,7 @@ class Shards(Source):
         path, s = self._entry(i)
         if "txt" not in s:
             return None
-        text = _pread(path, *s["txt"]).decode("utf-8", "replace").strip()
-        return text or None
+        return clean_caption(_pread(path, *s["txt"]))[0]
 
     def locate(self, i):
         path, s = self._entry(i)

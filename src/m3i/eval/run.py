@@ -27,7 +27,7 @@ def load_trained(checkpoint: str | Path, device: str = "cpu") -> Objective:
     if not cfg.is_file():
         raise FileNotFoundError(f"{run}: no config.yaml beside the checkpoint; is it an m3i run directory?")
     recipe = load_recipe(str(cfg))
-    weights, _ = ckpt.load(path)
+    weights = ckpt.load_weights(path)  # never the training state
     tables = [v for k, v in weights.items() if k.endswith(".classes.weight")]
     obj = Objective(recipe, num_classes=tables[0].shape[0] if tables else 0)
     ckpt.load_weights_into(obj, weights, str(path), optional_prefixes(obj))

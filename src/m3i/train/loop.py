@@ -5,6 +5,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +21,7 @@ from ..config import Recipe
 from ..data import Mixture, builtin_source
 from ..objective import Objective
 from . import checkpoint as ckpt
+from .runlock import RunLock
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
 from . import strategy
 from .strategy import compile_backbones
@@ -37,7 +40,7 @@ def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture
         raise ValueError(f"data.batch_size: the 'mix' input pairs images on each rank, so the batch of each of the "
                          f"{world_size} ranks ({d.batch_size // world_size}) must be even")
     return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
-                   seed=recipe.train.seed, rank=rank, world_size=world_size)
+                   seed=recipe.train.seed, rank=rank, world_size=world_size, max_lost=d.max_lost)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -115,6 +118,34 @@ class TrainingError(RuntimeError):
     pass
 
 
+class Preemption:
+    """SIGTERM (what schedulers send before they preempt a job) asks the loop to save a
+    checkpoint and return; installed for the run, the previous handler restored after it."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (a collective with several ranks: every rank then
+        stops at the same step)."""
+        if dist.world_size() == 1:
+            return self.requested
+        return not bool(dist.all_ranks(torch.tensor(not self.requested, device=device)))
+
+
 def setup_device(device: str | None) -> torch.device:
     if "RANK" in os.environ and not dist.is_dist():
         backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
@@ -137,8 +168,17 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
     resume: a run or checkpoint directory to continue from (same recipe).
     init_from: start the backbone from another run's weights (a multi-stage pipeline's next stage).
+
+    ``out`` is locked for the run (a second run into it is refused), and SIGTERM saves a
+    checkpoint and returns (the run continues with ``resume=out``).
     """
     out = Path(out)
+    main = int(os.environ.get("RANK", 0)) == 0
+    with RunLock(out) if main else nullcontext(), Preemption() as stop:
+        return _pretrain(recipe, out, resume, device, progress, init_from, stop)
+
+
+def _pretrain(recipe: Recipe, out: Path, resume, device, progress, init_from, stop: "Preemption") -> Path:
     dev = setup_device(device)
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
@@ -156,7 +196,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
     start, state = 0, None
     if init_from:
-        weights, _ = ckpt.load(Path(init_from))
+        weights = ckpt.load_weights(Path(init_from))
         backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
         ckpt.load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
         if objective.teacher is not None:
@@ -206,9 +246,10 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
-    bad = BadSteps(dev)
+    counted = state or {}  # skipped images and steps before the resumed checkpoint
+    bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)))
     train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
-    bad_seen = skipped = 0
+    bad_seen, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0))
     read_at = start
     last_good: Path | None = None
     t0, seen = time.perf_counter(), 0
@@ -226,7 +267,9 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
             bar.update(1)
             logged = step % tr.log_every == 0 or step == tr.steps
             saving = step % tr.ckpt_every == 0 or step == tr.steps
-            if not (logged or saving or step % tr.max_bad_steps == 0):
+            # SIGTERM: one process sees it at once; ranks agree where they read the counters anyway
+            stopping = stop.requested and world == 1
+            if not (logged or saving or stopping or step % tr.max_bad_steps == 0):
                 continue
             bad_total, bad_in_row, worst = bad.read()  # waits for the device
             if bad_total > bad_seen and main:
@@ -252,8 +295,14 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
                 log.write(rec)
                 bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}",
                                  **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
-            if saving and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
-                last_good = _save(out, step, objective, opt, sched, recipe, main)
+            stopping = stopping or (world > 1 and stop.agreed(dev))
+            counters = {"skipped_images": skipped, "bad_steps": bad_total}
+            if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
+                last_good = _save(out, step, objective, opt, sched, recipe, main, counters)
+            if stopping:
+                if main:
+                    print(f"SIGTERM at step {step}: saved {last_good}; continue with `m3i pretrain --resume {out}`")
+                break
     finally:
         bar.close()
         if log:
@@ -266,7 +315,8 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     return last_good
 
 
-def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool) -> Path | None:
+def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool,
+          counters: dict | None = None) -> Path | None:
     """Every rank calls it. Sharded (FSDP): the weights gathered to rank 0 (model.safetensors, as
     any run's) and the optimizer state written by every rank, sharded."""
     extra, optimizer = None, None
@@ -287,5 +337,5 @@ def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe
     if not main:
         return None
     state = {"step": step, "optimizer": optimizer or opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng": rngs if len(rngs) > 1 else rngs[0], "recipe": recipe.model_dump(mode="json")}
+             "rng": rngs if len(rngs) > 1 else rngs[0], "recipe": recipe.model_dump(mode="json"), **(counters or {})}
     return ckpt.save(out, step, weights, state, extra=extra)

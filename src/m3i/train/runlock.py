@@ -1,0 +1,52 @@
+"""One run at a time into a run directory: an advisory lock on ``DIR/.lock``.
+
+A POSIX record lock (``lockf``): the kernel drops it when its process ends in any way (SIGKILL
+included), and, unlike ``flock``, forked DataLoader workers do not hold it on, so a killed run
+never leaves a stale lock behind and ``--resume`` can take it at once.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing into the run directory (the message names it)."""
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"{self.path.parent}: cannot write the run directory ({e.strerror}); "
+                             f"choose another --out") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise ValueError(f"{self.path}: cannot be locked ({e.strerror})") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent}: another m3i run (pid {holder}) is writing into this "
+                                 f"directory; wait for it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
