@@ -56,7 +56,7 @@ class FinetuneCfg(Strict):
     cutmix_share: float = Field(0.5, ge=0, le=1)  # of the mixed batches, those mixed by CutMix
     mixup_range: tuple[float, float] = (0.0, 1.0)  # MixUp's λ is uniform in this range (kornia)
     cutmix_beta: float = Field(1.0, gt=0)
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # light: short schedules have no time to undo heavy crops
     flip_p: float = Field(0.5, ge=0, le=1)
     clip_grad: float = Field(0.0, ge=0)  # 0: no clipping
     precision: Literal["bf16", "fp32"] = "bf16"
