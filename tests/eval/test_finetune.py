@@ -176,3 +176,22 @@ def test_cli_convnext_scratch_with_mixing_and_clear_errors(one_thread, tmp_path,
     assert "--recipe and backbone=... overrides are for --checkpoint scratch" in capsys.readouterr().err
     assert main(["finetune", "--checkpoint", str(tmp_path / "nothing"), "--dataset", "fashion-mnist"]) == 2
     assert "no such run or checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cutmix_share", [0.0, 1.0])
+def test_mixed_targets_weigh_each_label_by_its_share_of_the_image(one_thread, cutmix_share):
+    from m3i.eval.finetune import MixCut
+
+    torch.manual_seed(0)
+    n, classes, eps = 16, 4, 0.1
+    y = torch.arange(n) % classes
+    x = (y.float() + 1).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()  # image value = label + 1
+    mix = MixCut(FinetuneCfg(mix_prob=1.0, cutmix_share=cutmix_share, label_smoothing=eps), classes)
+    xm, t = mix(x, y)
+    assert torch.allclose(t.sum(1), torch.ones(n))
+    assert (t >= eps / classes - 1e-6).all()
+    # mean pixel value = Σ_c share_c · (c + 1); undo the smoothing to read the shares off the target
+    shares = (t - eps / classes) / (1 - eps)
+    expected = (shares * (torch.arange(classes) + 1).float()).sum(1)
+    assert torch.allclose(xm.mean((1, 2, 3)), expected, atol=1e-5)
+    assert (shares.max(1).values < 1 - 1e-3).any()  # some images really were mixed
