@@ -10,7 +10,7 @@ from m3i.cli import main
 from m3i.config import ConfigError, load_recipe
 from m3i.eval.finetune import (Classifier, FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
                                load_config)
-from m3i.eval.run import load_evalset, load_trained, score
+from m3i.eval.run import load_evalset, load_trained, score, splits
 from m3i.train.loop import lr_lambda, pretrain
 
 TINY_BACKBONE = ["backbone.name=vit_nano", "backbone.depth=2"]
@@ -42,6 +42,7 @@ def convnext_level(name: str, depths) -> int:
     ("vit_nano", {"img_size": 32, "patch_size": 4, "depth": 3}, lambda n: vit_level(n, 3), 4),
     ("convnext_atto", {"img_size": 32, "stem_stride": 1, "depths": (1, 2, 1, 1)},
      lambda n: convnext_level(n, (1, 2, 1, 1)), 6),
+    ("resnet_nano", {"img_size": 32, "depths": (2, 1, 1, 1)}, lambda n: convnext_level(n, (2, 1, 1, 1)), 6),
 ])
 def test_layer_decay_gives_each_block_the_formula_lr(one_thread, name, kw, level, top):
     backbone = build_backbone(name, **kw)
@@ -162,10 +163,11 @@ def test_tiny_run_on_fashion_mnist_improves_over_its_start(one_thread):
 def test_cli_convnext_scratch_with_mixing_and_clear_errors(one_thread, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["finetune", "--checkpoint", "scratch", "--dataset", "emoji:category", "--steps", "2",
-                 "--out", str(tmp_path / "cx"), "--json", str(out), "--no-progress", "backbone=convnext_atto",
-                 "backbone.depths=[1,1,1,1]", "batch_size=8", "test_limit=16", "mix_prob=1.0"]) == 0
+                 "--split", "val", "--out", str(tmp_path / "cx"), "--json", str(out), "--no-progress",
+                 "backbone=convnext_atto", "backbone.depths=[1,1,1,1]", "batch_size=8", "mix_prob=1.0"]) == 0
     r = json.loads(out.read_text())
     assert r["backbone"] == "convnext_atto" and set(r["metrics"]) == {"top1", "top5"}
+    assert r["split"] == "val" and r["n_test"] == len(splits("emoji:category", "val")[3])  # scored on val
     assert type(load_trained(tmp_path / "cx").backbone).__name__ == "ConvNeXt"
 
     assert main(["finetune", "--checkpoint", "scratch", "--dataset", "fashion-mnist", "lr=abc"]) == 2

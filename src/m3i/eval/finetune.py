@@ -202,10 +202,6 @@ def accuracy(model: Classifier, images: Tensor, labels: Tensor, mean: Tensor, st
     return metrics.topk_accuracy(torch.cat(scores), labels)
 
 
-def _split_parts(dataset: str, split: str):
-    return splits(dataset) if split == "test" else splits(dataset, split)
-
-
 def _batches(n: int, batch_size: int, gen: torch.Generator):
     """Index batches of exactly ``batch_size`` over 0..n-1: in order first (the loaded order is already
     a seeded shuffle), then a fresh permutation every further epoch."""
@@ -225,13 +221,13 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
 
     Trains on the train part (``split="val"``: on ``fit``) and scores the test part (``val``).
     Returns ``{"task": "finetune", "dataset", "split", "checkpoint", "metrics": {"top1", "top5"[,
-    "start_top1"]}, "n_train", "n_test", "steps", "config", "history", "seconds", "out"}``; with
-    ``out``, the fine-tuned weights are written there as a run directory."""
+    "start_top1"]}, "n_train", "n_test", "steps", "backbone", "config", "history", "seconds",
+    "train_seconds", "score_seconds", "out"}``; with ``out``, the fine-tuned weights are written
+    there as a run directory. ``seed`` (default 0) fixes the head, the data order, the crops and the
+    mixing, and a scratch backbone's initialisation."""
     t0 = time.perf_counter()
     cfg, backbone_overrides = load_config(overrides, steps=steps, seed=seed)
-    if split not in ("test", "val"):
-        raise ValueError(f"--split {split!r}: expected test or val")
-    tr_src, tr_idx, te_src, te_idx, classes = _split_parts(dataset, split)
+    tr_src, tr_idx, te_src, te_idx, classes = splits(dataset, split)
     num_classes = len(classes)
     if num_classes < 2:
         raise ValueError(f"--dataset {dataset}: fine-tuning needs at least two classes, got {num_classes}")
@@ -272,6 +268,7 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
                                                 progress)["top1"]
 
     history = []
+    t_train = time.perf_counter()
     batches = _batches(len(tr_y), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -296,12 +293,14 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
     bar.close()
     set_drop_path(backbone, old_rates)
 
+    t_score = time.perf_counter()
     result_metrics.update(accuracy(model, te_img, te_y, mean, std, cfg.eval_batch_size, autocast, progress))
+    seconds = {"train_seconds": t_score - t_train, "score_seconds": time.perf_counter() - t_score}
     held = "test" if split == "test" else "val"
     result = {"task": "finetune", "dataset": dataset, "split": split, "checkpoint": str(checkpoint),
               "metrics": result_metrics, "n_train": int(len(tr_y)), "n_test": int(len(te_y)), "steps": cfg.steps,
               "backbone": obj.recipe.backbone.name, "config": cfg.model_dump(mode="json"), "history": history,
-              "seconds": time.perf_counter() - t0, "out": None}
+              "seconds": time.perf_counter() - t0, **seconds, "out": None}
     if out is not None:
         result["out"] = str(save_run(out, obj.cpu(), model.head.cpu(), classes, result))
     if verbose:
