@@ -8,7 +8,7 @@ from conftest import needs_data
 from m3i.backbones import build_backbone
 from m3i.cli import main
 from m3i.config import ConfigError, load_recipe
-from m3i.eval.finetune import (Classifier, FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
+from m3i.eval.finetune import (FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
                                load_config)
 from m3i.eval.run import load_evalset, load_trained, score, splits
 from m3i.train.loop import lr_lambda, pretrain

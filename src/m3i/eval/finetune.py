@@ -30,7 +30,7 @@ from ..backbones.vit import DropPath
 from ..config import ConfigError, Strict, apply_override, load_recipe, validate
 from ..objective import Objective
 from ..train import checkpoint as ckpt
-from ..train.loop import lr_lambda, saved_weights
+from ..train.loop import TrainingError, lr_lambda, saved_weights
 from ..views import ViewAugment
 from . import metrics
 from .run import load_images, load_trained, splits
@@ -76,7 +76,10 @@ def load_config(overrides: Sequence[str] | Mapping[str, Any] = (), **given: Any)
     ``backbone=NAME`` and ``backbone.*=...`` describe the backbone of a scratch run and are passed
     to its recipe; everything else is a :class:`FinetuneCfg` field. ``given`` (e.g. ``steps``)
     is applied last, where not None."""
-    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
+    if isinstance(overrides, Mapping):
+        items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    else:
+        items = list(overrides)
     data: dict = {}
     backbone = []
     for item in items:
@@ -279,7 +282,7 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
             logits = model(x)
         loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower lr")
+            raise TrainingError(f"the fine-tuning loss is {loss.item()} at step {step}; lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
