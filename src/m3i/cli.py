@@ -1,4 +1,4 @@
-"""m3i command line: pretrain | eval | export | recipes."""
+"""m3i command line: pretrain | eval | finetune | export | recipes."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from .eval.finetune import default_out, finetune
+
+    out = args.out or default_out(args.checkpoint, args.dataset, args.recipe)
+    result = finetune(args.checkpoint, args.dataset, steps=args.steps, overrides=args.overrides, recipe=args.recipe,
+                      split=args.split, out=out, device=args.device, progress=not args.no_progress)
+    print(f"fine-tuned weights: {result['out']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)
+
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone end to end with a classification head")
+    f.add_argument("--checkpoint", required=True,
+                   help="run or checkpoint directory, or 'scratch' for the same backbone randomly initialised")
+    f.add_argument("--dataset", required=True,
+                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
+    f.add_argument("--steps", type=int, help="optimiser steps (steps=N)")
+    f.add_argument("--recipe", help="scratch only: the recipe whose backbone is built (default m3i)")
+    f.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test: train on train, score test; val: train on fit, score val (for choices)")
+    f.add_argument("--out", help="run directory for the fine-tuned weights (default runs/finetune/<name>-<dataset>)")
+    f.add_argument("--json", help="write the result here")
+    f.add_argument("--device")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. lr=1e-3 layer_decay=0.65 mix_prob=0.5; scratch: backbone=convnext_atto")
+    f.set_defaults(func=_finetune)
     return p
 
 

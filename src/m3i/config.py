@@ -362,9 +362,10 @@ def apply_override(data: dict, item: str) -> dict:
     return data
 
 
-def validate(data: dict, origin: str) -> Recipe:
+def validate(data: dict, origin: str, schema: type[BaseModel] = Recipe):
+    """``data`` as a ``schema`` (a recipe by default), every mistake one ``origin: field: expectation`` line."""
     try:
-        return Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -48,6 +48,16 @@ class Backbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
 
+    @property
+    def num_layers(self) -> int:
+        """Depth levels for layer-wise learning-rate decay: the stem (0), one per block, and
+        everything after the last block (``num_layers``, the level a classification head joins)."""
+        raise NotImplementedError
+
+    def layer_id(self, name: str) -> int:
+        """The depth level, in ``[0, num_layers]``, of the parameter called ``name``."""
+        raise NotImplementedError
+
 
 def visible_indices(visible: Tensor) -> Tensor:
     """(B, N) bool with K True per row -> (B, K) long indices in ascending order."""

@@ -178,6 +178,22 @@ class ConvNeXt(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
 
+    @property
+    def num_layers(self) -> int:
+        return sum(self.depths) + 1
+
+    def layer_id(self, name: str) -> int:
+        """Stem and mask token 0; the k-th block over all stages k + 1, a stage's downsampling with
+        its first block (timm's grouping); the pooled-feature norm ``num_layers``."""
+        if name.startswith(("stem.", "mask_token")):
+            return 0
+        if name.startswith("stages."):
+            parts = name.split(".")
+            stage = int(parts[1])
+            block = int(parts[3]) if parts[2] == "blocks" else 0
+            return sum(self.depths[:stage]) + block + 1
+        return self.num_layers
+
     def forward_features(
         self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
     ) -> Features:

@@ -271,6 +271,18 @@ class VisionTransformer(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
 
+    @property
+    def num_layers(self) -> int:
+        return self.depth + 1
+
+    def layer_id(self, name: str) -> int:
+        """BEiT's levels: tokens and patch stem 0, ``blocks.i`` i + 1, the final norm ``depth + 1``."""
+        if name.startswith(("patch_embed.", "cls_token", "pos_embed", "mask_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers
+
     # ------------------------------------------------------------------ forward
     def _run_blocks(self, x: Tensor, attn_mask: Tensor | None, return_layers: int) -> tuple[Tensor, list[Tensor]]:
         layers: list[Tensor] = []
