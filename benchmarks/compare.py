@@ -35,7 +35,12 @@ TASKS = {  # name -> (task, dataset, metric)
     "emoji_cat_linear": ("linear", "emoji:category", "top1"),
     "emoji_sub_linear": ("linear", "emoji:subcategory", "top1"),
     "emoji_retrieval_R@1": ("retrieval", "emoji:subcategory", "R@1"),
+    "digits_linear": ("linear", "digits", "top1"),  # an image kind no pre-training mix holds
 }
+# columns of their own protocols: the dense probe on frozen patch features, and fine-tuning
+DENSE = ("fmnist_scenes_mIoU", "fashion-mnist-scenes")
+FINETUNE = ("fmnist_finetune", "fashion-mnist")
+SCRATCH = "scratch"  # the fine-tuning row from a random initialisation: what pre-training must beat
 BACKBONES = {
     "resnet": ["backbone.name=resnet_nano"],
     "vit": ["backbone.name=vit_micro", "backbone.patch_size=4"],
@@ -106,8 +111,10 @@ def load_evalsets(limit: int | None, split: str = "test", size: int = 32) -> dic
     return evalsets
 
 
-def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu") -> dict[str, float | None]:
-    """Every task's headline number; None where the model has no text tower for retrieval."""
+def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu", a: argparse.Namespace | None = None,
+              backbone: str = "resnet") -> dict[str, float | None]:
+    """Every task's headline number; None where the model has no text tower for retrieval.
+    With ``a`` (the comparison's arguments) also the dense probe and the fine-tuning column."""
     obj = PIXELS if checkpoint == PIXELS else load_trained(checkpoint, device)
     has_text = obj != PIXELS and any(t.cfg.target.kind == "caption" for t in obj.terms)
     scores, features = {}, {}
@@ -117,7 +124,28 @@ def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu") -> di
             continue
         m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], False, features)["metrics"]
         scores[name] = (m["i2t_R@1"] + m["t2i_R@1"]) / 2 if metric == "R@1" else m[metric]
+    if a is not None and a.dense:
+        from m3i.eval.segmentation import segmentation_score
+
+        scores[DENSE[0]] = segmentation_score(obj, DENSE[1], split=a.split, device=device,
+                                              limit=a.dense_limit)["metrics"]["mIoU"]
+    if a is not None and a.finetune_steps:
+        scores[FINETUNE[0]] = None if checkpoint == PIXELS else finetune_top1(checkpoint, a, backbone)
     return scores
+
+
+def finetune_top1(checkpoint: Path | str, a: argparse.Namespace, backbone: str) -> float:
+    """End-to-end fine-tuning top-1 at the comparison's fixed budget (the same for every row)."""
+    from m3i.eval.finetune import finetune
+
+    ov = {"batch_size": a.finetune_batch, **({"test_limit": a.finetune_test} if a.finetune_test else {})}
+    kw = {}
+    if checkpoint == SCRATCH:  # the same backbone, from a random initialisation
+        ov = [f"{k}={v}" for k, v in ov.items()] + BACKBONES[backbone]
+        kw["recipe"] = "m3i"
+    r = finetune(checkpoint, FINETUNE[1], steps=a.finetune_steps, overrides=ov, split=a.split, device=a.device,
+                 progress=False, verbose=False, **kw)
+    return r["metrics"]["top1"]
 
 
 _EVALSETS: dict = {}
@@ -136,7 +164,7 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict) -> dict:
                      split=a.split, tuned=tuned, device=a.device, workers=a.workers, text_tower=a.text_tower)
     images = a.steps * a.batch
     return {"recipe": recipe, "seed": seed, "train_seconds": secs, "images": images, "img_per_s": images / secs,
-            "scores": score_all(ck, _EVALSETS[key], a.device or "cpu")}
+            "scores": score_all(ck, _EVALSETS[key], a.device or "cpu", a, a.backbone)}
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -147,7 +175,13 @@ def run(a: argparse.Namespace) -> dict:
     res_path = out / "results.json"
     evalsets = load_evalsets(a.limit, a.split)
     results["runs"].append({"recipe": PIXELS, "seed": 0, "train_seconds": 0.0, "images": 0, "img_per_s": None,
-                            "scores": score_all(PIXELS, evalsets)})
+                            "scores": score_all(PIXELS, evalsets, a.device, a, a.backbone)})
+    if a.finetune_steps:  # the fine-tuning baseline: no pre-training at all
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            row = {k: None for k in (*TASKS, *((DENSE[0],) if a.dense else ()))}
+            row[FINETUNE[0]] = finetune_top1(SCRATCH, a, a.backbone)
+            results["runs"].append({"recipe": SCRATCH, "seed": seed, "train_seconds": 0.0, "images": 0,
+                                    "img_per_s": None, "scores": row})
     jobs = [(r, s) for s in range(a.first_seed, a.first_seed + a.seeds) for r in a.recipes]
 
     def done(row: dict) -> None:
@@ -169,7 +203,7 @@ def run(a: argparse.Namespace) -> dict:
 
 def summarise(results: dict, out: Path) -> str:
     runs, recipes = results["runs"], list(dict.fromkeys(r["recipe"] for r in results["runs"]))
-    tasks = list(next(iter(runs))["scores"])
+    tasks = list(dict.fromkeys(t for r in runs for t in r["scores"]))
     stats: dict[str, dict[str, tuple[float, float] | None]] = {}
     for rec in recipes:
         stats[rec] = {}
@@ -204,14 +238,17 @@ def summarise(results: dict, out: Path) -> str:
 
     for task in tasks:
         have = [rec for rec in recipes if stats[rec][task]]
+        if not have:
+            continue
         fig, ax = plt.subplots(figsize=(7.5, 3.2))
         means = [stats[r][task][0] * 100 for r in have]
         errs = [stats[r][task][1] * 100 for r in have]
         colors = ["tab:red" if r == "m3i" else "tab:gray" if r == "multistage" else
-                  "black" if r == PIXELS else "tab:blue" for r in have]
+                  "black" if r in (PIXELS, SCRATCH) else "tab:blue" for r in have]
         ax.bar(have, means, yerr=errs, color=colors, capsize=3)
-        if PIXELS in have:
-            ax.axhline(stats[PIXELS][task][0] * 100, color="black", lw=0.8, ls="--")
+        for base in (PIXELS, SCRATCH):
+            if base in have:
+                ax.axhline(stats[base][task][0] * 100, color="black", lw=0.8, ls="--")
         ax.set_ylabel(f"{task} (%)")
         ax.set_title(f"{task} — {cfg['backbone']}, {cfg['steps'] * cfg['batch']:,} images per run")
         lo = min(means) - max(errs + [0]) - 5
@@ -241,6 +278,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="loader workers per run (data.num_workers)")
     p.add_argument("--text-tower", choices=["minilm", "scratch"],
                    help="text tower of the caption terms (default: the recipes'; scratch needs no weights)")
+    p.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the segmentation column")
+    p.add_argument("--dense-limit", type=int, default=1000, help="scene canvases the dense probe fits on")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning budget per row (default 60; quick 0 = no column)")
+    p.add_argument("--finetune-batch", type=int, default=64)
+    p.add_argument("--finetune-test", type=int, default=2000, help="test images scored after fine-tuning")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
     return p
 
@@ -253,6 +295,9 @@ def main() -> None:
     a.batch = a.batch or (32 if quick else 512 if gpu else 128)
     a.seeds = a.seeds or (1 if quick else 2)
     a.limit = a.limit or (2000 if quick else None)
+    a.finetune_steps = 0 if quick and a.finetune_steps is None else (a.finetune_steps or 60)
+    if quick:
+        a.dense = False
     a.out = a.out or f"results/compare-{a.backbone}{'-quick' if quick else '-gpu' if gpu else ''}"
     default_tuned = Path(f"results/tune-{a.backbone}/chosen.json")
     a.tuned = a.tuned or (str(default_tuned) if default_tuned.is_file() and not quick else None)

@@ -264,7 +264,8 @@ def section_ddp(a, part: dict, save) -> None:
     on the CPU), the DDP wrap, a few steps, a checkpoint."""
     out = Path(a.tmp) / "ddp"
     script = Path(a.tmp) / "ddp_run.py"
-    ov = caption_overrides("m3i") + ["train.steps=10", "train.log_every=1", "train.warmup_steps=2"]
+    ov = caption_overrides("m3i") + ["backbone.name=vit_micro", "backbone.patch_size=4", "train.steps=10",
+                                     "train.log_every=1", "train.warmup_steps=2"]
     if a.smoke:
         ov += ["data.batch_size=16", "backbone.depth=2", "data.num_workers=0"]
     script.write_text(DDP_RUN.format(ov=ov, out=str(out), device=a.device))

@@ -19,15 +19,20 @@ def test_quick_comparison_completes_and_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     recipes = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
-    assert [r["recipe"] for r in res["runs"]] == recipes
+    assert [r["recipe"] for r in res["runs"]] == ["pixels"] + recipes  # the raw-pixel floor comes first
+    tasks = ["fmnist_linear", "fmnist_knn", "emoji_cat_linear", "emoji_sub_linear", "emoji_retrieval_R@1",
+             "digits_linear"]
     for r in res["runs"]:
-        assert r["images"] == res["config"]["steps"] * res["config"]["batch"]
+        assert list(r["scores"]) == tasks
+        if r["recipe"] != "pixels":
+            assert r["images"] == res["config"]["steps"] * res["config"]["batch"]
         for task, v in r["scores"].items():
             if task.startswith("emoji_retrieval") and r["recipe"] not in ("clip", "m3i"):
                 assert v is None  # no text target: n/a
             else:
                 assert 0.0 <= v <= 1.0
     table = (out / "table.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == 1 + len(recipes)
-    for png in ["fmnist_linear", "fmnist_knn", "emoji_sub_linear", "emoji_retrieval_R1"]:
+    assert sum(line.startswith("| ") for line in table) == 2 + len(recipes)
+    for png in ["fmnist_linear", "fmnist_knn", "emoji_cat_linear", "emoji_sub_linear", "emoji_retrieval_R1",
+                "digits_linear"]:
         assert (out / f"{png}.png").stat().st_size > 1000

@@ -25,7 +25,7 @@ from m3i.objective import Objective
 IMG, PATCH = 32, 8
 G = IMG // PATCH          # 4 × 4 patch grid
 N = G * G
-BASE = ["backbone.depth=3", "backbone.embed_dim=64", "backbone.num_heads=4", f"backbone.patch_size={PATCH}"]
+BASE = ["backbone.name=vit_micro", "backbone.depth=3", "backbone.embed_dim=64", "backbone.num_heads=4", f"backbone.patch_size={PATCH}"]
 WORDS = ["cat", "dog", "red", "blue", "car", "tree", "sky", "boat", "small", "green", "house", "bird"]
 
 

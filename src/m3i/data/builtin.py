@@ -3,12 +3,12 @@
 Accepted specs::
 
     fashion-mnist[:train|test|fit|val]       Fashion-MNIST (10 classes, no captions)
-    emoji[:category|subcategory|none][:train|test|fit|val]
+    emoji[:category|subcategory|none][:train|test|fit|val|all]
                                              Noto Emoji, caption = name, label as given
 
 The splits are those of :mod:`m3i.data.splits`; a built-in set without a split named is its
 ``train`` part, so a test item is never drawn unless ``:test`` is asked for.
-    digits[:train|test|fit|val]              UCI handwritten digits, 8×8 (evaluation only)
+    digits[:train|test|fit|val|all]          UCI handwritten digits, 8×8 (evaluation only)
     folder:PATH                              ImageFolder (class subfolders or flat)
     manifest:PATH                            JSONL/CSV manifest (path, caption[, label])
     shards:PATTERN                           WebDataset tar shards (brace pattern, glob, path)
@@ -29,8 +29,8 @@ __all__ = ["SPEC_FORMS", "builtin_source", "data_root", "parse_spec"]
 
 SPEC_FORMS = (
     "fashion-mnist[:train|test|fit|val]",
-    "emoji[:category|subcategory|none][:train|test|fit|val]",
-    "digits[:train|test|fit|val]",
+    "emoji[:category|subcategory|none][:train|test|fit|val|all]",
+    "digits[:train|test|fit|val|all]",
     "folder:PATH",
     "manifest:PATH",
     "shards:PATTERN",

@@ -6,6 +6,7 @@ Split names:
   Fashion-MNIST keeps its official split (60,000 / 10,000). Emoji has none, so a seeded 20 %
   of the base emoji is ``test``; emoji that share a caption always fall on the same side, so
   no test caption is ever a training caption.
+- ``all``: every item, for pre-training on a set that is not also evaluated on.
 - ``fit`` / ``val``: an inner split of ``train`` for choices (tuning, early stopping): ``val``
   is a seeded 10,000 images of Fashion-MNIST train, and a seeded 20 % of the emoji train part.
 
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SPLIT_SEED = 0
-SPLITS = ("train", "test", "fit", "val")
+SPLITS = ("train", "test", "fit", "val", "all")
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.2
 
@@ -43,6 +44,8 @@ def grouped_split(keys: Sequence, split: str, test_fraction: float = TEST_FRACTI
     captions): ``train``/``test`` split the groups, ``fit``/``val`` split the train groups."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return np.arange(len(keys))
     train, test = _groups_split(keys, test_fraction, SPLIT_SEED)
     if split in ("train", "test"):
         return train if split == "train" else test

@@ -6,7 +6,7 @@ cosine, drop-path, label smoothing, and MixUp / CutMix (kornia). ``scratch`` run
 schedule from a random initialisation: the baseline pre-training must beat.
 
 The fine-tuned weights are written as an ordinary run (``config.yaml`` + ``checkpoints/``),
-so ``m3i eval`` and ``m3i export`` load them; the head lives in the checkpoint's ``state.pt``.
+so ``m3i eval`` and ``m3i export`` load them; the head is saved with the training state (``optimizer.safetensors`` + ``state.json``).
 """
 from __future__ import annotations
 
