@@ -1,5 +1,6 @@
 """The same hyperparameter search for every recipe of the comparison, on the validation split.
 
+    pip install -e ".[bench]"      # Optuna
     python benchmarks/tune.py RECIPE [RECIPE ...] [--backbone resnet] [--trials 6] [--steps 120]
 
 Each trial pre-trains RECIPE on the fit part of the built-in mix (``compare.py --split val``)

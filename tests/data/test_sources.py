@@ -333,3 +333,25 @@ def test_builtin_specs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="emoji takes a label"):
         builtin_source("emoji:category:dev")
     assert builtin_source("emoji:subcategory:train").name == "emoji:subcategory:train"
+
+
+# ------------------------------------------------------------------------------ digits
+
+
+def test_digits_from_the_csv(tmp_path, monkeypatch):
+    rows = np.zeros((20, 65))
+    rows[:, 0] = 16  # the top-left pixel at full intensity
+    rows[:, 64] = np.arange(20) % 10
+    (tmp_path / "digits").mkdir()
+    with gzip.open(tmp_path / "digits" / "digits.csv.gz", "wt") as f:
+        np.savetxt(f, rows, delimiter=",", fmt="%d")
+    monkeypatch.setenv("M3I_DATA", str(tmp_path))
+    train, test = builtin_source("digits"), builtin_source("digits:test")
+    assert len(train) + len(test) == 20 and len(test) == 4 and train.num_classes == 10
+    img = train.get(0)["image"]
+    assert img.size == (8, 8) and img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (0, 0, 0)
+    assert not {train.locate(i) for i in range(len(train))} & {test.locate(i) for i in range(len(test))}
+    with gzip.open(tmp_path / "digits" / "digits.csv.gz", "wt") as f:
+        np.savetxt(f, rows[:, :10], delimiter=",", fmt="%d")
+    with pytest.raises(ValueError, match="64 pixel values and a label"):
+        builtin_source("digits")

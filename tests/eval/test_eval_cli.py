@@ -101,3 +101,14 @@ def test_val_split_never_scores_test(runs, tmp_path):
     from m3i.data import Emoji
 
     assert r["split"] == "val" and r["n_test"] == len(Emoji(split="val")) and r["n_train"] == len(Emoji(split="fit"))
+
+
+def test_quality_line_sets_the_backbone_beside_raw_pixels(runs):
+    import re
+
+    from m3i.eval.run import quality_line
+
+    line = quality_line(runs / "mae", limit=400, device="cpu")
+    ours, pixels = (float(x) for x in re.findall(r"top-1 (\d\.\d+), raw pixels (\d\.\d+)", line)[0])
+    assert 0 <= ours <= 1 and 0.5 < pixels <= 1  # raw Fashion-MNIST pixels are a strong k-NN baseline
+    assert ("not above" in line) == (ours <= pixels) and "m3i eval --checkpoint" in line
