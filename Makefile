@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 
 data: $(M3I_DATA)/.complete
 
-$(M3I_DATA)/.complete: scripts/fetch_data.sh
-	bash scripts/fetch_data.sh
+$(M3I_DATA)/.complete: scripts/fetch_data.sh $(VENV)/.installed
+	M3I_PYTHON=$(abspath $(PY)) bash scripts/fetch_data.sh
 	touch $@
 
 demo: setup

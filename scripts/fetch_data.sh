@@ -22,6 +22,7 @@ fmnist_files=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz
 sets=("$@")
 [ ${#sets[@]} -eq 0 ] && sets=(fashion-mnist emoji digits)
 sklearn_pkg="scikit-learn==1.7.2"
+py="${M3I_PYTHON:-python3}"  # a Python with pip (the Makefile passes its virtual environment's)
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/m3i-fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -90,10 +91,10 @@ fetch_digits() {
         return
     fi
     say "digits: pip download $sklearn_pkg (one file of it)"
-    python3 -m pip download -q --no-deps --only-binary=:all: "$sklearn_pkg" -d "$work/skl" >/dev/null 2>"$work/pip.log" \
+    "$py" -m pip download -q --no-deps --only-binary=:all: "$sklearn_pkg" -d "$work/skl" >/dev/null 2>"$work/pip.log" \
         || { cat "$work/pip.log" >&2; say "cannot download $sklearn_pkg" >&2; exit 1; }
     mkdir -p "$dest.partial"
-    python3 - "$work"/skl/*.whl "$dest.partial/digits.csv.gz" <<'PY'
+    "$py" - "$work"/skl/*.whl "$dest.partial/digits.csv.gz" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as f:
     f.write(z.read("sklearn/datasets/data/digits.csv.gz"))
