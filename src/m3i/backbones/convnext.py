@@ -85,6 +85,18 @@ class ConvNeXtStage(nn.Module):
         self.blocks = nn.Sequential(*(ConvNeXtBlock(dim, drop_path=dp) for dp in drop_paths))
 
 
+def build_stages(stage: type[nn.Module], dims: Sequence[int], depths: Sequence[int],
+                 drop_path_rate: float) -> nn.Sequential:
+    """One ``stage(in_dim, dim, depth, downsample, drop_paths)`` per entry of ``dims``; every stage
+    after the first downsamples, and drop-path rises linearly over all blocks to ``drop_path_rate``."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+    stages, start, prev = [], 0, dims[0]
+    for s, (dim, depth) in enumerate(zip(dims, depths)):
+        stages.append(stage(prev, dim, depth, downsample=s > 0, drop_paths=rates[start:start + depth]))
+        start, prev = start + depth, dim
+    return nn.Sequential(*stages)
+
+
 class ConvNeXtHead(nn.Module):
     """The pre-logits head: a LayerNorm over the pooled feature (also used on the output tokens)."""
 
@@ -147,12 +159,7 @@ class ConvNeXt(Backbone):
             nn.Conv2d(in_chans, dims[0], kernel_size=stem_stride, stride=stem_stride),
             LayerNorm2d(dims[0], eps=_LN_EPS),
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        stages, start, prev = [], 0, dims[0]
-        for s, (dim, depth) in enumerate(zip(dims, depths)):
-            stages.append(ConvNeXtStage(prev, dim, depth, downsample=s > 0, drop_paths=rates[start : start + depth]))
-            start, prev = start + depth, dim
-        self.stages = nn.Sequential(*stages)
+        self.stages = build_stages(ConvNeXtStage, dims, depths, drop_path_rate)
         self.head = ConvNeXtHead(dims[-1])
         self.mask_token = nn.Parameter(torch.zeros(dims[0])) if fill else None
 

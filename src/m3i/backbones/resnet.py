@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import register
-from .convnext import _STEM_STRIDES, ConvNeXt, ConvNeXtHead
+from .convnext import _STEM_STRIDES, ConvNeXt, ConvNeXtHead, build_stages
 from .vit import DropPath
 
 
@@ -82,12 +82,7 @@ class ResNet(ConvNeXt):
         self.grad_checkpointing = False
 
         self.stem = conv_bn(in_chans, dims[0], stride=stem_stride, kernel=2 * stem_stride + 1)
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        stages, start, prev = [], 0, dims[0]
-        for s, (dim, depth) in enumerate(zip(dims, depths)):
-            stages.append(ResNetStage(prev, dim, depth, downsample=s > 0, drop_paths=rates[start:start + depth]))
-            start, prev = start + depth, dim
-        self.stages = nn.Sequential(*stages)
+        self.stages = build_stages(ResNetStage, dims, depths, drop_path_rate)
         self.head = ConvNeXtHead(dims[-1])
         self.mask_token = nn.Parameter(torch.zeros(dims[0])) if fill else None
         for m in self.modules():

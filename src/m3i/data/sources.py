@@ -717,7 +717,29 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.reshape(dims)
 
 
-class FashionMNIST(Source):
+class GrayArraySource(Source):
+    """A labelled set held in memory as ``images`` (N, H, W) uint8 and ``targets`` (N,), read from
+    one file (``_images_file``) at the rows ``file_index``; gray images are returned as RGB."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    file_index: np.ndarray
+    _images_file: Path
+
+    def __len__(self):
+        return len(self.images)
+
+    def _image(self, i, draft):
+        return Image.fromarray(np.repeat(self.images[i][:, :, None], 3, axis=2))
+
+    def _label(self, i):
+        return int(self.targets[i])
+
+    def locate(self, i):
+        return f"{self._images_file}[{int(self.file_index[i])}]"
+
+
+class FashionMNIST(GrayArraySource):
     """Fashion-MNIST from its IDX gzip files: 60,000 train / 10,000 test, 28×28 gray (as RGB).
 
     ``root`` defaults to ``$M3I_DATA/fashion-mnist`` (``~/.cache/m3i/fashion-mnist`` without
@@ -779,20 +801,7 @@ class FashionMNIST(Source):
             f"gzip files there; {FETCH_HINT}"
         )
 
-    def __len__(self):
-        return len(self.images)
-
-    def _image(self, i, draft):
-        return Image.fromarray(np.repeat(self.images[i][:, :, None], 3, axis=2))
-
-    def _label(self, i):
-        return int(self.targets[i])
-
-    def locate(self, i):
-        return f"{self._images_file}[{int(self.file_index[i])}]"
-
-
-class Digits(Source):
+class Digits(GrayArraySource):
     """The UCI handwritten digits (1,797 images, 8×8, 17 grey levels, classes 0–9), from
     ``$M3I_DATA/digits/digits.csv.gz`` (``scripts/fetch_data.sh digits``). No built-in mix
     pre-trains on them: they are the check on an image kind a backbone never saw. ``split`` is
@@ -811,23 +820,11 @@ class Digits(Source):
         if rows.ndim != 2 or rows.shape[1] != 65:
             raise ValueError(f"{self.path}: expected rows of 64 pixel values and a label, got shape {rows.shape}")
         keep = grouped_split(range(len(rows)), split)
-        self.file_index = keep
+        self.file_index, self._images_file = keep, self.path
         self.images = np.round(rows[keep, :64] * (255 / 16)).clip(0, 255).astype(np.uint8).reshape(-1, 8, 8)
         self.targets = rows[keep, 64].astype(np.int64)
         self._require_samples(len(self.images), f"the {split!r} split of {self.path} is empty")
         self._class_names = [str(d) for d in range(10)]
-
-    def __len__(self):
-        return len(self.images)
-
-    def _image(self, i, draft):
-        return Image.fromarray(np.repeat(self.images[i][:, :, None], 3, axis=2))
-
-    def _label(self, i):
-        return int(self.targets[i])
-
-    def locate(self, i):
-        return f"{self.path}[{int(self.file_index[i])}]"
 
 
 # --------------------------------------------------------------------------------------------
