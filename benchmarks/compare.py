@@ -151,6 +151,25 @@ def finetune_top1(checkpoint: Path | str, a: argparse.Namespace, backbone: str) 
 _EVALSETS: dict = {}
 
 
+def run_parallel(fn, calls: list[tuple], jobs: int, done, catch: bool = False) -> None:
+    """``done(fn(*args))`` for every ``args`` of ``calls``, in order; with ``jobs`` > 1 in that many
+    spawned processes. ``catch``: a call that raises is printed and skipped, the others still run."""
+    def each(results):
+        for args, get in results:
+            try:
+                done(get())
+            except Exception as e:
+                if not catch:
+                    raise
+                print(f"{args[0]}: {type(e).__name__}: {e}", flush=True)
+
+    if jobs <= 1:
+        each((args, lambda args=args: fn(*args)) for args in calls)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        each([(args, pool.submit(fn, *args).result) for args in calls])
+
+
 def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict) -> dict:
     """Train one recipe with one seed and score it (in a worker process when --jobs > 1)."""
     if a.device == "cpu" and a.jobs > 1:
@@ -189,15 +208,8 @@ def run(a: argparse.Namespace) -> dict:
         print(json.dumps({k: row[k] for k in ("recipe", "seed", "train_seconds", "scores")}), flush=True)
         res_path.write_text(json.dumps(results, indent=2))
 
-    if a.jobs > 1:
-        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, r, s, a, tuned) for r, s in jobs]
-            for f in futures:
-                done(f.result())
-    else:
-        _EVALSETS[(a.limit, a.split)] = evalsets
-        for r, s in jobs:
-            done(run_one(r, s, a, tuned))
+    _EVALSETS[(a.limit, a.split)] = evalsets  # the in-process runs reuse them
+    run_parallel(run_one, [(r, s, a, tuned) for r, s in jobs], a.jobs, done)
     return results
 
 

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from compare import fit_mix_override, text_tower_overrides
+from compare import fit_mix_override, run_parallel, text_tower_overrides
 
 from m3i.config import load_recipe
 from m3i.eval.run import PIXELS, load_evalset, load_trained, score
@@ -91,20 +91,8 @@ def main() -> None:
         print(json.dumps({k: row[k] for k in ("variant", "train_seconds", "img_per_s", "scores")}), flush=True)
         res_path.write_text(json.dumps(results, indent=2))
 
-    if a.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(run_variant, name, a) for name in a.variants}
-            for name, f in futures.items():
-                try:
-                    done(f.result())
-                except Exception as e:  # one broken variant is recorded, the others still run
-                    print(f"{name}: {type(e).__name__}: {e}", flush=True)
-    else:
-        for name in a.variants:
-            done(run_variant(name, a, sets))
+    run_parallel(run_variant, [(name, a, None if a.jobs > 1 else sets) for name in a.variants], a.jobs, done,
+                 catch=a.jobs > 1)
     lines = ["| variant | steps | " + " | ".join(TASKS) + " | train s | img/s |", "|---" * (len(TASKS) + 4) + "|"]
     for r in results["runs"]:
         if "scores" not in r:
