@@ -6,45 +6,25 @@ mutual-information terms. Every mistake is reported as ``FILE: field.path: what 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from .backbones import BackboneCfg
+from .estimators import ESTIMATORS
+from .schema import ConfigError, Strict, kind_of, union_of
+from .targets import TARGETS
+from .targets.decoders import DecoderUnion, DenseDecoderCfg, GlobalDecoderCfg
+from .targets.encoders import TARGET_ENCODER_CONFIGS, TargetEncoderUnion
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A recipe, config file or override that cannot be used; the message says where and why."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class BackboneCfg(Strict):
-    name: str = "vit_micro"
-    img_size: int = 32
-    # the token grid's stride in pixels; for ConvNeXt it picks the stem (final stride = 8·stem)
-    patch_size: Optional[int] = 4
-    in_chans: int = 3
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    dims: Optional[list[int]] = None
-    depths: Optional[list[int]] = None
-    stem_stride: Optional[int] = None
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
-
-    def kwargs(self) -> dict[str, Any]:
-        skip = {"name", "grad_checkpointing"}
-        kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
-        if self.name.startswith("convnext") and "patch_size" in kw:
-            stride = kw.pop("patch_size")
-            kw.setdefault("stem_stride", min(4, max(1, stride // 8)))
-        return kw
+# the parts a term is made of, each settings class picked by its `kind`
+PART_FIELDS = ("target", "target_encoder", "decoder", "estimator")
+PART_KINDS = set(TARGETS.kinds()) | set(ESTIMATORS.kinds()) | {
+    kind_of(c) for c in (*TARGET_ENCODER_CONFIGS, GlobalDecoderCfg, DenseDecoderCfg)}
 
 
 class AugmentCfg(Strict):
@@ -73,6 +53,9 @@ class ViewsCfg(Strict):
     def _augment_per_view(self):
         if len(self.augment) not in (1, self.count):
             raise ValueError(f"augment: give one entry for all views or one per view ({self.count}), got {len(self.augment)}")
+        if self.input_mode == "mix" and "ratio" in self.mask.model_fields_set and self.mask.ratio != 0.5:
+            raise ValueError(f"mask.ratio: the 'mix' input shows each image on half of the patches (ratio 0.5), "
+                             f"so it cannot take {self.mask.ratio}; use input_mode drop or fill for another ratio")
         return self
 
     def augment_for(self, view: int) -> AugmentCfg:
@@ -136,110 +119,22 @@ class SourceViewCfg(Strict):
     masked: bool = False
 
 
-class TargetCfg(Strict):
-    kind: Literal["label", "caption", "view", "pixels"]
-    view: int = Field(0, ge=0, le=1)
-    dense: bool = False
-    # mixed input: the first image of each canvas predicts its own view, its partner ``view``
-    paired: bool = False
-
-
-class TargetEncoderCfg(Strict):
-    kind: Literal["identity", "class_table", "text", "ema", "online", "frozen"]
-    # identity (pixels)
-    patch_norm: bool = True
-    # class_table
-    normalize: bool = True
-    bias: bool = False
-    # text
-    tower: Literal["minilm", "scratch"] = "minilm"
-    trainable: bool = False
-    width: int = 256
-    depth: int = 4
-    # ema / online / frozen
-    head: bool = False
-    top_k: int = Field(0, ge=0)
-    norm: Literal["none", "layer", "instance"] = "none"
-    weights: Optional[str] = None
-    backbone: Optional[BackboneCfg] = None
-
-
-class DecoderCfg(Strict):
-    kind: Literal["global", "dense"] = "global"
-    # global: an MLP projector (dims, last = output) and an optional MLP predictor
-    projector: list[PositiveInt] = Field(default_factory=lambda: [128])
-    predictor: list[PositiveInt] = Field(default_factory=list)
-    norm: Literal["batch", "layer", "none"] = "none"
-    # dense: embed to width, projector blocks on the visible tokens, predictor blocks with queries
-    width: int = 128
-    projector_depth: int = Field(0, ge=0)
-    depth: int = Field(2, ge=0)
-    heads: int = Field(4, ge=1)
-    queries: Literal["masked", "target_view"] = "masked"
-
-
-class EstimatorCfg(Strict):
-    kind: Literal["boltzmann", "gaussian", "unigrad"]
-    temperature: float = Field(0.1, gt=0)
-    learn_temperature: bool = False
-    candidates: Literal["classes", "batch", "all"] = "batch"
-    directions: Literal[1, 2] = 1
-    normalize: bool = True
-    reduce: Literal["mean", "sum"] = "mean"
-    lam: float = 0.02
-
-
 class TermCfg(Strict):
+    """One term: a source view, and the four parts, each settings class picked by its ``kind``
+    (its fields are those of that kind alone)."""
+
     name: str
     weight: float = 1.0
     source: SourceViewCfg = SourceViewCfg()
-    target: TargetCfg
-    target_encoder: TargetEncoderCfg
-    decoder: DecoderCfg = DecoderCfg()
-    estimator: EstimatorCfg
+    target: union_of(TARGETS.configs())
+    target_encoder: TargetEncoderUnion
+    decoder: DecoderUnion = GlobalDecoderCfg()
+    estimator: union_of(ESTIMATORS.configs())
     swap_views: bool = False
 
     @model_validator(mode="after")
-    def _consistent(self):
-        enc, est, tgt = self.target_encoder.kind, self.estimator.kind, self.target.kind
-        allowed = {
-            "label": {"class_table"},
-            "caption": {"text"},
-            "pixels": {"identity"},
-            "view": {"ema", "online", "frozen"},
-        }[tgt]
-        if enc not in allowed:
-            raise ValueError(f"target_encoder.kind: a {tgt!r} target needs {' or '.join(sorted(allowed))}, got {enc!r}")
-        dense = tgt == "pixels" or self.target.dense
-        if dense and self.decoder.kind != "dense":
-            raise ValueError("decoder.kind: a dense target (pixels or dense view features) needs the 'dense' decoder")
-        if not dense and self.decoder.kind != "global":
-            raise ValueError("decoder.kind: a global target needs the 'global' decoder")
-        if est == "unigrad" and not dense:
-            raise ValueError("estimator.kind: 'unigrad' is a dense estimator; use it with a dense target")
-        if dense and est == "boltzmann":
-            raise ValueError("estimator.kind: dense targets take 'gaussian' or 'unigrad'")
-        if tgt == "label" and est == "boltzmann" and self.estimator.candidates != "classes":
-            raise ValueError("estimator.candidates: a label target is scored against all 'classes'")
-        if tgt in ("caption", "view") and not dense and est == "boltzmann" and self.estimator.candidates == "classes":
-            raise ValueError("estimator.candidates: 'classes' needs a label target; use 'batch' or 'all'")
-        if tgt in ("label", "caption") and est != "boltzmann":
-            raise ValueError(f"estimator.kind: a {tgt!r} target is scored with 'boltzmann'")
-        if self.decoder.kind == "dense" and self.decoder.queries == "target_view" and self.target.view == self.source.view:
-            raise ValueError("decoder.queries: 'target_view' queries need a target view other than the source view")
-        if self.decoder.kind == "dense" and self.decoder.queries == "masked" and self.target.view != self.source.view:
-            raise ValueError("decoder.queries: 'masked' queries predict the source view itself; set target.view to source.view")
-        if self.decoder.kind == "dense" and not self.source.masked:
-            raise ValueError("source.masked: a dense prediction needs a masked source view")
-        if self.target.paired and not (self.target.dense and self.decoder.queries == "target_view"):
-            raise ValueError("target.paired: paired targets are dense features queried over a whole view "
-                             "(decoder.queries: target_view)")
-        if enc == "frozen" and not self.target_encoder.weights:
-            raise ValueError("target_encoder.weights: a frozen target encoder needs a safetensors file")
-        if self.decoder.kind == "dense" and self.decoder.width % self.decoder.heads:
-            raise ValueError(f"decoder.width: {self.decoder.width} is not divisible by decoder.heads={self.decoder.heads}")
-        if self.decoder.kind == "dense" and self.decoder.width % 8:
-            raise ValueError(f"decoder.width: {self.decoder.width} must be a multiple of 8 (sin-cos position embedding)")
+    def _parts_fit(self):
+        TARGETS[self.target.kind].check(self)
         return self
 
 
@@ -256,17 +151,17 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _views_exist(self):
         for i, t in enumerate(self.terms):
-            used = {t.source.view, t.target.view} if t.target.kind in ("view", "pixels") else {t.source.view}
-            if t.swap_views:
-                used.add(1)
+            used = TARGETS[t.target.kind].views(t)
             if max(used) >= self.views.count:
                 raise ValueError(f"terms.{i}.target.view: term {t.name!r} uses view {max(used)} but views.count is {self.views.count}")
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"terms: names must be unique, got {names}")
         for i, t in enumerate(self.terms):
-            if t.target.paired and self.views.input_mode != "mix":
-                raise ValueError(f"terms.{i}.target.paired: pairs exist only in the 'mix' input (views.input_mode)")
+            try:
+                TARGETS[t.target.kind].check_views(t, self.views)
+            except ValueError as e:
+                raise ValueError(f"terms.{i}.{e}") from None
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
         return self
@@ -362,6 +257,23 @@ def apply_override(data: dict, item: str) -> dict:
     return data
 
 
+_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.S)
+
+
+def _where(loc: tuple) -> tuple[list[str], str | None]:
+    """A pydantic error location as the recipe spells it, and the kind of part it lies in: the
+    kind that picked a part's settings class (``terms.0.estimator.boltzmann.temperature``) is not
+    a key of the file."""
+    out: list[str] = []
+    kind = None
+    for i, part in enumerate(loc):
+        if i and loc[i - 1] in PART_FIELDS and part in PART_KINDS:
+            kind = part
+            continue
+        out.append(_printable(part))
+    return out, kind
+
+
 def validate(data: dict, origin: str, schema: type[BaseModel] = Recipe):
     """``data`` as a ``schema`` (a recipe by default), every mistake one ``origin: field: expectation`` line."""
     try:
@@ -369,20 +281,66 @@ def validate(data: dict, origin: str, schema: type[BaseModel] = Recipe):
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(_printable(p) for p in err["loc"]) or "(top level)"
+            loc, kind = _where(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                msg = "unknown key" + (f" (not a setting of kind {kind!r})" if kind else "")
+            elif err["type"] == "union_tag_invalid":
+                loc.append("kind")
+                msg = f"expected one of {err['ctx']['expected_tags']} (got {err['ctx']['tag']!r})"
+            elif err["type"] == "union_tag_not_found":
+                loc.append("kind")
+                msg = "missing: every part names its kind" if isinstance(err["input"], dict) else \
+                    f"expected a mapping of settings with a kind, got {err['input']!r}"
+            elif err["type"] == "value_error" and (m := _FIELD_FIRST.match(msg)):
+                loc.append(m.group(1))  # a check that names its field: "width: 100 is not ..."
+                msg = m.group(2)
             elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
-            lines.append(f"{origin}: {loc}: {msg}")
+            lines.append(f"{origin}: {'.'.join(loc) or '(top level)'}: {msg}")
         raise ConfigError("; ".join(lines)) from None
 
 
-def load_recipe(name_or_path: str, config: str | None = None, overrides: list[str] = ()) -> Recipe:
-    """Recipe file, then an optional config file merged over it, then key=value overrides."""
+def _part_configs() -> dict[str, dict[str, type[BaseModel]]]:
+    return {"target": {t.kind: t.Config for t in TARGETS}, "estimator": {e.kind: e.Config for e in ESTIMATORS},
+            "target_encoder": {kind_of(c): c for c in TARGET_ENCODER_CONFIGS},
+            "decoder": {kind_of(c): c for c in (GlobalDecoderCfg, DenseDecoderCfg)}}
+
+
+def upgrade_saved(data: dict) -> dict:
+    """A run's saved config written before every part had settings of its own kind: then each part
+    listed the fields of every kind, a dense view was ``{kind: view, dense: true}``, and the mixed
+    input ignored ``views.mask.ratio``. Returns the same run in today's form."""
+    data = copy.deepcopy(data)
+    parts = _part_configs()
+    for term in data.get("terms") or []:
+        if not isinstance(term, dict):
+            continue
+        target = term.get("target")
+        if isinstance(target, dict) and target.get("kind") == "view" and target.pop("dense", False):
+            target["kind"] = "dense_view"
+        decoder = term.get("decoder")
+        if isinstance(decoder, dict) and decoder.get("kind") == "dense" and "projector" in decoder:
+            decoder.pop("norm", None)  # the global decoder's norm; the old dense decoder always used LayerNorm
+        for field, by_kind in parts.items():
+            part = term.get(field)
+            if isinstance(part, dict) and part.get("kind") in by_kind:
+                known = by_kind[part["kind"]].model_fields
+                term[field] = {k: v for k, v in part.items() if k in known}
+    views = data.get("views")
+    if isinstance(views, dict) and views.get("input_mode") == "mix" and isinstance(views.get("mask"), dict):
+        views["mask"]["ratio"] = 0.5
+    return data
+
+
+def load_recipe(name_or_path: str, config: str | None = None, overrides: list[str] = (),
+                saved: bool = False) -> Recipe:
+    """Recipe file, then an optional config file merged over it, then key=value overrides.
+    ``saved``: the file is a run's own config.yaml, perhaps written by an earlier m3i."""
     path = recipe_path(name_or_path)
     data = _read_yaml(path)
+    if saved:
+        data = upgrade_saved(data)
     origin = str(path)
     if config:
         cpath = Path(config)
@@ -399,7 +357,6 @@ def load_recipe(name_or_path: str, config: str | None = None, overrides: list[st
 
 def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
     """One row of the special-case table, in the paper's words, read off a term's config."""
-    enc, est, tgt = t.target_encoder, t.estimator, t.target
     view = f"view {t.source.view + 1}"
     masked = {"drop": "masked ", "fill": "masked (mask-token) ", "mix": "masked, mixed "}[input_mode]
     source = (masked + view) if t.source.masked else view
@@ -407,27 +364,5 @@ def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
         source += " (+ predictor)"
     if t.swap_views:
         source += ", both ways"
-    target = {
-        "label": "category",
-        "caption": "paired caption",
-        "pixels": "pixels of the masked patches" + (" (per-patch normalised)" if enc.patch_norm else ""),
-        "view": ("dense features of " if tgt.dense else "") + ("the full same view" if tgt.view == t.source.view
-                                                                else f"view {tgt.view + 1}")
-        + (f" (its partner in the canvas: view {t.source.view + 1})" if tgt.paired else ""),
-    }[tgt.kind]
-    encoder = {
-        "identity": "identity",
-        "class_table": "learned class embeddings",
-        "text": f"text tower ({enc.tower}, {'trained' if enc.trainable else 'frozen'})",
-        "ema": "EMA encoder" + (" + projector" if enc.head else "") + (f", top-{enc.top_k} layers" if enc.top_k else ""),
-        "online": "the same encoder",
-        "frozen": "frozen model",
-    }[enc.kind]
-    if est.kind == "boltzmann":
-        over = {"classes": "all classes", "batch": "the batch", "all": "the batch, both views (NT-Xent)"}[est.candidates]
-        estimator = f"Boltzmann over {over}" + (", both directions" if est.directions == 2 else "")
-    elif est.kind == "gaussian":
-        estimator = "Gaussian" + (" on normalised features" if est.normalize else "")
-    else:
-        estimator = f"UniGrad (λ={est.lam})"
-    return {"input": source, "target": target, "target_encoder": encoder, "estimator": estimator}
+    return {"input": source, "target": TARGETS[t.target.kind].describe(t),
+            "target_encoder": t.target_encoder.describe(), "estimator": ESTIMATORS[t.estimator.kind].describe(t.estimator)}

@@ -1,29 +1,31 @@
 """The objective: Σ_k λ_k · I(ẑ_k ; z_k), one mutual-information term per target.
 
-A term = source view + target view + target encoder + decoder + estimator. The objective
-owns the online backbone, the view stage (augment, masks) and the one EMA teacher shared by
-every term whose target encoder is an EMA copy; it returns every term's value and the
-weighted total. Nothing here knows a recipe: recipes are lists of terms in YAML.
+A term = source view + target (a registered kind, :mod:`m3i.targets`) + target encoder +
+decoder + estimator (a registered kind, :mod:`m3i.estimators`). The objective owns the online
+backbone, the view stage (augment, masks), the one EMA teacher shared by every term whose
+target encoder is an EMA copy and the frozen target encoders; it returns every term's value and
+the weighted total, and it is all the trainer, evaluation and export see of a model: its
+checkpointed state, its optimiser groups, its teacher, its image and text embeddings. Nothing
+here knows a recipe: recipes are lists of terms in YAML.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed as dist
-from .backbones import Backbone, Features, build_backbone, visible_indices
+from .backbones import Backbone, Features, build_backbone
 from .config import Recipe, TermCfg
-from .estimators import boltzmann, gaussian, target_correlation, unigrad
-from .targets.decoders import DenseDecoder, MLPHead
-from .targets.encoders import (ClassTable, Teacher, dense_target_norm, ema_momentum, pixel_target,
-                               top_k_average)
-from .views import ViewAugment, absolute_positions, block_mask, mix_visible, random_mask, relative_positions
-
-IMAGE_TARGETS = ("view", "pixels")
+from .estimators import ESTIMATORS
+from .layers import no_weight_decay
+from .targets import TARGETS
+from .targets.caption import Caption
+from .targets.encoders import Teacher, ema_momentum
+from .targets.text import TextTower
+from .views import ViewAugment, block_mask, mix_visible, random_mask
 
 
 @dataclass
@@ -39,12 +41,12 @@ class Views:
 class Context:
     """Everything the terms of one step share, each piece computed once on first use."""
 
-    def __init__(self, objective: "Objective", batch: dict, views: Views):
+    def __init__(self, objective: Objective, batch: dict, views: Views):
         self.obj, self.batch, self.views = objective, batch, views
         self.batch_size = views.images[0].shape[0]
         self._visible: dict[int, Tensor] = dict(views.visible)
         self._online: dict[tuple[int, bool], Features] = {}
-        self._teacher: dict[tuple[str, int], Features] = {}
+        self._teacher: dict[tuple[int, int | tuple], Features] = {}  # (id of the copy, view)
 
     def visible(self, view: int) -> Tensor:
         """(B, N) bool: the patches of ``view`` the online encoder sees."""
@@ -84,216 +86,54 @@ class Context:
         return pick(v.images[s], v.images[t]), pick(v.boxes[s], v.boxes[t]), pick(v.flips[s], v.flips[t])
 
     @torch.no_grad()
-    def teacher(self, which: str, view: int | tuple) -> Features:
-        key = (which, view)
+    def copy(self, term: Term, view: int | tuple) -> Features:
+        """Features of ``view`` from the term's copied target encoder (the EMA teacher, shared by
+        every EMA term, or the term's frozen model)."""
+        net = self.obj.copy_of(term)
+        key = (id(net), view)
         if key not in self._teacher:
-            net: Teacher = getattr(self.obj, which)
             self._teacher[key] = net.backbone.forward_features(
                 self.view(view)[0], return_layers=self.obj.teacher_layers)
         return self._teacher[key]
 
 
 class Term(nn.Module):
-    """One mutual-information term I(g_k(f_θ(t_s(x))) ; f_φ(t_t(x)))."""
+    """One mutual-information term I(g_k(f_θ(t_s(x))) ; f_φ(t_t(x))): its decoder g_k, the modules
+    its target kind owns (a class table, a text tower), its temperature; the target kind and the
+    estimator compute it."""
 
     def __init__(self, cfg: TermCfg, backbone: Backbone, num_classes: int):
         super().__init__()
         self.cfg = cfg
         self.name = cfg.name
-        tgt, enc, dec, est = cfg.target, cfg.target_encoder, cfg.decoder, cfg.estimator
-        dim = backbone.embed_dim
-        self.dense = tgt.kind == "pixels" or tgt.dense
-        if self.dense:
-            if tgt.kind == "pixels":
-                out = backbone.patch_size ** 2 * backbone.in_chans
-            else:
-                out = dec.width if enc.head else dim
-            self.decoder = DenseDecoder(dim, dec.width, dec.projector_depth, dec.depth, dec.heads, out)
-        else:
-            self.decoder = MLPHead(dim, dec.projector, dec.norm)
-            self.predictor = MLPHead(self.decoder.out_dim, dec.predictor, dec.norm)
-        if tgt.kind == "label":
-            self.classes = ClassTable(num_classes, self.predictor.out_dim, enc.normalize, enc.bias)
-        if tgt.kind == "caption":
-            from .targets.text import build_text_tower
-
-            if enc.tower == "minilm":
-                tower = build_text_tower("minilm", trainable=enc.trainable)
-            else:
-                tower = build_text_tower("scratch", width=enc.width, depth=enc.depth)
-            self.text = tower
-            self.text_proj = nn.Linear(tower.out_dim, self.predictor.out_dim)
-        scale = torch.tensor(math.log(1.0 / est.temperature))
-        if est.learn_temperature:
+        self.target = TARGETS[cfg.target.kind]()
+        self.estimator = ESTIMATORS[cfg.estimator.kind](cfg.estimator)
+        for name, module in cfg.decoder.build(backbone.embed_dim, self.target.out_dim(cfg, backbone)).items():
+            self.add_module(name, module)
+        self.target.build(self, backbone, num_classes)
+        scale = torch.tensor(math.log(1.0 / getattr(cfg.estimator, "temperature", 1.0)))
+        if getattr(cfg.estimator, "learn_temperature", False):
             self.log_scale = nn.Parameter(scale)
         else:
             self.register_buffer("log_scale", scale, persistent=False)
 
-    # -- pieces --------------------------------------------------------------------------
     @property
     def teacher_head(self) -> nn.Module | None:
-        """The online head whose EMA copy the target passes through (projector of the term)."""
-        if self.cfg.target_encoder.kind in ("ema", "frozen") and self.cfg.target_encoder.head:
-            return self.decoder
-        return None
-
-    @property
-    def target_net(self) -> str:
-        """Attribute of the objective holding this term's copied target encoder."""
-        return "teacher" if self.cfg.target_encoder.kind == "ema" else "frozen_" + self.name
+        """The online head whose copy the target passes through (the term's projector)."""
+        enc = self.cfg.target_encoder
+        return self.decoder if enc.copies_backbone and enc.head else None
 
     @property
     def temperature(self) -> Tensor:
         return 1.0 / self.log_scale.clamp(max=math.log(100.0)).exp()
 
-    def zero(self, like: Tensor) -> Tensor:
-        """A loss of 0 that still touches every trainable parameter (no NaN, no unused
-        parameters under DDP) for a batch with no sample carrying this target."""
-        z = like.sum() * 0.0
-        for p in self.parameters():
-            if p.requires_grad:
-                z = z + p.sum() * 0.0
-        return z
-
-    def _pred_global(self, ctx: Context, view: int) -> Tensor:
-        pooled = ctx.online(view, self.cfg.source.masked).pooled
+    def predict(self, pooled: Tensor) -> Tensor:
+        """A global prediction ẑ from pooled features: projector, then predictor."""
         return self.predictor(self.decoder(pooled))
 
-    def _target_global(self, ctx: Context, view: int) -> Tensor:
-        enc = self.cfg.target_encoder
-        if enc.kind == "online":
-            return self.decoder(ctx.online(view, False).pooled)
-        feats = ctx.teacher(self.target_net, view)
-        if enc.head:
-            with torch.no_grad():
-                return getattr(ctx.obj, self.target_net).heads[self.name](feats.pooled)
-        return feats.pooled
-
-    # -- the term --------------------------------------------------------------------------
     def forward(self, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
         """-> (loss, number of samples that carried this target)."""
-        kind = self.cfg.target.kind
-        if kind == "label":
-            return self._label(ctx, s)
-        if kind == "caption":
-            return self._caption(ctx, s)
-        if not self.dense:
-            return self._global_view(ctx, s, t)
-        return self._dense(ctx, s, t)
-
-    def _label(self, ctx: Context, s: int):
-        label = ctx.batch["label"]
-        rows = (label >= 0).nonzero().squeeze(1)
-        pooled = ctx.online(s, self.cfg.source.masked).pooled
-        # every rank counts the labelled rows of all ranks (a collective, so before any early return)
-        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
-        if rows.numel() == 0:
-            return self.zero(pooled), 0
-        pred = self.predictor(self.decoder(pooled[rows]))
-        if self.cfg.estimator.normalize:
-            pred = F.normalize(pred, dim=-1)
-        cand, bias = self.classes()
-        # this rank's sum over (all labelled rows / ranks): DDP's mean over ranks is then the mean
-        # over the global batch, whatever each rank drew
-        loss = boltzmann(pred, cand, label[rows], self.temperature, bias=bias, reduction="sum")
-        return loss * dist.world_size() / n_all, int(rows.numel())
-
-    def _caption(self, ctx: Context, s: int):
-        captions = ctx.batch["caption"]
-        avail = torch.tensor([c is not None for c in captions], device=ctx.views.images[s].device)
-        pooled = ctx.online(s, self.cfg.source.masked).pooled
-        n = int(dist.gather(avail.long()).sum())
-        if n == 0:
-            return self.zero(pooled), 0
-        pred = self.predictor(self.decoder(pooled))
-        text = self.text([c if c is not None else "" for c in captions])
-        target = self.text_proj(text.to(self.text_proj.weight.dtype))
-        return self._batch_boltzmann(pred, target, avail), int(avail.sum())
-
-    def _global_view(self, ctx: Context, s: int, t: int):
-        pred = self._pred_global(ctx, s)
-        target = self._target_global(ctx, t)
-        est = self.cfg.estimator
-        if est.kind == "gaussian":
-            return gaussian(pred, target.detach() if self.cfg.target_encoder.kind != "online" else target,
-                            normalize=est.normalize, reduce=est.reduce), pred.shape[0]
-        avail = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
-        return self._batch_boltzmann(pred, target, avail), pred.shape[0]
-
-    def _batch_boltzmann(self, pred: Tensor, target: Tensor, avail: Tensor) -> Tensor:
-        """Boltzmann over the global batch. ``candidates='batch'``: each prediction against
-        every target (``directions=2`` adds targets against predictions, CLIP); ``'all'``:
-        against every other prediction and target (NT-Xent)."""
-        est = self.cfg.estimator
-        if est.normalize:
-            pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
-        pred, target = pred.float(), target.float()
-        b = pred.shape[0]
-        all_pred, all_target = dist.gather_with_grad(pred), dist.gather_with_grad(target)
-        all_avail = dist.gather(avail)
-        cand = all_avail.nonzero().squeeze(1)
-        index = torch.cumsum(all_avail.long(), 0) - 1      # position of each global row among the candidates
-        rows = avail.nonzero().squeeze(1)
-        pos = index[dist.rank() * b + rows]
-        tau = self.temperature
-        # this rank's sum over its anchors, over (global anchors / ranks): DDP's mean over ranks is the
-        # mean over the global batch, also when ranks hold different numbers of anchors, or none (a sum
-        # over no rows is 0 and still reaches the gathered tensors, whose backward is a collective)
-        scale = dist.world_size() / max(cand.numel(), 1)
-        if est.candidates == "batch":
-            loss = boltzmann(pred[rows], all_target[cand], pos, tau, reduction="sum")
-            if est.directions == 2:
-                loss = (loss + boltzmann(target[rows], all_pred[cand], pos, tau, reduction="sum")) / 2
-            return loss * scale
-        m = cand.numel()
-        z = torch.cat([all_pred[cand], all_target[cand]])
-        anchors = torch.cat([pred[rows], target[rows]])
-        self_idx = torch.cat([pos, pos + m])
-        exclude = torch.zeros(anchors.shape[0], 2 * m, dtype=torch.bool, device=z.device)
-        exclude[torch.arange(anchors.shape[0], device=z.device), self_idx] = True
-        return boltzmann(anchors, z, torch.cat([pos + m, pos]), tau, exclude=exclude, reduction="sum") * scale / 2
-
-    def _dense(self, ctx: Context, s: int, t: int):
-        obj, enc, est = ctx.obj, self.cfg.target_encoder, self.cfg.estimator
-        grid = obj.backbone.grid_size
-        feats = ctx.online(s, True)
-        vis = ctx.visible(s)
-        vis_idx, hid_idx = visible_indices(vis), visible_indices(~vis)
-        abs_pos = absolute_positions(grid, device=vis.device)            # (N, 4)
-        context = self.decoder.project(feats.tokens, abs_pos[vis_idx])
-        if self.cfg.decoder.queries == "masked":
-            qpos, sel = abs_pos[hid_idx], hid_idx
-        else:
-            if self.cfg.target.paired:
-                t = ("paired", s, t)
-            _, box_s, flip_s = ctx.view(s)
-            _, box_t, flip_t = ctx.view(t)
-            qpos = relative_positions(box_s, flip_s, box_t, flip_t, grid)
-            sel = None
-        pred = self.decoder.predict(context, qpos)
-        if self.cfg.target.kind == "pixels":
-            target = pixel_target(ctx.views.images[t], obj.backbone.patch_size, enc.patch_norm)
-        else:
-            target = self._dense_target(ctx, t, abs_pos)
-        if sel is not None:
-            target = torch.gather(target, 1, sel.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-        pred, target = pred.flatten(0, 1), target.flatten(0, 1).detach()
-        if est.kind == "unigrad":
-            return unigrad(pred, target, est.lam, target_correlation(target)), ctx.batch_size
-        return gaussian(pred, target, normalize=False, reduce=est.reduce), ctx.batch_size
-
-    @torch.no_grad()
-    def _dense_target(self, ctx: Context, t: int | tuple, abs_pos: Tensor) -> Tensor:
-        enc = self.cfg.target_encoder
-        feats = ctx.online(t, False) if enc.kind == "online" else ctx.teacher(self.target_net, t)
-        if enc.top_k:
-            tokens = top_k_average(feats.layers[-enc.top_k:], enc.norm)
-        else:
-            tokens = feats.tokens
-            if enc.head:
-                tokens = getattr(ctx.obj, self.target_net).heads[self.name].project(tokens, abs_pos.unsqueeze(0))
-            tokens = dense_target_norm(tokens, enc.norm)
-        return tokens.float()
+        return self.target.loss(self, ctx, s, t)
 
 
 class Objective(nn.Module):
@@ -316,15 +156,14 @@ class Objective(nn.Module):
         self.augment = nn.ModuleList(
             ViewAugment(size=size, **recipe.views.augment_for(v).model_dump()) for v in range(recipe.views.count))
         self.terms = nn.ModuleList(Term(t, self.backbone, num_classes) for t in recipe.terms)
-        self.teacher_layers = max([t.target_encoder.top_k for t in recipe.terms] + [0])
-        heads = {t.name: t.teacher_head for t in self.terms
-                 if t.cfg.target_encoder.kind == "ema" and t.teacher_head is not None}
-        self.teacher = Teacher(self.backbone, heads) if any(
-            t.target_encoder.kind == "ema" for t in recipe.terms) else None
-        for t in self.terms:
-            if t.cfg.target_encoder.kind == "frozen":
-                self.add_module("frozen_" + t.name, load_frozen(t.cfg, self.backbone, t.teacher_head))
+        self.teacher_layers = max([getattr(t.target_encoder, "top_k", 0) for t in recipe.terms] + [0])
+        ema = [t for t in self.terms if t.cfg.target_encoder.kind == "ema"]
+        self.teacher = Teacher(self.backbone, {t.name: t.teacher_head for t in ema if t.teacher_head is not None}) \
+            if ema else None
+        self.frozen = nn.ModuleDict({t.name: load_frozen(t.cfg, self.backbone, t.teacher_head) for t in self.terms
+                                     if t.cfg.target_encoder.kind == "frozen"})
 
+    # -- the loss ------------------------------------------------------------------------------
     def make_views(self, images: Tensor) -> Views:
         """uint8 (B, C, H, W) -> the recipe's augmented views with their crop boxes and flips."""
         x = images.float() / 255.0
@@ -339,7 +178,7 @@ class Objective(nn.Module):
         total = 0.0
         for term in self.terms:
             cfg = term.cfg
-            loss, n = term(ctx, cfg.source.view, cfg.target.view if cfg.target.kind in IMAGE_TARGETS else cfg.source.view)
+            loss, n = term(ctx, cfg.source.view, cfg.target.view if term.target.image else cfg.source.view)
             if cfg.swap_views:
                 loss2, n2 = term(ctx, 1 - cfg.source.view, 1 - cfg.target.view)
                 loss, n = loss + loss2, n + n2
@@ -349,8 +188,19 @@ class Objective(nn.Module):
         out["loss"] = total
         return out
 
+    # -- target encoders -----------------------------------------------------------------------
+    def copy_of(self, term: Term) -> Teacher:
+        """The copied target encoder a term reads (the shared EMA teacher or its frozen model)."""
+        return self.teacher if term.cfg.target_encoder.kind == "ema" else self.frozen[term.name]
+
+    def encoders(self) -> list[Backbone]:
+        """The online backbone and the backbone of every copied target encoder."""
+        nets = [self.backbone] + ([self.teacher.backbone] if self.teacher is not None else [])
+        return nets + [f.backbone for f in self.frozen.values() if f.backbone not in nets]
+
     def online_heads(self) -> dict[str, nn.Module]:
-        return {t.name: t.teacher_head for t in self.terms if t.name in (self.teacher.heads if self.teacher else {})}
+        heads = self.teacher.heads if self.teacher is not None else {}
+        return {t.name: t.teacher_head for t in self.terms if t.name in heads}
 
     @torch.no_grad()
     def update_teacher(self, step: int, total_steps: int, skip: Tensor | None = None) -> float | None:
@@ -361,6 +211,87 @@ class Objective(nn.Module):
         m = ema_momentum(step, total_steps, self.recipe.ema.momentum, self.recipe.ema.end)
         self.teacher.update(self.backbone, self.online_heads(), m, skip)
         return m
+
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Make the EMA teacher a copy of the online backbone and heads (after the online weights
+        were loaded from elsewhere, as a multi-stage pipeline's next stage does)."""
+        if self.teacher is not None:
+            self.teacher.update(self.backbone, self.online_heads(), 0.0)
+
+    def prepare(self, data) -> None:
+        """Work each target does once before training, on the data (``captions()``) it will see."""
+        for term in self.terms:
+            term.target.prepare(term, data)
+
+    # -- state ---------------------------------------------------------------------------------
+    def unsaved_keys(self) -> set[str]:
+        """State that a checkpoint leaves out: frozen pre-trained text towers (they come from their
+        package) and frozen target encoders (they come from their file)."""
+        keys = {f"frozen.{k}" for k in self.frozen.state_dict()}
+        for name, module in self.named_modules():
+            if isinstance(module, TextTower):
+                keys |= {f"{name}.{k}" for k in module.frozen_state_keys()}
+        return keys
+
+    def checkpoint_state(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Everything that is learned or tracked; ``state``: the objective's state dict when already
+        at hand (gathered from shards)."""
+        unsaved = self.unsaved_keys()
+        state = self.state_dict() if state is None else state
+        return {k: v for k, v in state.items() if k not in unsaved}
+
+    def load_checkpoint_state(self, weights: dict[str, Tensor], where: str) -> None:
+        """Load :meth:`checkpoint_state` back; a clear error names ``where`` when it does not fit."""
+        from .train.checkpoint import load_weights_into
+
+        load_weights_into(self, weights, where, tuple(self.unsaved_keys()))
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups of the trainable parameters: no weight decay on 1-D tensors (norms, biases,
+        temperatures) and on what each module lists in its own ``no_weight_decay()``."""
+        keep = no_weight_decay(self)
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name in keep else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # -- embeddings ----------------------------------------------------------------------------
+    @property
+    def image_mean(self) -> list[float]:
+        return list(self.augment[0].mean[: self.backbone.in_chans])
+
+    @property
+    def image_std(self) -> list[float]:
+        return list(self.augment[0].std[: self.backbone.in_chans])
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> the backbone's input (float, normalised as in training)."""
+        mean = torch.tensor(self.image_mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255 - mean) / std
+
+    def caption_term(self) -> Term | None:
+        return next((t for t in self.terms if isinstance(t.target, Caption)), None)
+
+    def encode_image(self, images: Tensor, head: str | None = None) -> Tensor:
+        """uint8 images -> pooled backbone features (B, D); ``head="caption"``: through the caption
+        term's decoder, the image embedding that :meth:`encode_text` matches."""
+        pooled = self.backbone.forward_features(self.normalize(images)).pooled
+        if head is None:
+            return pooled
+        if head != "caption" or self.caption_term() is None:
+            raise ValueError(f"recipe {self.recipe.name!r} has no {head!r} target to embed images for")
+        return self.caption_term().predict(pooled)
+
+    def encode_text(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> (B, D) text embeddings in the space of ``encode_image(..., head="caption")``."""
+        term = self.caption_term()
+        if term is None:
+            raise ValueError(f"recipe {self.recipe.name!r} has no text tower; zero-shot classification and "
+                             f"retrieval need a recipe with a caption target (clip, m3i)")
+        return Caption.encode(term, captions)
 
 
 def load_frozen(cfg: TermCfg, backbone: Backbone, head: nn.Module | None) -> Teacher:

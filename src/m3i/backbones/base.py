@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from ..schema import Strict
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Backbone(nn.Module):
     in_chans: int
     img_size: int
     supports_drop: bool = True  # can compute only the visible tokens (input mode "drop")
+    frozen_patch_embed: bool = False  # the patch embedding (stem) is not trained
 
     @property
     def num_patches(self) -> int:
@@ -47,6 +51,19 @@ class Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
+
+    def stem_module(self) -> nn.Module:
+        """The patch embedding: the layers that turn pixels into the first features."""
+        raise NotImplementedError
+
+    def freeze_patch_embed(self, frozen: bool = True) -> None:
+        """Keep the patch embedding at its initial (or loaded) weights (MoCo v3, SIM), or train it
+        again (``frozen=False``). Its parameters get ``requires_grad=False``, which ``deepcopy``,
+        ``.to()`` and ``load_state_dict`` keep; the optimiser groups of training and fine-tuning
+        leave such parameters out (their layer ids are unchanged). A batch norm in the stem still
+        normalises with batch statistics in training and tracks its running averages."""
+        self.frozen_patch_embed = bool(frozen)
+        self.stem_module().requires_grad_(not frozen)
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +85,32 @@ def visible_indices(visible: Tensor) -> Tensor:
     # a stable sort puts the True positions first in their original order
     order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)
     return order[:, :k]
+
+
+class BackboneCfg(Strict):
+    name: str = "vit_micro"
+    img_size: int = 32
+    # the token grid's stride in pixels; for ConvNeXt it picks the stem (final stride = 8·stem)
+    patch_size: int | None = 4
+    in_chans: int = 3
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    dims: list[int] | None = None
+    depths: list[int] | None = None
+    stem_stride: int | None = None
+    drop_path_rate: float = 0.0
+    # the patch embedding (a convolutional backbone's stem) is not trained (SIM, MoCo v3)
+    frozen_patch_embed: bool = False
+    grad_checkpointing: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        skip = {"name", "grad_checkpointing"}
+        kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
+        if self.name.startswith("convnext") and "patch_size" in kw:
+            stride = kw.pop("patch_size")
+            kw.setdefault("stem_stride", min(4, max(1, stride // 8)))
+        return kw
 
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}

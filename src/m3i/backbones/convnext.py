@@ -30,7 +30,7 @@ Masking. A convolution mixes neighbouring positions, so masked patches cannot be
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Backbone, Features, register, visible_indices
-from .vit import DropPath, Mlp
+from ..layers import DropPath, Mlp
 
 _MODES = ("drop", "mix", "fill")
 _STEM_STRIDES = (1, 2, 4)
@@ -109,7 +109,9 @@ class ConvNeXtHead(nn.Module):
 
 
 class ConvNeXt(Backbone):
-    """Hierarchical convolutional backbone (timm ``ConvNeXt`` state-dict layout)."""
+    """Hierarchical convolutional backbone (timm ``ConvNeXt`` state-dict layout).
+
+    ``frozen_patch_embed``: the stem (its conv and LayerNorm) is not trained (`freeze_patch_embed`)."""
 
     supports_drop = False  # a convolution sees every position: use mix or fill
 
@@ -125,6 +127,7 @@ class ConvNeXt(Backbone):
         mlp_ratio: float = 4.0,
         ls_init_value: float = 1e-6,
         timm_conv_mlp: bool = False,
+        frozen_patch_embed: bool = False,
     ):
         super().__init__()
         dims, depths = tuple(int(d) for d in dims), tuple(int(d) for d in depths)
@@ -169,6 +172,7 @@ class ConvNeXt(Backbone):
                 nn.init.constant_(blk.gamma, ls_init_value)
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.freeze_patch_embed(frozen_patch_embed)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -184,6 +188,9 @@ class ConvNeXt(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
+
+    def stem_module(self) -> nn.Module:
+        return self.stem
 
     @property
     def num_layers(self) -> int:

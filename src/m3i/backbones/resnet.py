@@ -14,14 +14,14 @@ forward pass is ConvNeXt's. The weights have no timm counterpart (timm's ResNet 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .base import register
 from .convnext import _STEM_STRIDES, ConvNeXt, ConvNeXtHead, build_stages
-from .vit import DropPath
+from ..layers import DropPath
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3, relu: bool = True) -> nn.Sequential:
@@ -54,11 +54,14 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(ConvNeXt):
-    """Residual 3×3-conv backbone with batch norm; the ConvNeXt forward pass and masking."""
+    """Residual 3×3-conv backbone with batch norm; the ConvNeXt forward pass and masking.
+
+    ``frozen_patch_embed``: the stem's conv and batch-norm affine are not trained
+    (`freeze_patch_embed`); its batch norm still normalises with batch statistics."""
 
     def __init__(self, img_size: int = 32, in_chans: int = 3, dims: Sequence[int] = (64, 128, 256, 512),
                  depths: Sequence[int] = (2, 2, 2, 2), drop_path_rate: float = 0.0, patch_size: int = 8,
-                 fill: bool = False):
+                 fill: bool = False, frozen_patch_embed: bool = False):
         nn.Module.__init__(self)
         dims, depths = tuple(int(d) for d in dims), tuple(int(d) for d in depths)
         if len(dims) not in (3, 4) or min(dims) < 1 or len(depths) != len(dims) or min(depths) < 1:
@@ -93,6 +96,7 @@ class ResNet(ConvNeXt):
                 nn.init.zeros_(blk.conv2[1].weight)
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.freeze_patch_embed(frozen_patch_embed)
 
     def timm_state_dict(self, conv_mlp: bool | None = None) -> dict[str, Tensor]:
         raise ValueError("the resnet_* backbones have no timm layout (timm's ResNet stem is a 7×7/2 conv and a "

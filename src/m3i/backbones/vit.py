@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..layers import Block
 from .base import Backbone, Features, register, visible_indices
 
 _MODES = ("drop", "mix", "fill")
@@ -65,24 +66,6 @@ def resample_pos_embed(table: Tensor, old_grid: tuple[int, int], new_grid: tuple
     return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(table.dtype)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: zero a residual branch per sample with probability ``p`` (training only)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches -> D-dim tokens (B, N, D), row-major order."""
 
@@ -92,57 +75,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and optional boolean mask."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
-        # attn_mask: (B, 1, L, L) bool, True = may attend; broadcast over heads
-        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # the CPU's fused bf16 attention kernel runs ~3.6x slower than its fp32 one
-            # (benchmarks/attention_cpu.py); attend in fp32 there, everything else stays bf16
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -177,7 +109,9 @@ def _gather(x: Tensor, idx: Tensor) -> Tensor:
 @register("vit_large", embed_dim=1024, depth=24, num_heads=16)
 @register("vit_huge", embed_dim=1280, depth=32, num_heads=16, patch_size=14)
 class VisionTransformer(Backbone):
-    """ViT with a class token; pooled output is the final-normed class token."""
+    """ViT with a class token; pooled output is the final-normed class token.
+
+    ``frozen_patch_embed``: the patch embedding is not trained (`freeze_patch_embed`)."""
 
     def __init__(
         self,
@@ -191,6 +125,7 @@ class VisionTransformer(Backbone):
         drop_path_rate: float = 0.0,
         learn_pos_embed: bool = False,
         fill: bool = False,
+        frozen_patch_embed: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -236,6 +171,7 @@ class VisionTransformer(Backbone):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.reset_parameters()
+        self.freeze_patch_embed(frozen_patch_embed)
 
     # ------------------------------------------------------------------ init / export
     @torch.no_grad()
@@ -270,6 +206,9 @@ class VisionTransformer(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
+
+    def stem_module(self) -> nn.Module:
+        return self.patch_embed
 
     @property
     def num_layers(self) -> int:

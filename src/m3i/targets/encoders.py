@@ -3,10 +3,91 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
+
+from ..backbones import BackboneCfg
+from ..schema import Strict, union_of
+from .text import TextEncoderCfg
+
+
+class TargetEncoderCfg(Strict):
+    kind: str
+    # a copy of the online backbone (and of the term's head) that the objective keeps and updates
+    copies_backbone: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        """The target encoder in the words of the special-case table."""
+        raise NotImplementedError
+
+
+class IdentityCfg(TargetEncoderCfg):
+    """The pixels themselves (MAE)."""
+
+    kind: Literal["identity"]
+    patch_norm: bool = True  # normalise each patch's pixels
+
+    def describe(self) -> str:
+        return "identity"
+
+
+class ClassTableCfg(TargetEncoderCfg):
+    """Learned category embeddings."""
+
+    kind: Literal["class_table"]
+    normalize: bool = True
+    bias: bool = False
+
+    def describe(self) -> str:
+        return "learned class embeddings"
+
+
+class FeatureTargetCfg(TargetEncoderCfg):
+    """An encoder of image views: the online backbone, its EMA copy or a frozen model."""
+
+    # dense targets: the average of the top-K block outputs (data2vec), and their normalisation
+    top_k: int = Field(0, ge=0)
+    norm: Literal["none", "layer", "instance"] = "none"
+
+    def _layers(self) -> str:
+        return f", top-{self.top_k} layers" if self.top_k else ""
+
+
+class EMAEncoderCfg(FeatureTargetCfg):
+    kind: Literal["ema"]
+    copies_backbone: ClassVar[bool] = True
+    head: bool = False  # the target also passes the EMA copy of the term's projector
+
+    def describe(self) -> str:
+        return "EMA encoder" + (" + projector" if self.head else "") + self._layers()
+
+
+class OnlineEncoderCfg(FeatureTargetCfg):
+    kind: Literal["online"]
+    # stop the gradient through the target (SimSiam); a Gaussian estimate needs it
+    stop_gradient: bool = False
+
+    def describe(self) -> str:
+        return "the same encoder" + (" (stop-gradient)" if self.stop_gradient else "")
+
+
+class FrozenEncoderCfg(FeatureTargetCfg):
+    kind: Literal["frozen"]
+    copies_backbone: ClassVar[bool] = True
+    head: bool = False
+    weights: str  # a safetensors file, m3i's or timm's layout
+    backbone: BackboneCfg | None = None  # another architecture than the online one
+
+    def describe(self) -> str:
+        return "frozen model" + self._layers()
+
+
+TARGET_ENCODER_CONFIGS = (IdentityCfg, ClassTableCfg, TextEncoderCfg, EMAEncoderCfg, OnlineEncoderCfg, FrozenEncoderCfg)
+TargetEncoderUnion = union_of(TARGET_ENCODER_CONFIGS)
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -75,9 +156,16 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]):
+        from ..layers import DropPath
+
         super().__init__()
         self.backbone = copy.deepcopy(backbone)
         self.heads = nn.ModuleDict({k: copy.deepcopy(v) for k, v in heads.items()})
+        # the target is the whole network, the same in train and eval mode: no stochastic depth
+        # (batch norm keeps following the mode: BYOL's target normalises with batch statistics)
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.p = 0.0
         self.requires_grad_(False)
 
     @torch.no_grad()

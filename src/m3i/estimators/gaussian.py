@@ -1,0 +1,61 @@
+"""Gaussian estimator: p̂(z | ẑ) ∝ exp(−‖ẑ − z‖² / 2σ²), a squared error (BYOL, MAE, data2vec)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ESTIMATORS, Estimator, EstimatorCfg
+
+
+def gaussian(pred: Tensor, target: Tensor, normalize: bool = False, reduce: str = "mean") -> Tensor:
+    """Squared error −log p̂ of a Gaussian p̂ (up to constants), averaged over rows.
+
+    pred, target: (..., D). normalize: compare unit vectors (‖a − b‖² = 2 − 2cos, BYOL).
+    reduce: "mean" averages over D (MSE), "sum" sums over D.
+    """
+    pred, target = pred.float(), target.float()
+    if normalize:
+        pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    err = (pred - target).pow(2)
+    err = err.mean(-1) if reduce == "mean" else err.sum(-1)
+    return err.mean()
+
+
+class GaussianCfg(EstimatorCfg):
+    kind: Literal["gaussian"]
+    # compare unit vectors (BYOL)
+    normalize: bool = False
+    reduce: Literal["mean", "sum"] = "mean"
+
+
+@ESTIMATORS.register
+class Gaussian(Estimator):
+    """No candidates, so nothing pushes predictions apart: the target must not follow the
+    prediction's gradient (an EMA or frozen encoder, or an explicit stop-gradient)."""
+
+    kind = "gaussian"
+    Config = GaussianCfg
+    forms = frozenset({"paired", "dense"})
+
+    @classmethod
+    def check(cls, term, form: str) -> None:
+        super().check(term, form)
+        enc = term.target_encoder
+        if form == "paired" and enc.kind == "online" and not enc.stop_gradient:
+            raise ValueError("target_encoder.stop_gradient: a Gaussian estimate against the online encoder "
+                             "collapses (both sides move to a constant) unless the target's gradient is "
+                             "stopped; set target_encoder.stop_gradient: true, or use an 'ema' target encoder")
+
+    def paired(self, pred, target, avail, temperature):
+        if avail is not None:
+            pred, target = pred[avail], target[avail]
+        return gaussian(pred, target, self.cfg.normalize, self.cfg.reduce)
+
+    def dense(self, pred, target):
+        return gaussian(pred, target, self.cfg.normalize, self.cfg.reduce)
+
+    @classmethod
+    def describe(cls, cfg: GaussianCfg) -> str:
+        return "Gaussian" + (" on normalised features" if cfg.normalize else "")

@@ -1,0 +1,143 @@
+"""What every kind of target answers to, and the flow shared by the dense ones."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..backbones import Backbone, visible_indices
+from ..estimators import ESTIMATORS, FORMS
+from ..registry import Registry
+from ..schema import Strict
+from ..views import absolute_positions, relative_positions
+
+if TYPE_CHECKING:  # the objective's classes, used here only in annotations
+    from ..objective import Context, Term
+
+
+class TargetCfg(Strict):
+    kind: str
+
+
+class Target:
+    """A kind of target z of a term I(ẑ; z): what the term predicts and from which view.
+
+    A target kind names the target encoders it can be read with (``encoders``), the shape in
+    which an estimator sees it (``form``: one of :data:`m3i.estimators.FORMS`), builds the modules
+    it owns onto its term (:meth:`build`) and computes the term (:meth:`loss`). The term holds the
+    decoder, the estimator and those modules; the objective holds the views and the encoders.
+    """
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[TargetCfg]]
+    form: ClassVar[str]
+    encoders: ClassVar[tuple[str, ...]]
+    image: ClassVar[bool] = False  # the target is an image view (``target.view`` names it)
+
+    @classmethod
+    def check(cls, term) -> None:
+        """Raise ValueError, naming the field, when ``term`` (a TermCfg) combines parts that do
+        not fit this kind of target."""
+        enc = term.target_encoder.kind
+        if enc not in cls.encoders:
+            raise ValueError(f"target_encoder.kind: a {cls.kind!r} target needs "
+                             f"{' or '.join(repr(e) for e in cls.encoders)}, got {enc!r}")
+        decoder = "dense" if cls.form == "dense" else "global"
+        if term.decoder.kind != decoder:
+            raise ValueError(f"decoder.kind: a {cls.kind!r} target ({FORMS[cls.form]}) needs the {decoder!r} decoder")
+        ESTIMATORS[term.estimator.kind].check(term, cls.form)
+
+    @classmethod
+    def check_views(cls, term, views) -> None:
+        """Raise ValueError when ``term`` does not fit the recipe's ``views`` (a ViewsCfg)."""
+
+    @classmethod
+    def views(cls, term) -> set[int]:
+        """The views of the batch the term reads."""
+        used = {term.source.view} | ({term.target.view} if cls.image else set())
+        return used | ({1} if term.swap_views else set())
+
+    @classmethod
+    def describe(cls, term) -> str:
+        """The target in the words of the special-case table."""
+        raise NotImplementedError
+
+    def out_dim(self, cfg, backbone: Backbone) -> int | None:
+        """The width of a dense decoder's predictions for the term ``cfg`` (None: a global
+        decoder's own width)."""
+        return None
+
+    def build(self, term: Term, backbone: Backbone, num_classes: int) -> None:
+        """Add the modules this target owns (a class table, a text tower) to ``term``."""
+
+    def prepare(self, term: Term, data) -> None:
+        """Work done once before training (a frozen text tower embeds every caption of ``data``)."""
+
+    def loss(self, term: Term, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
+        """-> (the term's loss, the number of samples that carried this target)."""
+        raise NotImplementedError
+
+
+TARGETS: Registry[type[Target]] = Registry("target kind")
+
+
+class DenseTarget(Target):
+    """A target per patch: the masked source view's visible tokens are projected, and the decoder
+    predicts one token per query (the masked patches of the same view, or every patch of the
+    target view placed relative to the source view)."""
+
+    form = "dense"
+    image = True
+
+    @classmethod
+    def check(cls, term) -> None:
+        super().check(term)
+        if not term.source.masked:
+            raise ValueError("source.masked: a dense prediction needs a masked source view")
+        if term.decoder.queries == "target_view" and term.target.view == term.source.view:
+            raise ValueError("decoder.queries: 'target_view' queries need a target view other than the source view")
+        if term.decoder.queries == "masked" and term.target.view != term.source.view:
+            raise ValueError("decoder.queries: 'masked' queries predict the source view itself; "
+                             "set target.view to source.view")
+
+    def query_view(self, term: Term, s: int, t: int):
+        """The view the queries sit on (a view index, or a pair in the mixed input)."""
+        return t
+
+    def dense_target(self, term: Term, ctx: Context, t, abs_pos: Tensor) -> Tensor:
+        """(B, N, D) target tokens of view ``t`` at every patch."""
+        raise NotImplementedError
+
+    def loss(self, term, ctx, s, t):
+        grid = ctx.obj.backbone.grid_size
+        feats = ctx.online(s, True)
+        vis = ctx.visible(s)
+        vis_idx, hid_idx = visible_indices(vis), visible_indices(~vis)
+        abs_pos = absolute_positions(grid, device=vis.device)            # (N, 4)
+        cls = feats.pooled if term.cfg.decoder.cls_token else None
+        context = term.decoder.project(feats.tokens, abs_pos[vis_idx], cls=cls)
+        if term.cfg.decoder.queries == "masked":
+            qpos, sel = abs_pos[hid_idx], hid_idx
+        else:
+            t = self.query_view(term, s, t)
+            _, box_s, flip_s = ctx.view(s)
+            _, box_t, flip_t = ctx.view(t)
+            qpos = relative_positions(box_s, flip_s, box_t, flip_t, grid)
+            sel = None
+        pred = term.decoder.predict(context, qpos, pos=abs_pos[vis_idx])
+        target = self.dense_target(term, ctx, t, abs_pos)
+        if sel is not None:
+            target = torch.gather(target, 1, sel.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        pred, target = pred.flatten(0, 1), target.flatten(0, 1).detach()
+        return term.estimator.dense(pred, target), ctx.batch_size
+
+
+def zero_loss(module: nn.Module, like: Tensor) -> Tensor:
+    """A loss of 0 that still touches every trainable parameter of ``module`` (no NaN, no unused
+    parameters under DDP) for a batch with no sample carrying the target."""
+    z = like.sum() * 0.0
+    for p in module.parameters():
+        if p.requires_grad:
+            z = z + p.sum() * 0.0
+    return z

@@ -1,0 +1,60 @@
+"""The caption target: an image predicts its paired caption's text embedding among the batch's (CLIP)."""
+from __future__ import annotations
+
+from typing import Literal
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist
+from .base import TARGETS, Target, TargetCfg, zero_loss
+
+
+class CaptionCfg(TargetCfg):
+    kind: Literal["caption"]
+
+
+@TARGETS.register
+class Caption(Target):
+    kind = "caption"
+    Config = CaptionCfg
+    form = "paired"
+    encoders = ("text",)
+
+    @classmethod
+    def check(cls, term) -> None:
+        super().check(term)
+        if term.estimator.kind != "boltzmann":  # images without a caption must not enter a mean
+            raise ValueError(f"estimator.kind: a 'caption' target is scored with 'boltzmann', got {term.estimator.kind!r}")
+
+    @classmethod
+    def describe(cls, term) -> str:
+        return "paired caption"
+
+    def build(self, term, backbone, num_classes):
+        tower = term.cfg.target_encoder.build()
+        term.text = tower
+        term.text_proj = nn.Linear(tower.out_dim, term.predictor.out_dim)
+
+    def prepare(self, term, data) -> None:
+        """A frozen tower embeds every caption of the data once, up front."""
+        if term.cfg.target_encoder.frozen and hasattr(term.text, "precompute"):
+            term.text.precompute(data.captions())
+
+    @staticmethod
+    def encode(term, captions: Sequence[str | None]) -> Tensor:
+        """(B, D) target embeddings of captions (no caption: the empty text)."""
+        text = term.text([c if c is not None else "" for c in captions])
+        return term.text_proj(text.to(term.text_proj.weight.dtype))
+
+    def loss(self, term, ctx, s, t):
+        captions = ctx.batch["caption"]
+        avail = torch.tensor([c is not None for c in captions], device=ctx.views.images[s].device)
+        pooled = ctx.online(s, term.cfg.source.masked).pooled
+        n = int(dist.gather(avail.long()).sum())
+        if n == 0:
+            return zero_loss(term, pooled), 0
+        pred = term.predict(pooled)
+        target = self.encode(term, captions)
+        return term.estimator.paired(pred, target, avail, term.temperature), int(avail.sum())

@@ -1,0 +1,42 @@
+"""The category target: a labelled image predicts its class among every class (supervised)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .. import distributed as dist
+from .base import TARGETS, Target, TargetCfg, zero_loss
+from .encoders import ClassTable
+
+
+class LabelCfg(TargetCfg):
+    kind: Literal["label"]
+
+
+@TARGETS.register
+class Label(Target):
+    kind = "label"
+    Config = LabelCfg
+    form = "classes"
+    encoders = ("class_table",)
+
+    @classmethod
+    def describe(cls, term) -> str:
+        return "category"
+
+    def build(self, term, backbone, num_classes):
+        enc = term.cfg.target_encoder
+        term.classes = ClassTable(num_classes, term.predictor.out_dim, enc.normalize, enc.bias)
+
+    def loss(self, term, ctx, s, t):
+        label = ctx.batch["label"]
+        rows = (label >= 0).nonzero().squeeze(1)
+        pooled = ctx.online(s, term.cfg.source.masked).pooled
+        # every rank counts the labelled rows of all ranks (a collective, so before any early return)
+        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
+        if rows.numel() == 0:
+            return zero_loss(term, pooled), 0
+        pred = term.predict(pooled[rows])
+        cand, bias = term.classes()
+        return term.estimator.classes(pred, cand, bias, label[rows], term.temperature, n_all), int(rows.numel())

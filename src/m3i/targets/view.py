@@ -1,0 +1,49 @@
+"""The view target: an image predicts the global embedding of another (or the same) augmented view
+(SimCLR, BYOL, MoCo v3)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .base import TARGETS, Target, TargetCfg
+
+
+class ViewCfg(TargetCfg):
+    kind: Literal["view"]
+    view: int = Field(0, ge=0, le=1)
+
+
+def view_words(term) -> str:
+    """'the full same view' or 'view N'."""
+    return "the full same view" if term.target.view == term.source.view else f"view {term.target.view + 1}"
+
+
+@TARGETS.register
+class View(Target):
+    kind = "view"
+    Config = ViewCfg
+    form = "paired"
+    encoders = ("ema", "online", "frozen")
+    image = True
+
+    @classmethod
+    def describe(cls, term) -> str:
+        return view_words(term)
+
+    def loss(self, term, ctx, s, t):
+        pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
+        return term.estimator.paired(pred, self.target(term, ctx, t), None, term.temperature), pred.shape[0]
+
+    @staticmethod
+    def target(term, ctx, t: int):
+        enc = term.cfg.target_encoder
+        if enc.kind == "online":
+            z = term.decoder(ctx.online(t, False).pooled)
+            return z.detach() if enc.stop_gradient else z
+        feats = ctx.copy(term, t)
+        if enc.head:
+            with torch.no_grad():
+                return ctx.obj.copy_of(term).heads[term.name](feats.pooled)
+        return feats.pooled
