@@ -19,11 +19,11 @@ from m3i.data import (
     ImageFolder,
     Manifest,
     Shards,
-    builtin_source,
+    build_source,
     data_root,
     read_idx,
 )
-from m3i.data import sources as sources_mod
+from m3i.data import shards as shards_mod
 
 
 def png(path: Path, color, size=(6, 5), mode="RGB") -> Path:
@@ -189,8 +189,8 @@ def test_shard_index_is_cached(tmp_path, monkeypatch):
     (p,) = write_shards(tmp_path, (2,))
     Shards(str(p))
     calls = []
-    real_open = sources_mod.tarfile.open
-    monkeypatch.setattr(sources_mod.tarfile, "open", lambda *a, **k: calls.append(a) or real_open(*a, **k))
+    real_open = shards_mod.tarfile.open
+    monkeypatch.setattr(shards_mod.tarfile, "open", lambda *a, **k: calls.append(a) or real_open(*a, **k))
     again = Shards([str(p)], labels=False, captions=False)
     assert calls == []
     assert again.get(1) == {"image": again.get(1)["image"], "label": -1, "caption": None}
@@ -319,20 +319,20 @@ def test_builtin_specs(tmp_path, monkeypatch):
     fake_emoji(tmp_path / "emoji")
     png(tmp_path / "imgs" / "c" / "a.png", (0, 0, 0))
     monkeypatch.setenv("M3I_DATA", str(tmp_path))
-    assert builtin_source("fashion-mnist").name == "fashion-mnist:train"
-    assert builtin_source("fashion-mnist:test?labels=false").num_classes == 0
-    assert builtin_source("emoji:subcategory").num_classes == 2
-    e = builtin_source("emoji?captions=0&labels=0")
+    assert build_source("fashion-mnist").name == "fashion-mnist:train"
+    assert build_source("fashion-mnist:test?labels=false").num_classes == 0
+    assert build_source("emoji:subcategory").num_classes == 2
+    e = build_source("emoji?captions=0&labels=0")
     assert e.num_classes == 0 and not e.has_captions
-    assert builtin_source("emoji", captions=False).get(0)["caption"] is None
-    assert builtin_source(f"folder:{tmp_path / 'imgs'}").class_names == ["c"]
+    assert build_source("emoji", captions=False).get(0)["caption"] is None
+    assert build_source(f"folder:{tmp_path / 'imgs'}").class_names == ["c"]
     with pytest.raises(ValueError, match=r"accepted forms: fashion-mnist\[:train\|test\|fit\|val\]"):
-        builtin_source("imagenet:/data")
+        build_source("imagenet:/data")
     with pytest.raises(ValueError, match="split"):
-        builtin_source("fashion-mnist:dev")
+        build_source("fashion-mnist:dev")
     with pytest.raises(ValueError, match="emoji takes a label"):
-        builtin_source("emoji:category:dev")
-    assert builtin_source("emoji:subcategory:train").name == "emoji:subcategory:train"
+        build_source("emoji:category:dev")
+    assert build_source("emoji:subcategory:train").name == "emoji:subcategory:train"
 
 
 # ------------------------------------------------------------------------------ digits
@@ -346,7 +346,7 @@ def test_digits_from_the_csv(tmp_path, monkeypatch):
     with gzip.open(tmp_path / "digits" / "digits.csv.gz", "wt") as f:
         np.savetxt(f, rows, delimiter=",", fmt="%d")
     monkeypatch.setenv("M3I_DATA", str(tmp_path))
-    train, test = builtin_source("digits"), builtin_source("digits:test")
+    train, test = build_source("digits"), build_source("digits:test")
     assert len(train) + len(test) == 20 and len(test) == 4 and train.num_classes == 10
     img = train.get(0)["image"]
     assert img.size == (8, 8) and img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (0, 0, 0)
@@ -354,4 +354,4 @@ def test_digits_from_the_csv(tmp_path, monkeypatch):
     with gzip.open(tmp_path / "digits" / "digits.csv.gz", "wt") as f:
         np.savetxt(f, rows[:, :10], delimiter=",", fmt="%d")
     with pytest.raises(ValueError, match="64 pixel values and a label"):
-        builtin_source("digits")
+        build_source("digits")

@@ -1,20 +1,19 @@
-"""Data layer: random-access sources and the weighted, reproducible mixture of them."""
+"""Data layer: random-access sources, one module per format, built from short specs, and the
+weighted, reproducible mixture of them."""
 
-from .builtin import SPEC_FORMS, builtin_source, parse_spec
+from .source import Source, data_root, decode_image
+from .spec import SPEC_FORMS, Spec, build_source, parse_spec, register_source
 from .mixture import Mixture, SourceUnreadableError
-from .sources import (
-    FASHION_MNIST_CLASSES,
-    Digits,
-    Emoji,
-    FashionMNIST,
-    ImageFolder,
-    Manifest,
-    Shards,
-    Source,
-    data_root,
-    decode_image,
-    read_idx,
-)
+
+# each format module registers its spec kind when imported: this order is the order of SPEC_FORMS
+# isort: off
+from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, read_idx
+from .emoji import Emoji
+from .digits import Digits
+from .folder import ImageFolder
+from .manifest import Manifest
+from .shards import Shards
+# isort: on
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -28,9 +27,11 @@ __all__ = [
     "Shards",
     "Source",
     "SourceUnreadableError",
-    "builtin_source",
+    "Spec",
+    "build_source",
     "data_root",
     "decode_image",
     "parse_spec",
     "read_idx",
+    "register_source",
 ]

@@ -18,14 +18,15 @@ Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .sources import Source
+from .source import Source
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Mixture(IterableDataset):
 
     Args:
         sources: the sources (objects with ``__len__``, ``get``, ``name``, ``num_classes``,
-            ``class_names``, ``locate``, ``all_captions``; see :mod:`m3i.data.sources`).
+            ``class_names``, ``locate``, ``all_captions``; see :mod:`m3i.data.source`).
         weights: one non-negative weight per source (normalised); ``None`` for equal weights.
         batch_size: samples per batch (per rank).
         image_size: side S of the square uint8 images.
@@ -227,7 +228,7 @@ class Mixture(IterableDataset):
                         raise SourceUnreadableError(
                             f"source {src.name!r}: {lost} of the {drawn} images read are unreadable "
                             f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {src.locate(i)}: "
-                            f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost")
+                            f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost") from None
                     if failures >= self.max_failures:
                         raise SourceUnreadableError(
                             f"source {src.name!r} gave {failures} unreadable images in a row "

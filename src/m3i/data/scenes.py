@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sources import Emoji, FashionMNIST
+from .emoji import Emoji
+from .fashion_mnist import FashionMNIST
 from .splits import SPLITS
 
 SCENE_DATASETS = ("fashion-mnist-scenes", "emoji-scenes")

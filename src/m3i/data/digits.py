@@ -1,0 +1,48 @@
+"""The UCI handwritten digits, 8×8 gray (spec ``digits[:train|test|fit|val|all]``)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import GrayArraySource
+from .source import FETCH_HINT, data_root
+from .spec import Spec, register_source
+from .splits import SPLITS, grouped_split
+
+
+class Digits(GrayArraySource):
+    """The UCI handwritten digits (1,797 images, 8×8, 17 grey levels, classes 0–9), from
+    ``$M3I_DATA/digits/digits.csv.gz`` (``scripts/fetch_data.sh digits``). No built-in mix
+    pre-trains on them: they are the check on an image kind a backbone never saw. ``split`` is
+    ``train``, ``test``, ``fit`` or ``val`` of :mod:`m3i.data.splits` (seeded 80/20)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", labels: bool = True,
+                 captions: bool = True, name: str | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"digits split must be one of {', '.join(SPLITS)}, got {split!r}")
+        super().__init__(labels=labels, captions=captions, name=name or f"digits:{split}")
+        self.path = (Path(root).expanduser() if root is not None else data_root() / "digits") / "digits.csv.gz"
+        if not self.path.is_file():
+            raise FileNotFoundError(f"digits not found at {str(self.path)!r}; {FETCH_HINT}")
+        with gzip.open(self.path, "rt") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != 65:
+            raise ValueError(f"{self.path}: expected rows of 64 pixel values and a label, got shape {rows.shape}")
+        keep = grouped_split(range(len(rows)), split)
+        self.file_index, self._images_file = keep, self.path
+        self.images = np.round(rows[keep, :64] * (255 / 16)).clip(0, 255).astype(np.uint8).reshape(-1, 8, 8)
+        self.targets = rows[keep, 64].astype(np.int64)
+        self._require_samples(len(self.images), f"the {split!r} split of {self.path} is empty")
+        self._class_names = [str(d) for d in range(10)]
+
+
+@register_source("digits", "digits[:train|test|fit|val|all]")
+def _build(spec: Spec) -> Digits:
+    split = (spec.arg or "train").strip().lower()
+    if split not in SPLITS:
+        raise spec.error(f"digits split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return Digits(split=split, **spec.common)

@@ -1,0 +1,163 @@
+"""Image-text (and label) pairs listed in a JSONL or CSV file (spec ``manifest:PATH``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterator
+
+import numpy as np
+
+from .source import Source, clean_caption, decode_image, parse_label
+from .spec import Spec, register_source
+
+log = logging.getLogger(__name__)
+
+
+class Manifest(Source):
+    """Image-text (and optionally label) pairs listed in a JSONL or CSV file.
+
+    Fields: ``path`` (relative to the manifest's folder, or absolute), ``caption``, and an
+    optional integer ``label`` (``-1`` or empty for none). JSONL is one object per line (blank
+    lines ignored); CSV has a header row. The format follows the extension (``.jsonl``,
+    ``.json``, ``.ndjson`` or ``.csv``), otherwise the first character (``{`` means JSONL).
+
+    A row with invalid JSON, a missing field or a bad label is dropped and counted in
+    ``num_dropped`` (the reasons name the file, line and field); a CSV header without ``path``
+    and ``caption`` raises ``ValueError``. Rows whose caption is empty, huge or not UTF-8 are
+    kept without a caption (``num_bad_captions``). Both counts are reported once as a warning.
+    A missing image file is found when it is read, and skipped by the mixture like any other
+    unreadable image.
+    """
+
+    provides_captions = True
+
+    def __init__(self, path: str | os.PathLike, labels: bool = True, captions: bool = True,
+                 name: str | None = None):
+        super().__init__(labels=labels, captions=captions, name=name or f"manifest:{path}")
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"manifest {str(self.path)!r} not found: expected a JSONL or CSV file with fields "
+                "'path', 'caption' and optional 'label'"
+            )
+        base = self.path.parent
+        paths: list[str] = []
+        caps: list[str | None] = []
+        labs: list[int] = []
+        empty, bad_caps = 0, {}
+        for line, row in self._rows():
+            where = f"{self.path}:{line}"
+            if isinstance(row, str):  # a row that is no JSON object
+                self._drop(f"{where}: {row}")
+                continue
+            missing = [f for f in ("path", "caption") if f not in row or (f == "path" and row[f] is None)]
+            if missing:
+                self._drop(f"{where}: missing field {missing[0]!r}")
+                continue
+            p = str(row["path"]).strip()
+            if not p:
+                self._drop(f"{where}: field 'path' is empty")
+                continue
+            lab = parse_label(row.get("label"))
+            if lab is None:
+                self._drop(f"{where}: field 'label' must be an integer >= 0 (or -1/empty for none), "
+                           f"got {row.get('label')!r}")
+                continue
+            cap, why = clean_caption(row["caption"])
+            if why == "empty":
+                empty += 1
+            elif why:
+                bad_caps.setdefault(why, f"{where}")
+            paths.append(p if os.path.isabs(p) else str(base / p))
+            caps.append(cap)
+            labs.append(lab)
+        self._require_samples(len(paths), f"{self.path} lists no usable row")
+        self.num_bad_captions = sum(c is None for c in caps)  # empty, huge or not UTF-8
+        if empty and self.captions:
+            msg = (f"{self.path}: {empty} of {len(paths)} rows have an empty caption; "
+                   "they are used without a caption")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        if bad_caps and self.captions:
+            msg = (f"{self.path}: {self.num_bad_captions - empty} captions are dropped ("
+                   + ", ".join(f"{why}, first at {w}" for why, w in bad_caps.items()) + "); those images are used without a caption")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        if self.num_dropped:
+            msg = (f"{self.path}: {self.num_dropped} of {self.num_dropped + len(paths)} rows dropped "
+                   f"(first: {self.dropped[0]})")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        self.paths = paths
+        self._captions = caps
+        self.targets = np.asarray(labs, dtype=np.int64)
+        top = int(self.targets.max())
+        self._class_names = [str(c) for c in range(top + 1)] if top >= 0 else []
+        self.num_empty_captions = empty
+
+    def _format(self) -> str:
+        ext = self.path.suffix.lower()
+        if ext in (".jsonl", ".json", ".ndjson"):
+            return "jsonl"
+        if ext in (".csv",):
+            return "csv"
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+            head = f.read(1024).lstrip()
+        return "jsonl" if head.startswith("{") else "csv"
+
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        """(line, row) pairs; the row is a string saying what is wrong when it cannot be parsed.
+        Bytes that are not UTF-8 come through as surrogates (see :func:`clean_caption`)."""
+        if self._format() == "jsonl":
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                for line, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        row = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        yield line, f"invalid JSON ({e.msg})"
+                        continue
+                    if not isinstance(row, dict):
+                        yield line, f"expected a JSON object, got {type(row).__name__}"
+                        continue
+                    yield line, row
+        else:
+            with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                reader = csv.DictReader(f)
+                header = reader.fieldnames or []
+                for field in ("path", "caption"):
+                    if field not in header:
+                        raise ValueError(f"{self.path}:1: missing field {field!r} in the CSV header {header}")
+                for row in reader:
+                    # DictReader fills absent trailing cells with None
+                    yield reader.line_num, {k: v for k, v in row.items() if v is not None and k is not None}
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _image(self, i, draft):
+        return decode_image(self.paths[i], draft)
+
+    def _label(self, i):
+        return int(self.targets[i])
+
+    def _caption(self, i):
+        return self._captions[i]
+
+    def _all_captions(self):
+        return self._captions
+
+    def locate(self, i):
+        return self.paths[i]
+
+
+@register_source("manifest", "manifest:PATH")
+def _build(spec: Spec) -> Manifest:
+    return Manifest(spec.path(), **spec.common)

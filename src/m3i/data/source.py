@@ -1,0 +1,223 @@
+"""The source contract shared by every format, and the helpers the formats share.
+
+Every source is a sequence of samples addressed by index. ``get(i)`` returns a dict with
+
+- ``image``: a decoded ``PIL.Image`` in RGB (transparency composited on white),
+- ``label``: an ``int`` class index, ``-1`` for none,
+- ``caption``: a ``str`` or ``None``.
+
+Sources carry ``name``, ``num_classes`` (0 when the source has no labels or they are hidden)
+and ``class_names``. Two switches hide annotations so that a labelled or captioned set can
+also serve as plain images: ``labels=False`` and ``captions=False``.
+
+Formats, one module each: :mod:`~m3i.data.folder` (class subfolders or a flat folder),
+:mod:`~m3i.data.manifest` (JSONL or CSV listing ``path``, ``caption`` and an optional ``label``),
+:mod:`~m3i.data.shards` (WebDataset tar shards in the LAION layout, indexed once for random
+access) and the built-in sets :mod:`~m3i.data.fashion_mnist`, :mod:`~m3i.data.emoji` and
+:mod:`~m3i.data.digits`. :mod:`~m3i.data.spec` builds any of them from a short spec.
+
+Decoding errors are not caught here: ``get`` raises (``OSError``, ``ValueError``, ...) and the
+mixture decides what to do (skip and count). ``locate(i)`` names the file behind a sample for
+error messages. Entries that are broken before any image is read (a manifest row without a
+path or with a non-integer label, the unreadable tail of a truncated shard) are dropped while
+indexing and counted in ``num_dropped`` (reasons in ``dropped``). A caption that is empty,
+longer than ``MAX_CAPTION_CHARS`` or not UTF-8 is dropped (the image is kept without it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+FETCH_HINT = "fetch it with `make data` or `scripts/fetch_data.sh`"
+MAX_CAPTION_CHARS = 10_000
+
+
+def data_root() -> Path:
+    """Folder holding the built-in data sets: ``$M3I_DATA`` if set, else ``~/.cache/m3i``."""
+    env = os.environ.get("M3I_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "m3i"
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels are composited on white, 16-bit gray
+    is scaled to 8 bits (PIL's own conversion would clip it to white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        a = a >> 8 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(src: str | os.PathLike | bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a file path or encoded bytes into a fully loaded RGB image.
+
+    ``draft`` (width, height) lets JPEG decoding pick a reduced scale that still covers that
+    size, which makes decoding large photos for small training resolutions much cheaper.
+    Raises on unreadable, truncated or non-image data.
+    """
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, never decode
+        with Image.open(fp) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.load()
+            return to_rgb(im)
+
+
+class Source:
+    """Base class of all sources: indexing, annotation switches and the sample dict.
+
+    Subclasses implement ``__len__``, ``_image(i, draft)``, and where they have annotations
+    ``_label(i)`` / ``_caption(i)``, ``_all_captions()`` and ``locate(i)``. They set
+    ``self._class_names`` (empty when the data has no labels) and ``provides_captions``.
+    """
+
+    provides_captions: bool = False
+
+    def __init__(self, *, labels: bool = True, captions: bool = True, name: str | None = None):
+        self.labels = bool(labels)
+        self.captions = bool(captions)
+        self.name = name or type(self).__name__
+        self._class_names: list[str] = []
+        self.num_dropped = 0  # entries dropped while indexing
+        self.dropped: list[str] = []  # the first reasons, for messages
+
+    # annotations ---------------------------------------------------------------------------
+    @property
+    def has_labels(self) -> bool:
+        return self.labels and len(self._class_names) > 0
+
+    @property
+    def has_captions(self) -> bool:
+        return self.captions and self.provides_captions
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names) if self.has_labels else []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names) if self.has_labels else 0
+
+    # access --------------------------------------------------------------------------------
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self.name}: index {i} out of range for {n} samples")
+        return i
+
+    def get(self, i: int, draft: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Sample ``i`` as ``dict(image=RGB PIL image, label=int (-1 none), caption=str|None)``."""
+        i = self._index(i)
+        image = self._image(i, draft)
+        label = self._label(i) if self.has_labels else -1
+        caption = self._caption(i) if self.has_captions else None
+        return {"image": image, "label": int(label), "caption": caption}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.get(i)
+
+    def locate(self, i: int) -> str:
+        """Where sample ``i`` lives (a path), for messages."""
+        return f"{self.name}[{i}]"
+
+    def all_captions(self) -> list[str]:
+        """Every non-empty caption of the source in index order (empty when captions are off)."""
+        if not self.has_captions:
+            return []
+        return [c for c in self._all_captions() if c]
+
+    def _image(self, i: int, draft: tuple[int, int] | None) -> Image.Image:  # pragma: no cover
+        raise NotImplementedError
+
+    def _label(self, i: int) -> int:
+        return -1
+
+    def _caption(self, i: int) -> str | None:
+        return None
+
+    def _all_captions(self) -> Iterable[str | None]:
+        return (self._caption(i) for i in range(len(self)))
+
+    def _require_samples(self, n: int, what: str) -> None:
+        if n == 0:
+            first = f" (first dropped: {self.dropped[0]})" if self.dropped else ""
+            raise ValueError(f"source {self.name!r} has no usable sample: {what}{first}")
+
+    def _drop(self, reason: str) -> None:
+        self.num_dropped += 1
+        if len(self.dropped) < 5:
+            self.dropped.append(reason)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, len={len(self)}, "
+            f"num_classes={self.num_classes}, captions={self.has_captions})"
+        )
+
+
+def clean_caption(text: Any) -> tuple[str | None, str | None]:
+    """(caption or None, why it was dropped or None): empty, huge or not UTF-8 (text read with
+    ``surrogateescape`` or ``bytes``) captions are dropped."""
+    if text is None:
+        return None, None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not UTF-8"
+    text = str(text).strip()
+    if not text:
+        return None, "empty"
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        return None, "not UTF-8"
+    if len(text) > MAX_CAPTION_CHARS:
+        return None, f"longer than {MAX_CAPTION_CHARS} characters"
+    return text, None
+
+
+def parse_label(raw: Any) -> int | None:
+    """Parse a label cell: int >= 0, or -1 / empty / null for none. ``None`` means invalid."""
+    if raw is None:
+        return -1
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw if raw >= -1 else None
+    if isinstance(raw, float):
+        return int(raw) if raw.is_integer() and raw >= -1 else None
+    text = str(raw).strip()
+    if text == "":
+        return -1
+    if re.fullmatch(r"-?\d+", text):
+        v = int(text)
+        return v if v >= -1 else None
+    return None
