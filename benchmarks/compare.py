@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from m3i.config import load_recipe
-from m3i.eval.run import PIXELS, load_evalset, load_trained, score
+from m3i.eval.run import PIXELS, load_evalset, score
+from m3i.train.runs import load_run
 from m3i.train.loop import pretrain
 
 RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
@@ -115,7 +116,7 @@ def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu", a: ar
               backbone: str = "resnet") -> dict[str, float | None]:
     """Every task's headline number; None where the model has no text tower for retrieval.
     With ``a`` (the comparison's arguments) also the dense probe and the fine-tuning column."""
-    obj = PIXELS if checkpoint == PIXELS else load_trained(checkpoint, device)
+    obj = PIXELS if checkpoint == PIXELS else load_run(checkpoint, device)
     has_text = obj != PIXELS and any(t.cfg.target.kind == "caption" for t in obj.terms)
     scores, features = {}, {}
     for name, (task, dataset, metric) in TASKS.items():

@@ -117,7 +117,7 @@ def section_recipes(a, part: dict, save) -> None:
         t0 = time.perf_counter()
         try:
             ov = caption_overrides(name) + [f"train.steps={steps}", "train.log_every=1", f"train.ckpt_every={steps}",
-                                            "train.warmup_steps=2", f"train.seed=0"]
+                                            "train.warmup_steps=2", "train.seed=0"]
             if a.smoke:
                 ov += ["data.batch_size=16", "data.num_workers=0"]
             recipe = load_recipe(name, overrides=ov)
@@ -161,7 +161,7 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from m3i.objective import Objective
-    from m3i.train.loop import build_mixture, lr_lambda, param_groups
+    from m3i.train.loop import build_mixture, lr_lambda
     from m3i.train.step import BadSteps, TrainStep, make_optimizer
     from m3i.train.strategy import compile_backbones
 
@@ -173,7 +173,7 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     torch.manual_seed(0)
     objective = Objective(recipe, mixture.num_classes).to(dev)
     n_params = sum(p.numel() for p in objective.backbone.parameters())
-    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)
+    opt = make_optimizer(objective.param_groups(tr.weight_decay), tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
     batch = dict(cpu_batch, image=cpu_batch["image"].to(dev), label=cpu_batch["label"].to(dev))
     bsz = batch["image"].shape[0]
@@ -241,12 +241,12 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
 
 
 DDP_RUN = """import json, torch, torch.distributed as td
-from m3i import distributed as dist
 from m3i.config import load_recipe
+from m3i.train import strategy
 from m3i.train.loop import pretrain
 ck = pretrain(load_recipe("m3i", overrides={ov!r}), {out!r}, device={device!r}, progress=False)
 dev = torch.device("cuda", torch.cuda.current_device()) if {device!r}.startswith("cuda") else torch.device("cpu")
-wrap = type(dist.wrap(torch.nn.Linear(2, 2).to(dev), dev)).__name__
+wrap = type(strategy.replicate(torch.nn.Linear(2, 2).to(dev), dev)).__name__
 info = {{"backend": td.get_backend(), "world": td.get_world_size(), "wrap": wrap, "checkpoint": str(ck)}}
 try:  # the same run sharded (FSDP2), and resumed from its sharded checkpoint
     ck2 = pretrain(load_recipe("m3i", overrides={ov!r} + ["train.strategy=fsdp", "train.ckpt_every=5"]),

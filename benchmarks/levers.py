@@ -17,7 +17,8 @@ from pathlib import Path
 from compare import fit_mix_override, run_parallel, text_tower_overrides
 
 from m3i.config import load_recipe
-from m3i.eval.run import PIXELS, load_evalset, load_trained, score
+from m3i.eval.run import PIXELS, load_evalset, score
+from m3i.train.runs import load_run
 from m3i.train.loop import pretrain
 
 TASKS = {  # name -> (task, dataset, metric), scored on the val split
@@ -38,7 +39,7 @@ VARIANTS = {
 
 def evalsets(limit: int | None) -> dict:
     out = {}
-    for task, dataset, _ in TASKS.values():
+    for _, dataset, _ in TASKS.values():
         if dataset not in out:
             out[dataset] = load_evalset(dataset, 32, limit=limit if dataset == "fashion-mnist" else None,
                                         progress=False, split="val")
@@ -58,7 +59,7 @@ def run_variant(name: str, a: argparse.Namespace, sets: dict | None = None) -> d
     sets = sets or evalsets(a.limit)
     return {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "device": a.device,
             "train_seconds": secs, "img_per_s": a.steps * recipe.data.batch_size / secs,
-            "scores": scores(load_trained(ck, a.device), sets)}
+            "scores": scores(load_run(ck, a.device), sets)}
 
 
 def scores(model, sets: dict) -> dict[str, float]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m3i.data import Mixture, builtin_source
+from m3i.data import Mixture, build_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def write_data(root: Path, n: int, w: int, h: int) -> tuple[str, str]:
 
 
 def rate(spec: str, size: int, batch: int, workers: int, draft: bool, batches: int) -> float:
-    mixture = Mixture([builtin_source(spec)], [1.0], batch, size, seed=0)
+    mixture = Mixture([build_source(spec)], [1.0], batch, size, seed=0)
     if not draft:
         mixture._draft = [False] * len(mixture.sources)
     loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=workers,
@@ -122,8 +122,7 @@ def main() -> None:
                         print(f"  {ph:>9} {kind:<6} draft={'on ' if draft else 'off'} workers={nw}: {r:7.0f} img/s",
                               flush=True)
     print(f"\ntraining step: {f'{step:.0f} img/s' if step else '?'} (from {step_from})")
-    head = "| source photo | source | draft | img/s, 1 core | cores per GPU | loader img/s on {c} cores |".format(
-        c=a.loader_cores)
+    head = f"| source photo | source | draft | img/s, 1 core | cores per GPU | loader img/s on {a.loader_cores} cores |"
     print(head + "\n|---|---|---|---|---|---|")
     summary = []
     for r in rows:

@@ -44,11 +44,10 @@ def _pretrain(args) -> int:
         overrides.append(f"train.steps={args.steps}")
     out = args.out or (DEMO_OUT if demo else f"runs/{recipe_name}")
     if args.resume and not args.recipe:  # continue with the run's own resolved config
-        cfg = Path(args.resume) / "config.yaml"
-        if not cfg.is_file():
-            cfg = Path(args.resume).parent.parent / "config.yaml"
-        recipe = load_recipe(str(cfg), args.config, overrides)
-        out = args.out or str(cfg.parent)
+        from .train import runs
+
+        recipe = runs.read_recipe(args.resume, args.config, overrides)
+        out = args.out or str(runs.run_dir(args.resume))
     else:
         recipe = load_recipe(recipe_name, args.config, overrides)
     if demo:

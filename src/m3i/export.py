@@ -46,7 +46,7 @@ def _write_failed(out: Path, e: BaseException) -> ValueError:
 
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
-    from .eval.run import load_trained
+    from .train.runs import load_run
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -54,7 +54,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a .safetensors file name")
     writable_file(out)  # before any work
-    backbone = load_trained(checkpoint).backbone
+    backbone = load_run(checkpoint).backbone
     weights = backbone.timm_state_dict()  # m3i-only tensors (the fill mask token) left out
     tmp = out.with_suffix(".tmp")
     try:
@@ -116,7 +116,7 @@ features = model.forward_features(images)  # images normalised with mean {mean},
 
 def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out/`` (config.json, model.safetensors, README.md); see the module docstring."""
-    from .eval.run import load_trained
+    from .train.runs import load_run
 
     out = Path(out)
     if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
@@ -125,11 +125,10 @@ def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
                          f"give a new or empty folder")
     writable_file(out / _FILES[0])  # before any work
-    objective = load_trained(checkpoint)
+    objective = load_run(checkpoint)
     recipe, backbone = objective.recipe, objective.backbone
-    aug = objective.augment[0]
     weights = backbone.timm_state_dict()  # raises, saying why, for backbones without a timm layout
-    config = timm_config(backbone, recipe.backbone.name, aug.mean, aug.std)
+    config = timm_config(backbone, recipe.backbone.name, objective.image_mean, objective.image_std)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

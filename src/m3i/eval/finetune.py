@@ -14,26 +14,28 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal
+from collections.abc import Mapping, Sequence
 
 import kornia.augmentation as KA
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import Field
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import Backbone
-from ..backbones.vit import DropPath
+from ..layers import DropPath, no_weight_decay
 from ..config import ConfigError, Strict, apply_override, load_recipe, validate
 from ..objective import Objective
 from ..train import checkpoint as ckpt
-from ..train.loop import TrainingError, lr_lambda, saved_weights
+from ..train import runs
+from ..train.loop import TrainingError, lr_lambda
+from ..train.runs import load_run
 from ..views import ViewAugment
 from . import metrics
-from .run import load_images, load_trained, splits
+from .run import load_images, splits
 
 SCRATCH = "scratch"
 DEFAULT_RECIPE = "m3i"  # a scratch backbone is this recipe's unless --recipe / backbone=... say otherwise
@@ -46,7 +48,7 @@ class FinetuneCfg(Strict):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)  # the head's (and final norm's) peak rate; block i gets lr · decay^(L − i)
     min_lr: float = Field(1e-6, ge=0)
-    warmup_steps: Optional[int] = Field(None, ge=0)  # default: a tenth of the steps
+    warmup_steps: int | None = Field(None, ge=0)  # default: a tenth of the steps
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = Field(0.75, ge=0, le=1)
@@ -61,7 +63,7 @@ class FinetuneCfg(Strict):
     clip_grad: float = Field(0.0, ge=0)  # 0: no clipping
     precision: Literal["bf16", "fp32"] = "bf16"
     eval_batch_size: int = Field(512, ge=1)
-    test_limit: Optional[int] = Field(None, ge=1)  # score a seeded subset of the scored split
+    test_limit: int | None = Field(None, ge=1)  # score a seeded subset of the scored split
     score_start: bool = False  # also score the model before the first step
     log_every: int = Field(10, ge=1)
     seed: int = 0
@@ -107,7 +109,9 @@ def initial_model(checkpoint: str | Path, num_classes: int, recipe: str | None =
         if recipe or backbone_overrides:
             raise ConfigError(f"--checkpoint {checkpoint}: the backbone comes from the checkpoint; "
                               f"--recipe and backbone=... overrides are for --checkpoint scratch")
-        return load_trained(checkpoint)
+        obj = load_run(checkpoint)
+        obj.backbone.freeze_patch_embed(False)  # a patch embedding frozen in pre-training is fine-tuned (SIM)
+        return obj
     torch.manual_seed(seed)
     return Objective(load_recipe(recipe or DEFAULT_RECIPE, overrides=list(backbone_overrides)), num_classes)
 
@@ -127,15 +131,17 @@ def set_drop_path(backbone: Backbone, rates: float | Sequence[float]) -> list[fl
 def layer_decay_groups(backbone: Backbone, head: nn.Module, lr: float, weight_decay: float,
                        layer_decay: float) -> list[dict]:
     """AdamW groups: every parameter at ``lr · layer_decay^(L − layer_id)``, L = ``backbone.num_layers``
-    (the head at level L); no weight decay on 1-D tensors and the class / position tokens."""
+    (the head at level L); no weight decay on 1-D tensors and on what the backbone's modules list
+    in their ``no_weight_decay()`` (class, position and mask tokens)."""
     top = backbone.num_layers
+    exempt = no_weight_decay(backbone)
     named = [(n, p, backbone.layer_id(n)) for n, p in backbone.named_parameters()]
     named += [(f"head.{n}", p, top) for n, p in head.named_parameters()]
     groups: dict[tuple[int, bool], dict] = {}
     for name, p, layer in named:
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and not name.endswith(("cls_token", "pos_embed", "mask_token"))
+        decay = p.ndim > 1 and name not in exempt
         scale = layer_decay ** (top - layer)
         g = groups.setdefault((layer, decay), {"params": [], "names": [], "layer_id": layer, "lr_scale": scale,
                                                "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0})
@@ -247,11 +253,10 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
     tr_img, tr_y, _ = load_images(tr_src, tr_idx, size, progress)
     te_img, te_y, _ = load_images(te_src, te_idx, size, progress)
 
-    aug = obj.augment[0]
-    mean = torch.tensor(aug.mean[:3], device=dev).view(1, -1, 1, 1)
-    std = torch.tensor(aug.std[:3], device=dev).view(1, -1, 1, 1)
+    mean = torch.tensor(obj.image_mean, device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(obj.image_std, device=dev).view(1, -1, 1, 1)
     view = ViewAugment(size=size, crop_scale=cfg.crop_scale, flip_p=cfg.flip_p, jitter_p=0.0, gray_p=0.0,
-                       mean=aug.mean[:3], std=aug.std[:3])
+                       mean=obj.image_mean, std=obj.image_std)
 
     torch.manual_seed(cfg.seed)  # the head, drop-path, crops and mixing draw the same stream for every start
     model = Classifier(backbone, num_classes).to(dev)
@@ -337,10 +342,10 @@ def save_run(out: str | Path, obj: Objective, head: nn.Linear, classes: Sequence
     """Write the fine-tuned objective as a run directory (the format ``m3i eval`` / ``m3i export`` load)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(obj.recipe.model_dump(mode="json"), sort_keys=False))
-    with (out / "metrics.jsonl").open("w") as f:
+    runs.write_recipe(out, obj.recipe)
+    with (out / runs.METRICS).open("w") as f:
         for rec in result["history"]:
             f.write(json.dumps(rec) + "\n")
     state = {"step": result["steps"], "finetune": {k: v for k, v in result.items() if k not in ("history", "out")},
              "head": {k: v.detach().clone() for k, v in head.state_dict().items()}, "classes": list(classes)}
-    return ckpt.save(out, result["steps"], saved_weights(obj), state)
+    return ckpt.save(out, result["steps"], obj.checkpoint_state(), state)

@@ -8,30 +8,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import load_recipe
-from ..data import builtin_source
+from ..data import build_source
 from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from ..objective import Objective
-from ..train import checkpoint as ckpt
-from ..train.loop import optional_prefixes
+from ..train import runs
 from . import metrics
 
 TASKS = ("knn", "linear", "zeroshot", "retrieval")
-
-
-def load_trained(checkpoint: str | Path, device: str = "cpu") -> Objective:
-    """Rebuild a run's objective from its saved config and weights."""
-    path = ckpt.find(Path(checkpoint))
-    run = path.parent.parent
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{run}: no config.yaml beside the checkpoint; is it an m3i run directory?")
-    recipe = load_recipe(str(cfg))
-    weights = ckpt.load_weights(path)  # never the training state
-    tables = [v for k, v in weights.items() if k.endswith(".classes.weight")]
-    obj = Objective(recipe, num_classes=tables[0].shape[0] if tables else 0)
-    ckpt.load_weights_into(obj, weights, str(path), optional_prefixes(obj))
-    return obj.to(device).eval()
 
 
 def splits(spec: str, split: str = "test"):
@@ -46,21 +29,21 @@ def splits(spec: str, split: str = "test"):
     kind, _, arg = spec.partition(":")
     if kind in ("fashion-mnist", "emoji", "digits"):
         field = f"{arg or 'category'}:" if kind == "emoji" else ""
-        tr, te = builtin_source(f"{kind}:{field}{fit}"), builtin_source(f"{kind}:{field}{held}")
+        tr, te = build_source(f"{kind}:{field}{fit}"), build_source(f"{kind}:{field}{held}")
         return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
     if kind == "folder":
         root = Path(arg)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            tr = builtin_source(f"folder:{root / 'train'}")
+            tr = build_source(f"folder:{root / 'train'}")
             if split == "val":  # an inner split of train/
                 idx_fit, idx_val = (grouped_split(range(len(tr)), s, test_fraction=VAL_FRACTION) for s in
                                     ("train", "test"))
                 return tr, idx_fit, tr, idx_val, tr.class_names
-            te = builtin_source(f"folder:{root / 'test'}")
+            te = build_source(f"folder:{root / 'test'}")
             if tr.class_names != te.class_names:
                 raise ValueError(f"{root}: train/ and test/ have different class folders")
             return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
-        src = builtin_source(f"folder:{root}")
+        src = build_source(f"folder:{root}")
         if not src.has_labels:
             raise ValueError(f"{root}: expected one subfolder per class (or train/ and test/ holding them)")
         keys = range(len(src))
@@ -92,19 +75,14 @@ def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head=None, progress: bool = True) -> torch.Tensor:
-    """Pooled backbone features (or a head of them) of uint8 images, in batches, bf16 where it helps."""
+def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head: str | None = None,
+          progress: bool = True) -> torch.Tensor:
+    """Pooled backbone features (or ``head``'s image embedding) of uint8 images, in batches, bf16 where it helps."""
     dev = next(obj.parameters()).device
-    aug = obj.augment[0]
-    mean = torch.tensor(aug.mean[:3], device=dev).view(1, -1, 1, 1)
-    std = torch.tensor(aug.std[:3], device=dev).view(1, -1, 1, 1)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
-        x = (images[i:i + batch_size].to(dev).float() / 255 - mean) / std
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            f = obj.backbone.forward_features(x).pooled
-            if head is not None:
-                f = head(f)
+            f = obj.encode_image(images[i:i + batch_size].to(dev), head=head)
         out.append(f.float().cpu())
     return torch.cat(out)
 
@@ -124,21 +102,16 @@ def pixel_features(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tenso
     return (tr - mean) / std, (te - mean) / std
 
 
-def caption_term(obj: Objective, task: str):
-    for t in obj.terms:
-        if t.cfg.target.kind == "caption":
-            return t
-    raise ValueError(f"--task {task}: this checkpoint's recipe ({obj.recipe.name}) has no text tower; "
-                     f"zeroshot and retrieval need a recipe with a caption target (clip, m3i)")
+def check_text(obj: Objective, task: str) -> None:
+    if obj.caption_term() is None:
+        raise ValueError(f"--task {task}: this checkpoint's recipe ({obj.recipe.name}) has no text tower; "
+                         f"zeroshot and retrieval need a recipe with a caption target (clip, m3i)")
 
 
 @torch.no_grad()
-def embed_text(term, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(captions), batch_size):
-        t = term.text(captions[i:i + batch_size])
-        out.append(term.text_proj(t.to(term.text_proj.weight.dtype)).float().cpu())
-    return torch.cat(out)
+def embed_text(obj: Objective, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([obj.encode_text(captions[i:i + batch_size]).float().cpu()
+                      for i in range(0, len(captions), batch_size)])
 
 
 @dataclass
@@ -186,18 +159,17 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
     else:
         if is_pixels(obj):
             raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
-        term = caption_term(obj, task)
-        head = lambda f: term.predictor(term.decoder(f))  # noqa: E731
+        check_text(obj, task)
         if task == "zeroshot":
-            img = embed(obj, te_img, head=head, progress=progress)
+            img = embed(obj, te_img, head="caption", progress=progress)
             prompts = [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in data.classes]
-            result = metrics.zeroshot(img, embed_text(term, prompts), te_y)
+            result = metrics.zeroshot(img, embed_text(obj, prompts), te_y)
         else:
             keep = [i for i, c in enumerate(te_cap) if c]
             if not keep:
                 raise ValueError(f"--dataset {data.dataset}: retrieval needs captions; this data set has none")
-            img = embed(obj, te_img[keep], head=head, progress=progress)
-            result = metrics.retrieval(img, embed_text(term, [te_cap[i] for i in keep]))
+            img = embed(obj, te_img[keep], head="caption", progress=progress)
+            result = metrics.retrieval(img, embed_text(obj, [te_cap[i] for i in keep]))
             te_y = te_y[keep]
     return {"task": task, "dataset": data.dataset, "metrics": result, "n_train": n_train, "n_test": int(len(te_y))}
 
@@ -216,10 +188,10 @@ def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None
             raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
         obj, size = PIXELS, image_size
     else:
-        obj = load_trained(checkpoint, dev)
+        obj = runs.load_run(checkpoint, dev)
         size = obj.backbone.img_size
     if task in ("zeroshot", "retrieval"):
-        caption_term(obj, task)  # fail before loading any data
+        check_text(obj, task)  # fail before loading any data
     data = load_evalset(dataset, size, with_train=task in ("knn", "linear"), limit=limit,
                         progress=progress, split=split)
     out = score(obj, task, data, progress)
@@ -235,7 +207,7 @@ def quality_line(checkpoint: str | Path, limit: int = 10000, device: str | None 
     """One line that says what a pre-training produced: Fashion-MNIST k-NN top-1 of its
     backbone next to raw pixels, on a seeded subset (LIMIT train, LIMIT/4 test images)."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    obj = load_trained(checkpoint, dev)
+    obj = runs.load_run(checkpoint, dev)
     data = load_evalset("fashion-mnist", obj.backbone.img_size, limit=limit, progress=False)
     ours = score(obj, "knn", data, progress=False)["metrics"]["top1"]
     pixels = score(PIXELS, "knn", data, progress=False)["metrics"]["top1"]

@@ -12,27 +12,25 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from .. import distributed as dist
 from ..config import Recipe
-from ..data import Mixture, builtin_source
+from ..data import Mixture, build_source
 from ..objective import Objective
 from . import checkpoint as ckpt
+from . import runs, strategy
 from .runlock import RunLock
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
-from . import strategy
 from .strategy import compile_backbones
 
-FROZEN_PREFIXES = ("frozen_",)
 SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
 
 
 def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture:
     d = recipe.data
-    sources = [builtin_source(s.spec, labels=s.labels, captions=s.captions) for s in d.sources]
+    sources = [build_source(s.spec, labels=s.labels, captions=s.captions) for s in d.sources]
     if d.batch_size % world_size:
         raise ValueError(f"data.batch_size: {d.batch_size} is the global batch; it must divide by the "
                          f"{world_size} ranks")
@@ -41,16 +39,6 @@ def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture
                          f"{world_size} ranks ({d.batch_size // world_size}) must be even")
     return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
                    seed=recipe.train.seed, rank=rank, world_size=world_size, max_lost=d.max_lost)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases, tokens and temperatures (1-D tensors)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or name.startswith("teacher.") or name.startswith(FROZEN_PREFIXES):
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_lambda(train):
@@ -66,28 +54,11 @@ def lr_lambda(train):
     return f
 
 
-def saved_weights(objective: Objective, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Everything that is learned or tracked, without frozen pre-trained towers (they come
-    from their package) and without frozen target encoders (they come from their file).
-    ``state``: the objective's state dict when already at hand (gathered from shards)."""
-    frozen_towers = {f"terms.{i}.text." for i, t in enumerate(objective.terms)
-                     if t.cfg.target.kind == "caption" and not t.cfg.target_encoder.trainable
-                     and t.cfg.target_encoder.tower == "minilm"}
-    state = objective.state_dict() if state is None else state
-    return {k: v for k, v in state.items() if not k.startswith(tuple(frozen_towers) + FROZEN_PREFIXES)}
-
-
-def optional_prefixes(objective: Objective) -> tuple[str, ...]:
-    full = set(objective.state_dict())
-    return tuple(sorted({k.split(".text.")[0] + ".text." for k in full - set(saved_weights(objective))
-                         if ".text." in k})) + FROZEN_PREFIXES
-
-
 class MetricLog:
     """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
 
     def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / runs.METRICS
         if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
@@ -97,7 +68,7 @@ class MetricLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            self.tb = SummaryWriter(str(run_dir / runs.TENSORBOARD), purge_step=resume_step or None)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self.tb = None
 
@@ -194,49 +165,59 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 
 
 def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, init_from,
-              stop: "Preemption") -> Path:
+              stop: Preemption) -> Path:
     rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
     tr = recipe.train
     torch.manual_seed(tr.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
-
     mixture = build_mixture(recipe, rank, world)
     objective = Objective(recipe, mixture.num_classes).to(dev)
     if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
         torch.manual_seed(tr.seed + rank)
-    for term in objective.terms:  # a frozen text tower embeds every caption once, up front
-        text = getattr(term, "text", None)
-        if text is not None and hasattr(text, "precompute") and not term.cfg.target_encoder.trainable:
-            text.precompute(mixture.captions())
-
-    start, state = 0, None
+    objective.prepare(mixture)  # e.g. a frozen text tower embeds every caption once, up front
     if init_from:
-        weights = ckpt.load_weights(Path(init_from))
-        backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-        ckpt.load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
-        if objective.teacher is not None:
-            objective.teacher.backbone.load_state_dict(objective.backbone.state_dict())
-    if resume:
-        weights, state = ckpt.load(Path(resume))
-        ckpt.load_weights_into(objective, weights, f"--resume {resume}", optional_prefixes(objective))
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
-            ckpt.set_rng_state(rngs[rank])
-        elif main:
-            print(f"note: the checkpoint holds the random state of {len(rngs)} ranks, not {world}; not restored")
-        start = int(state["step"])
-        if state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
-            print("note: resuming with a recipe that differs from the checkpoint's")
+        start_from(objective, init_from)
+    start, state = restore(objective, recipe, resume) if resume else (0, None)
     if start >= tr.steps:
         print(f"{out}: already at step {start} of {tr.steps}; nothing to do")
         return ckpt.find(out)
     mixture.start_step = start
-
     if tr.compile:
         compile_backbones(objective)
     # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
     model: nn.Module = strategy.wrap(objective, dev, tr)
-    opt = make_optimizer(param_groups(objective, tr.weight_decay), tr)  # after sharding: the sharded parameters
+    opt, sched = make_schedule(objective, tr, state, resume)
+    if rank == 0:
+        runs.write_recipe(out, recipe)
+    return train(recipe, objective, model, opt, sched, mixture, out, dev, start, state or {}, stop, progress)
+
+
+def start_from(objective: Objective, init_from: str | Path) -> None:
+    """The backbone (and the EMA teacher) from another run's weights: a multi-stage pipeline's next stage."""
+    weights = ckpt.load_weights(Path(init_from))
+    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    ckpt.load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
+    objective.sync_teacher()
+
+
+def restore(objective: Objective, recipe: Recipe, resume: str | Path) -> tuple[int, dict]:
+    """Weights and random state of the checkpoint to continue from -> (its step, its training state)."""
+    rank, world = dist.rank(), dist.world_size()
+    weights, state = ckpt.load(Path(resume))
+    objective.load_checkpoint_state(weights, f"--resume {resume}")
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) == world:  # one state per rank; another world size keeps the fresh per-rank seeds
+        ckpt.set_rng_state(rngs[rank])
+    elif rank == 0:
+        print(f"note: the checkpoint holds the random state of {len(rngs)} ranks, not {world}; not restored")
+    if rank == 0 and state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
+        print("note: resuming with a recipe that differs from the checkpoint's")
+    return int(state["step"]), state
+
+
+def make_schedule(objective: Objective, tr, state: dict | None, resume) -> tuple:
+    """AdamW over the objective's groups (after any sharding: the sharded parameters) and its
+    warm-up + cosine schedule, with their state when resuming."""
+    opt = make_optimizer(objective.param_groups(tr.weight_decay), tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
     if state is not None:
         if state["optimizer"] == SHARDED_OPTIMIZER:
@@ -248,10 +229,14 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
             opt.load_state_dict(state["optimizer"])
         keep_fused(opt)
         sched.load_state_dict(state["scheduler"])
+    return opt, sched
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mixture: Mixture, out: Path,
+          dev: torch.device, start: int, counted: dict, stop: Preemption, progress: bool) -> Path | None:
+    """The steps from ``start`` to ``train.steps``: log, checkpoint, stop on SIGTERM or on too many
+    bad steps in a row. ``counted``: skipped images and steps before the resumed checkpoint."""
+    tr, world, main = recipe.train, dist.world_size(), dist.rank() == 0
     log = MetricLog(out, start) if main else None
     # the loader draws its worker seed from its own generator, never from the global RNG that
     # augmentations and masks use, so a resumed run continues the same random stream
@@ -261,7 +246,6 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
-    counted = state or {}  # skipped images and steps before the resumed checkpoint
     bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)))
     train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
     bad_seen, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0))
@@ -298,18 +282,7 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
                     f"check the data.")
             if logged and main:
                 rate = seen / (time.perf_counter() - t0)
-                values = torch.stack([outputs["loss"].detach().float()] +
-                                     [outputs[t.name].detach().float() for t in objective.terms]).tolist()
-                terms = dict(zip([t.name for t in objective.terms], values[1:]))
-                rec = {"step": step, "loss": values[0], **terms,
-                       **{f"n_{t.name}": int(outputs["n_" + t.name]) for t in objective.terms},
-                       "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped,
-                       "bad_steps": bad_total}
-                if outputs["momentum"] is not None:
-                    rec["ema_momentum"] = outputs["momentum"]
-                log.write(rec)
-                bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}",
-                                 **{k: f"{v:.3f}" for k, v in terms.items()}}, refresh=False)
+                log_step(log, bar, objective, outputs, step, sched, rate, skipped, bad_total)
             stopping = stopping or (world > 1 and stop.agreed(dev))
             counters = {"skipped_images": skipped, "bad_steps": bad_total}
             if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
@@ -325,9 +298,23 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     dist.barrier()  # the last checkpoint is whole when pretrain returns on any rank
     if main:
         if skipped:
-            print(f"skipped {skipped} unreadable images (counted in metrics.jsonl: skipped_images)")
-        print(f"checkpoint: {last_good}\nmetrics:    {out / 'metrics.jsonl'}\ntensorboard: {out / 'tensorboard'}")
+            print(f"skipped {skipped} unreadable images (counted in {runs.METRICS}: skipped_images)")
+        print(f"checkpoint: {last_good}\nmetrics:    {out / runs.METRICS}\ntensorboard: {out / runs.TENSORBOARD}")
     return last_good
+
+
+def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int, sched, rate: float,
+             skipped: int, bad_total: int) -> None:
+    names = [t.name for t in objective.terms]
+    values = torch.stack([outputs["loss"].detach().float()] + [outputs[n].detach().float() for n in names]).tolist()
+    terms = dict(zip(names, values[1:]))
+    rec = {"step": step, "loss": values[0], **terms, **{f"n_{n}": int(outputs["n_" + n]) for n in names},
+           "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped, "bad_steps": bad_total}
+    if outputs["momentum"] is not None:
+        rec["ema_momentum"] = outputs["momentum"]
+    log.write(rec)
+    bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}},
+                    refresh=False)
 
 
 def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe, main: bool,
@@ -343,7 +330,7 @@ def _save(out: Path, step: int, objective: Objective, opt, sched, recipe: Recipe
         strategy.save_sharded_optimizer(objective, opt, staging)
         extra, optimizer = {SHARDED_OPTIMIZER: staging}, SHARDED_OPTIMIZER
     sharded = extra is not None
-    weights = saved_weights(objective, strategy.full_state_dict(objective)) if sharded or main else {}
+    weights = objective.checkpoint_state(strategy.full_state_dict(objective)) if sharded or main else {}
     rngs = [ckpt.rng_state()]
     if dist.world_size() > 1:
         gathered = [None] * dist.world_size()

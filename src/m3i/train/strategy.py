@@ -1,4 +1,5 @@
-"""How the objective is laid onto devices: ``train.strategy`` (DDP or FSDP2), ``train.compile``,
+"""How the objective is laid onto devices: ``train.strategy`` (DDP or FSDP2, with batch norm over
+the global batch), ``train.compile``,
 and the units a backbone is compiled and sharded by.
 
 A backbone's *units* are its transformer blocks (ViT) or the blocks of its stages (ConvNeXt): the pieces that
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed as dist
 
@@ -24,23 +26,13 @@ def backbone_units(backbone: nn.Module) -> list[nn.Module]:
     raise ValueError(f"{type(backbone).__name__}: no blocks or stages to compile or shard by")
 
 
-def encoder_backbones(objective: nn.Module) -> list[nn.Module]:
-    """The online backbone and the backbone of every copied target encoder (EMA teacher, frozen)."""
-    nets = [objective.backbone]
-    for name, child in objective.named_children():
-        if name == "teacher" or name.startswith("frozen_"):
-            if child is not None and child.backbone not in nets:
-                nets.append(child.backbone)
-    return nets
-
-
 def compile_backbones(objective: nn.Module, **options) -> int:
     """``torch.compile`` every unit of every backbone of ``objective`` in place (parameter names,
     state dicts and the optimiser's view of the parameters do not change); returns the number
     of units compiled. Call it after the objective is built and moved to its device, before any
     DDP or FSDP wrapping."""
     n = 0
-    for net in encoder_backbones(objective):
+    for net in objective.encoders():
         for unit in backbone_units(net):
             unit.compile(**options)
             n += 1
@@ -54,7 +46,7 @@ def wrap(objective: nn.Module, device: torch.device, train) -> nn.Module:
     group, ``objective`` itself."""
     if train.strategy == "fsdp" and dist.is_dist():
         return shard(objective, bf16=train.precision == "bf16")
-    return dist.wrap(objective, device)
+    return replicate(objective, device)
 
 
 def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
@@ -70,9 +62,9 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     (sharded) parameters of the objective."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dist.global_batch_norm(objective)
+    global_batch_norm(objective)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for net in encoder_backbones(objective):
+    for net in objective.encoders():
         for unit in backbone_units(net):
             fully_shard(unit, mp_policy=mp)
     # FSDP shards no 0-d tensor (learned temperatures): they stay whole on every rank and
@@ -152,3 +144,76 @@ def load_sharded_optimizer(objective: nn.Module, opt: torch.optim.Optimizer, fol
     state = {"optimizer": get_optimizer_state_dict(objective, opt)}  # the layout to fill, state initialised
     dcp.load(state, checkpoint_id=str(folder))
     set_optimizer_state_dict(objective, opt, state["optimizer"])
+
+
+# -- batch norm over the global batch ----------------------------------------------------------------
+class GlobalBatchNorm(_BatchNorm):
+    """Batch norm over the global batch: in training, the mean and variance span every rank's
+    rows (two all-reduces, with gradient), so W ranks of B samples normalise exactly as one
+    process on W·B; with one process, or in eval, it is plain batch norm. Same parameters and
+    buffers as ``nn.BatchNorm1d/2d/3d`` (checkpoints do not change); any device the backend
+    serves, unlike ``nn.SyncBatchNorm`` (GPU only)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of shape (B, C, ...), got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_dist() and dist.world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        local = xf.new_tensor([xf.numel() // xf.shape[1]])
+        # two passes (mean, then centred squares): the numbers one process gets on the whole batch
+        s = dist.all_reduce_with_grad(torch.cat([xf.sum(dims), local]))
+        n, mean = s[-1], s[:-1] / s[-1]
+        if float(n.detach()) < 2:
+            raise ValueError(f"batch norm needs more than 1 value per channel over the global batch, got {int(n)}")
+        centred = xf - mean.view(shape)
+        var = dist.all_reduce_with_grad(centred.pow(2).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / (n - 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        return y.to(x.dtype)
+
+
+def global_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace, in place, every batch norm under ``module`` by a :class:`GlobalBatchNorm` that
+    holds the very same parameter and buffer tensors (an optimiser built before keeps working)."""
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            for key in ("weight", "bias"):
+                setattr(new, key, getattr(child, key))
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(new, key, getattr(child, key))
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            global_batch_norm(child)
+    return module
+
+
+def replicate(objective: nn.Module, device: torch.device) -> nn.Module:
+    """The module the training loop calls: ``objective`` itself without a process group; under
+    ``torchrun`` (even with one process) its batch norms made global and DDP around it. Parameters with ``requires_grad=False`` (EMA
+    teacher, frozen towers) take no part in DDP's gradient sync, but DDP's initial broadcast
+    copies every parameter and buffer of rank 0 (teacher included) so all ranks start equal;
+    buffers are re-broadcast from rank 0 every step. Every trainable parameter must get a
+    gradient on every rank each step (``Term.zero`` ensures it), hence no
+    ``find_unused_parameters`` and its per-step graph walk."""
+    if not dist.is_dist():
+        return objective
+    global_batch_norm(objective)
+    return nn.parallel.DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None)
