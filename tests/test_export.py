@@ -4,15 +4,14 @@ loads it with `timm.create_model("local-dir:DIR", pretrained=True)` is checked b
 benchmarks/check_timm.py, in an environment with timm.)"""
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from m3i.train.runs import load_run
 from m3i.backbones import build_backbone
 from m3i.cli import main
 from m3i.config import load_recipe
-from m3i.eval.run import load_trained
 from m3i.train import loop
 from conftest import needs_data
 
@@ -48,7 +47,7 @@ def test_vit_export_folder_rebuilds_the_backbone(tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     assert "mask_token" not in weights
     rebuilt.load_state_dict(weights, strict=True)
-    trained = load_trained(tmp_path / "run").backbone
+    trained = load_run(tmp_path / "run").backbone
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval().forward_features(x).pooled, trained.forward_features(x).pooled)
@@ -73,7 +72,7 @@ def test_convnext_export_folder_has_timm_conv_mlp_kernels(tmp_path):
     assert w["stages.0.blocks.0.mlp.fc1.weight"].shape == (160, 40, 1, 1)
     rebuilt = build_backbone("convnext_atto", img_size=32, stem_stride=1)
     rebuilt.load_timm_state_dict(w, strict=True)
-    trained = load_trained(tmp_path / "run").backbone
+    trained = load_run(tmp_path / "run").backbone
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval().forward_features(x).pooled, trained.forward_features(x).pooled)

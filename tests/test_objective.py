@@ -2,8 +2,8 @@
 import torch
 
 from m3i.config import load_recipe
-from m3i.objective import Context, Objective
-from m3i.views import absolute_positions, relative_positions
+from m3i.objective import Context, Objective, Views
+from m3i.views import relative_positions
 
 OV = ["backbone.name=vit_nano", "backbone.depth=2", "backbone.patch_size=8", "terms.2.target_encoder.tower=scratch"]
 
@@ -23,17 +23,22 @@ def test_paired_targets_first_image_predicts_its_own_view_partner_the_other():
     images, boxes, flips = ctx.view(("paired", 0, 1))
     assert torch.equal(images[:4], views.images[0][:4]) and torch.equal(images[4:], views.images[1][4:])
     q = relative_positions(views.boxes[0], views.flips[0], boxes, flips, obj.backbone.grid_size)
-    # the first image of each canvas queries its own view: the positions are its own grid, unscaled
-    assert torch.allclose(q[:4], absolute_positions(obj.backbone.grid_size).expand(4, -1, -1), atol=1e-5)
-    assert not torch.allclose(q[4:], absolute_positions(obj.backbone.grid_size).expand(4, -1, -1), atol=1e-3)
-    # and the loss differs from every sample predicting view 2 (same masks, same views)
+    # the first image of each canvas queries its own view: the positions are its own 4 × 4 grid
+    # (r, c), unscaled; its partner queries view 2, cropped elsewhere
+    own = torch.tensor([[r, c, 0.0, 0.0] for r in range(4) for c in range(4)]).expand(4, -1, -1)
+    assert torch.allclose(q[:4], own, atol=1e-5)
+    assert not torch.allclose(q[4:], own, atol=1e-3)
+    # and the loss is the unpaired one (every sample predicting view 2) once the first image of each
+    # canvas has its own view -- picture, crop and flip -- in place of view 2 (same masks)
     from m3i.views import mix_visible
 
     views.visible = {0: mix_visible(8, obj.backbone.grid_size)}
     paired = obj(b, views)["dense"]
+    own_first = [torch.cat([v[0][:4], v[1][4:]]) for v in (views.images, views.boxes, views.flips)]
+    swapped = Views([views.images[0], own_first[0]], [views.boxes[0], own_first[1]],
+                    [views.flips[0], own_first[2]], dict(views.visible))
     obj.recipe.terms[0].target.paired = False
-    unpaired = obj(b, views)["dense"]
-    assert abs(float(paired) - float(unpaired)) > 1e-4
+    torch.testing.assert_close(obj(b, swapped)["dense"], paired, rtol=1e-5, atol=1e-6)
 
 
 def test_paired_needs_the_mix_input():

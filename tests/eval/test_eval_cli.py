@@ -70,7 +70,6 @@ def test_folder_dataset_split(runs, tmp_path):
 def test_pixels_baseline_is_the_standardised_input(tmp_path):
     """``--checkpoint pixels`` scores raw pixels, standardised per pixel on the train part: the
     same k-NN as the metric applied to features built here by hand."""
-    import torch
 
     from m3i.eval import metrics
     from m3i.eval.run import load_evalset

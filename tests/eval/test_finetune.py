@@ -10,7 +10,8 @@ from m3i.cli import main
 from m3i.config import ConfigError, load_recipe
 from m3i.eval.finetune import (FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
                                load_config)
-from m3i.eval.run import load_evalset, load_trained, score, splits
+from m3i.eval.run import load_evalset, score, splits
+from m3i.train.runs import load_run
 from m3i.train.loop import lr_lambda, pretrain
 
 TINY_BACKBONE = ["backbone.name=vit_nano", "backbone.depth=2"]
@@ -101,15 +102,15 @@ def _blocks(state: dict) -> dict[int, list[torch.Tensor]]:
 
 @needs_data
 def test_finetuning_changes_the_backbone_a_frozen_probe_does_not(one_thread, run, tmp_path, capsys):
-    before = {k: v.clone() for k, v in load_trained(run).backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in load_run(run).backbone.state_dict().items()}
 
-    obj = load_trained(run)  # a frozen probe: linear on the backbone's features
+    obj = load_run(run)  # a frozen probe: linear on the backbone's features
     data = load_evalset("emoji:category", obj.backbone.img_size, limit=80, progress=False)
     score(obj, "linear", data, progress=False)
     assert all(torch.equal(v, obj.backbone.state_dict()[k]) for k, v in before.items())
 
     r = finetune(run, "emoji:category", steps=3, overrides=QUICK, out=tmp_path / "ft", progress=False, verbose=False)
-    tuned = load_trained(r["out"]).backbone.state_dict()  # the written run loads like any other
+    tuned = load_run(r["out"]).backbone.state_dict()  # the written run loads like any other
     assert set(tuned) == set(before)
     for i, (old, new) in enumerate(zip(_blocks(before).values(), _blocks(tuned).values())):
         assert any(not torch.equal(a, b) for a, b in zip(old, new)), f"block {i} did not change"
@@ -168,7 +169,7 @@ def test_cli_convnext_scratch_with_mixing_and_clear_errors(one_thread, tmp_path,
     r = json.loads(out.read_text())
     assert r["backbone"] == "convnext_atto" and set(r["metrics"]) == {"top1", "top5"}
     assert r["split"] == "val" and r["n_test"] == len(splits("emoji:category", "val")[3])  # scored on val
-    assert type(load_trained(tmp_path / "cx").backbone).__name__ == "ConvNeXt"
+    assert type(load_run(tmp_path / "cx").backbone).__name__ == "ConvNeXt"
 
     assert main(["finetune", "--checkpoint", "scratch", "--dataset", "fashion-mnist", "lr=abc"]) == 2
     err = capsys.readouterr().err

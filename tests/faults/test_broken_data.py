@@ -17,8 +17,8 @@ from PIL import Image
 from faultkit import ENV, error_lines, image_folder, m3i_cmd, metrics, pretrain_args, source_override
 from m3i.cli import main
 from m3i.config import load_recipe
-from m3i.data import Manifest, Mixture, Shards, decode_image
-from m3i.data.sources import MAX_CAPTION_CHARS
+from m3i.data import Manifest, Shards, decode_image
+from m3i.data.source import MAX_CAPTION_CHARS
 from m3i.train import loop
 
 G = np.random.default_rng(0)
@@ -65,7 +65,7 @@ UNUSUAL = {  # decodable, in modes that need care: file name -> (bytes, expected
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_image_files_raise_when_decoded(name):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (PIL raises OSError, SyntaxError, ValueError... by format)
         decode_image(BROKEN[name])
 
 

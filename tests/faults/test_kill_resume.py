@@ -117,7 +117,7 @@ def test_sigkill_at_random_points_and_inside_checkpoint_writes_then_resume_bitwi
     while kills < KILLS:
         before = pointer(run)
         proc = start(run, data)
-        if not wait_for(lambda: pointer(run) not in ("", before), proc):
+        if not wait_for(lambda before=before: pointer(run) not in ("", before), proc):
             break  # it finished
         time.sleep(rng.uniform(0.0, 0.1))
         proc.send_signal(signal.SIGKILL)

@@ -10,8 +10,9 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from m3i import distributed as dist
+from m3i.train import strategy
 from m3i.config import load_recipe
-from m3i.objective import Objective, Views
+from m3i.objective import Context, Objective, Views
 from conftest import needs_data
 
 WORLD, B = 2, 4
@@ -46,24 +47,27 @@ def case_recipe(name: str):
     return load_recipe(recipe, overrides=overrides)
 
 
-def make_case(name: str):
-    recipe = case_recipe(name)
+def global_case(recipe, labels: torch.Tensor, captions: list, num_classes: int = 0):
+    """The objective (seed 0), a global batch of WORLD·B images with ``labels`` and ``captions``,
+    its views, and the masks drawn once on the global batch."""
     torch.manual_seed(0)
-    obj = Objective(recipe)
+    obj = Objective(recipe, num_classes=num_classes)
     g = torch.Generator().manual_seed(1)
-    n = WORLD * B
-    captions = [f"a small picture number {i}" for i in range(n)]
-    for i in CASES[name][2]:
-        captions[i] = None
-    batch = {"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-             "label": torch.full((n,), -1), "caption": captions}
+    batch = {"image": torch.randint(0, 256, (WORLD * B, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "label": labels, "caption": captions}
     views = obj.make_views(batch["image"])
     masked = {t.source.view for t in recipe.terms if t.source.masked}
-    if masked:  # draw the masks once, on the global batch
-        from m3i.objective import Context
-
+    if masked:
         ctx = Context(obj, batch, views)
         views.visible = {v: ctx.visible(v) for v in masked}
+    return obj, batch, views
+
+
+def make_case(name: str):
+    recipe = case_recipe(name)
+    n = WORLD * B
+    captions = [None if i in CASES[name][2] else f"a small picture number {i}" for i in range(n)]
+    obj, batch, views = global_case(recipe, torch.full((n,), -1), captions)
     return recipe, obj, batch, views
 
 
@@ -80,7 +84,7 @@ def _equivalence_worker(rank, inputs, out_dir):
         case = torch.load(path, weights_only=False)
         obj = Objective(case_recipe(name))
         obj.load_state_dict(case["state"])
-        model = dist.wrap(obj, torch.device("cpu"))
+        model = strategy.replicate(obj, torch.device("cpu"))
         assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
         batch, views = rank_slice(case["batch"], case["views"], rank)
         out = model(batch, views)
@@ -129,7 +133,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(equivalence, name):
         assert err <= 1e-4 * float(grad.norm()) + 1e-6 * scale, f"{key}: |error| {err:.2e}, |grad| {grad.norm():.2e}"
     for key, buf in ref["buffers"].items():  # batch-norm running statistics of the global batch
         if buf.is_floating_point():
-            torch.testing.assert_close(got["buffers"][key], buf, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(got["buffers"][key], buf, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_gather_puts_each_rank_at_its_offset_and_sends_gradients_home(equivalence):
@@ -206,4 +210,4 @@ def test_pretrain_on_two_ranks_writes_on_rank_0_and_resumes_exactly(tmp_path, ca
     wb, _ = ckpt.load(b)
     assert set(wa) == set(wb)
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")

@@ -10,12 +10,11 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from m3i.config import load_recipe
-from m3i.objective import Context, Objective, Views
+from m3i.objective import Objective
 from m3i.train import strategy
 from conftest import needs_data
-from test_distributed import free_port
+from test_distributed import B, WORLD, free_port, global_case, rank_slice
 
-WORLD, B = 2, 4
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "train.precision=fp32"]
 CASES = {  # every estimator: boltzmann (batch, both directions; all pairs; classes), gaussian, unigrad
     "clip": ("clip", TINY + ["terms.0.target_encoder.tower=scratch"]),
@@ -33,24 +32,10 @@ CASES = {  # every estimator: boltzmann (batch, both directions; all pairs; clas
 
 def make_case(name):
     recipe = load_recipe(CASES[name][0], overrides=CASES[name][1])
-    torch.manual_seed(0)
-    obj = Objective(recipe, num_classes=10)
-    g = torch.Generator().manual_seed(1)
-    n = WORLD * B
-    batch = {"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-             "label": torch.tensor([3, -1, 0, 7, 7, -1, 2, 9]),
-             "caption": [None if i in (1, 6) else f"a small picture number {i}" for i in range(n)]}
-    views = obj.make_views(batch["image"])
-    ctx = Context(obj, batch, views)
-    views.visible = {t.source.view: ctx.visible(t.source.view) for t in recipe.terms if t.source.masked}
+    labels = torch.tensor([3, -1, 0, 7, 7, -1, 2, 9])
+    captions = [None if i in (1, 6) else f"a small picture number {i}" for i in range(WORLD * B)]
+    obj, batch, views = global_case(recipe, labels, captions, num_classes=10)
     return recipe, obj, batch, views
-
-
-def rank_slice(batch, views, r):
-    rows = slice(r * B, (r + 1) * B)
-    part = {k: v[rows] for k, v in batch.items()}
-    return part, Views([x[rows] for x in views.images], [x[rows] for x in views.boxes],
-                       [x[rows] for x in views.flips], {k: v[rows] for k, v in views.visible.items()})
 
 
 def _worker(rank, init_file, inputs, out_dir):
@@ -170,7 +155,7 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     assert sf["optimizer"] == "optimizer" and set(wf) == set(wd)
     lr_sum = 1.5e-3  # the two steps' learning rates (warm-up half, then the peak 1e-3)
     for k in wd:  # the gathered weights (teacher included) are DDP's, to the sum of the steps
-        torch.testing.assert_close(wf[k], wd[k], rtol=1e-4, atol=2 * lr_sum, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(wf[k], wd[k], rtol=1e-4, atol=2 * lr_sum, msg=lambda m, k=k: f"{k}: {m}")
 
     # resumed on 2 ranks from step 2: step 3 repeats
     resumed = metrics(tmp_path / "fsdp2")
@@ -182,10 +167,10 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     recipe = load_recipe(str(tmp_path / "fsdp" / "config.yaml"))
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=wf["terms.1.classes.weight"].shape[0])
-    ckpt.load_weights_into(obj, wf, "fsdp step 2", loop.optional_prefixes(obj))
-    opt = loop.make_optimizer(loop.param_groups(obj, recipe.train.weight_decay), recipe.train)
+    obj.load_checkpoint_state(wf, "fsdp step 2")
+    opt = loop.make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
     strategy.load_sharded_optimizer(obj, opt, step2 / "optimizer")
-    ref = torch.optim.AdamW(loop.param_groups(obj, recipe.train.weight_decay), fused=True)
+    ref = torch.optim.AdamW(obj.param_groups(recipe.train.weight_decay), fused=True)
     ref.load_state_dict(sd["optimizer"])
     assert len(opt.state) == len(ref.state) > 0
     for p in opt.state:

@@ -2,7 +2,6 @@
 taken (parameters, AdamW moments and step count, EMA teacher, batch-norm statistics), the step
 reads nothing back to the host beyond what the objective's own forward does, and
 ``train.compile`` trains like eager."""
-import copy
 import json
 from contextlib import nullcontext
 
@@ -28,7 +27,7 @@ def batch(seed, n=8):
 def setup(recipe):
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=10)
-    opt = make_optimizer(loop.param_groups(obj, recipe.train.weight_decay), recipe.train)
+    opt = make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda(recipe.train))
     bad = BadSteps(torch.device("cpu"))
     return obj, opt, sched, bad, TrainStep(obj, obj, opt, sched, recipe.train, nullcontext(), bad)
@@ -70,7 +69,7 @@ def test_skipped_step_changes_nothing_but_the_schedule():
     assert a_bad.read() == (1, 0, 1) and b_bad.read() == (0, 0, 0)
     sa, sb = a_obj.state_dict(), b_obj.state_dict()
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
     oa, ob = a_opt.state_dict()["state"], b_opt.state_dict()["state"]
     for i in oa:
         for key in ("step", "exp_avg", "exp_avg_sq"):
