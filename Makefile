@@ -30,6 +30,7 @@ demo: setup
 	$(VENV)/bin/m3i pretrain
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks docs scripts
 	$(PY) -m pytest
 
 bench: setup

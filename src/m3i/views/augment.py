@@ -154,7 +154,7 @@ class ViewAugment(nn.Module):
         self.solarize = KA.RandomSolarize(0.0, 0.0, p=solarize_p) if solarize_p > 0 else None
 
     @classmethod
-    def from_config(cls, cfg: Any = None, **overrides: Any) -> "ViewAugment":
+    def from_config(cls, cfg: Any = None, **overrides: Any) -> ViewAugment:
         """Build from a mapping, dataclass or pydantic model of the keyword arguments (+ overrides)."""
         if cfg is None:
             params: dict[str, Any] = {}
