@@ -163,6 +163,15 @@ class Objective(nn.Module):
         self.frozen = nn.ModuleDict({t.name: load_frozen(t.cfg, self.backbone, t.teacher_head) for t in self.terms
                                      if t.cfg.target_encoder.kind == "frozen"})
 
+    @classmethod
+    def from_checkpoint_state(cls, recipe: Recipe, weights: dict[str, Tensor], where: str) -> Objective:
+        """The objective a checkpoint's weights were saved from (its class tables sized by them)."""
+        num_classes = max([TARGETS[t.target.kind].num_classes_in(weights, f"terms.{i}.")
+                           for i, t in enumerate(recipe.terms)] + [0])
+        obj = cls(recipe, num_classes)
+        obj.load_checkpoint_state(weights, where)
+        return obj
+
     # -- the loss ------------------------------------------------------------------------------
     def make_views(self, images: Tensor) -> Views:
         """uint8 (B, C, H, W) -> the recipe's augmented views with their crop boxes and flips."""

@@ -68,6 +68,12 @@ class Target:
         decoder's own width)."""
         return None
 
+    @classmethod
+    def num_classes_in(cls, state: dict[str, Tensor], prefix: str) -> int:
+        """The number of classes a term's saved ``state`` (keys under ``prefix``) was built for
+        (0: this kind keeps no class table)."""
+        return 0
+
     def build(self, term: Term, backbone: Backbone, num_classes: int) -> None:
         """Add the modules this target owns (a class table, a text tower) to ``term``."""
 

@@ -25,6 +25,11 @@ class Label(Target):
     def describe(cls, term) -> str:
         return "category"
 
+    @classmethod
+    def num_classes_in(cls, state, prefix):
+        table = state.get(prefix + "classes.weight")
+        return 0 if table is None else int(table.shape[0])
+
     def build(self, term, backbone, num_classes):
         enc = term.cfg.target_encoder
         term.classes = ClassTable(num_classes, term.predictor.out_dim, enc.normalize, enc.bias)

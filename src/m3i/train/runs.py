@@ -48,8 +48,4 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
 
     path = ckpt.find(Path(checkpoint))
     recipe = read_recipe(path)
-    weights = ckpt.load_weights(path)
-    tables = [v for k, v in weights.items() if k.endswith(".classes.weight")]
-    obj = Objective(recipe, num_classes=tables[0].shape[0] if tables else 0)
-    obj.load_checkpoint_state(weights, str(path))
-    return obj.to(device).eval()
+    return Objective.from_checkpoint_state(recipe, ckpt.load_weights(path), str(path)).to(device).eval()
