@@ -97,12 +97,11 @@ def _equivalence_worker(rank, inputs, out_dir):
                         "buffers": dict(obj.named_buffers())}, f"{out_dir}/{name}.out.pt")
 
 
-@pytest.fixture(scope="module")
-def equivalence(tmp_path_factory):
-    """{case: (single-process reference, 2-rank result)}, from one spawn for every case."""
-    tmp = tmp_path_factory.mktemp("dist")
+def single_process_references(make_case, names, tmp) -> tuple[dict, dict]:
+    """For each case: its objective, batch and views saved for the ranks to load, and one process's
+    losses, gradients and buffers on the whole global batch -> (references, saved input paths)."""
     refs, inputs = {}, {}
-    for name in CASES:
+    for name in names:
         recipe, obj, batch, views = make_case(name)
         torch.save({"state": obj.state_dict(), "batch": batch, "views": views}, tmp / f"{name}.pt")
         inputs[name] = str(tmp / f"{name}.pt")
@@ -111,6 +110,14 @@ def equivalence(tmp_path_factory):
         refs[name] = {"losses": {k: v.item() for k, v in out.items() if not k.startswith("n_")},
                       "grads": {k: p.grad for k, p in obj.named_parameters() if p.grad is not None},
                       "buffers": dict(obj.named_buffers())}
+    return refs, inputs
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    """{case: (single-process reference, 2-rank result)}, from one spawn for every case."""
+    tmp = tmp_path_factory.mktemp("dist")
+    refs, inputs = single_process_references(make_case, CASES, tmp)
     spawn(_equivalence_worker, tmp, inputs, str(tmp))
     out = {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
     out["gather"] = [torch.load(tmp / f"gather{r}.pt") for r in range(WORLD)]

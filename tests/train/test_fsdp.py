@@ -13,7 +13,7 @@ from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import strategy
 from conftest import needs_data
-from test_distributed import B, WORLD, free_port, global_case, rank_slice
+from test_distributed import B, WORLD, free_port, global_case, rank_slice, single_process_references
 
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "train.precision=fp32"]
 CASES = {  # every estimator: boltzmann (batch, both directions; all pairs; classes), gaussian, unigrad
@@ -66,15 +66,7 @@ def _worker(rank, init_file, inputs, out_dir):
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    refs, inputs = {}, {}
-    for name in CASES:
-        recipe, obj, batch, views = make_case(name)
-        torch.save({"state": obj.state_dict(), "batch": batch, "views": views}, tmp / f"{name}.pt")
-        inputs[name] = str(tmp / f"{name}.pt")
-        out = obj(batch, views)
-        out["loss"].backward()
-        refs[name] = {"losses": {k: v.item() for k, v in out.items() if not k.startswith("n_")},
-                      "grads": {k: p.grad for k, p in obj.named_parameters() if p.grad is not None}}
+    refs, inputs = single_process_references(make_case, CASES, tmp)
     mp.spawn(_worker, args=(str(tmp / "pg"), inputs, str(tmp)), nprocs=WORLD, join=True)
     return {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
 
