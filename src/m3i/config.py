@@ -21,10 +21,15 @@ from .targets.decoders import DecoderUnion, DenseDecoderCfg, GlobalDecoderCfg
 from .targets.encoders import TARGET_ENCODER_CONFIGS, TargetEncoderUnion
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-# the parts a term is made of, each settings class picked by its `kind`
-PART_FIELDS = ("target", "target_encoder", "decoder", "estimator")
-PART_KINDS = set(TARGETS.kinds()) | set(ESTIMATORS.kinds()) | {
-    kind_of(c) for c in (*TARGET_ENCODER_CONFIGS, GlobalDecoderCfg, DenseDecoderCfg)}
+# the parts a term is made of: per field, the settings class of each kind
+PART_CONFIGS: dict[str, dict[str, type[BaseModel]]] = {
+    "target": {t.kind: t.Config for t in TARGETS},
+    "target_encoder": {kind_of(c): c for c in TARGET_ENCODER_CONFIGS},
+    "decoder": {kind_of(c): c for c in (GlobalDecoderCfg, DenseDecoderCfg)},
+    "estimator": {e.kind: e.Config for e in ESTIMATORS},
+}
+PART_FIELDS = tuple(PART_CONFIGS)
+PART_KINDS = {kind for by_kind in PART_CONFIGS.values() for kind in by_kind}
 
 
 class AugmentCfg(Strict):
@@ -301,18 +306,11 @@ def validate(data: dict, origin: str, schema: type[BaseModel] = Recipe):
         raise ConfigError("; ".join(lines)) from None
 
 
-def _part_configs() -> dict[str, dict[str, type[BaseModel]]]:
-    return {"target": {t.kind: t.Config for t in TARGETS}, "estimator": {e.kind: e.Config for e in ESTIMATORS},
-            "target_encoder": {kind_of(c): c for c in TARGET_ENCODER_CONFIGS},
-            "decoder": {kind_of(c): c for c in (GlobalDecoderCfg, DenseDecoderCfg)}}
-
-
 def upgrade_saved(data: dict) -> dict:
     """A run's saved config written before every part had settings of its own kind: then each part
     listed the fields of every kind, a dense view was ``{kind: view, dense: true}``, and the mixed
     input ignored ``views.mask.ratio``. Returns the same run in today's form."""
     data = copy.deepcopy(data)
-    parts = _part_configs()
     for term in data.get("terms") or []:
         if not isinstance(term, dict):
             continue
@@ -322,7 +320,7 @@ def upgrade_saved(data: dict) -> dict:
         decoder = term.get("decoder")
         if isinstance(decoder, dict) and decoder.get("kind") == "dense" and "projector" in decoder:
             decoder.pop("norm", None)  # the global decoder's norm; the old dense decoder always used LayerNorm
-        for field, by_kind in parts.items():
+        for field, by_kind in PART_CONFIGS.items():
             part = term.get(field)
             if isinstance(part, dict) and part.get("kind") in by_kind:
                 known = by_kind[part["kind"]].model_fields

@@ -23,6 +23,15 @@ from ..schema import Strict, union_of
 from ..views.relpos import sincos_embed
 
 
+def check_width(width: int, heads: int) -> None:
+    """A dense decoder's width splits into its attention heads and into the 4-part sin-cos
+    position embedding (a multiple of 8)."""
+    if width % heads:
+        raise ValueError(f"width: {width} is not divisible by heads={heads}")
+    if width % 8:
+        raise ValueError(f"width: {width} must be a multiple of 8 for the 4-part sin-cos position embedding")
+
+
 class MLPHead(nn.Module):
     """Linear layers with norm and GELU between them; ``dims`` lists each layer's width.
 
@@ -86,8 +95,7 @@ class DenseDecoder(nn.Module):
     def __init__(self, in_dim: int, width: int, projector_depth: int, depth: int, heads: int, out_dim: int,
                  *, norm: str = "layer", positions: str = "embed", cls_token: bool = False):
         super().__init__()
-        if width % 8:
-            raise ValueError(f"decoder.width: {width} must be a multiple of 8 for the 4-part sin-cos position embedding")
+        check_width(width, heads)
         if norm not in _NORMS:
             raise ValueError(f"decoder.norm: {norm!r} is not one of {', '.join(_NORMS)}")
         if positions not in _POSITIONS:
@@ -180,10 +188,7 @@ class DenseDecoderCfg(Strict):
 
     @model_validator(mode="after")
     def _shape(self):
-        if self.width % self.heads:
-            raise ValueError(f"width: {self.width} is not divisible by heads={self.heads}")
-        if self.width % 8:
-            raise ValueError(f"width: {self.width} must be a multiple of 8 (sin-cos position embedding)")
+        check_width(self.width, self.heads)
         return self
 
     def build(self, in_dim: int, out_dim: int) -> dict[str, nn.Module]:
