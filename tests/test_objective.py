@@ -48,3 +48,55 @@ def test_paired_needs_the_mix_input():
 
     with pytest.raises(ConfigError, match="terms.0.target.paired"):
         load_recipe("m3i", overrides=["terms.0.target.paired=true", "views.input_mode=drop"])
+
+
+SMALL = ["backbone.name=vit_micro", "backbone.depth=2", "backbone.patch_size=8"]
+
+
+def test_a_frozen_target_encoder_reads_its_file_and_is_never_trained_or_saved(tmp_path):
+    from safetensors.torch import save_file
+
+    from m3i.backbones import build_backbone
+
+    torch.manual_seed(1)
+    source = build_backbone("vit_micro", img_size=32, depth=2, patch_size=8)
+    path = tmp_path / "teacher.safetensors"  # a run's layout: the backbone's tensors under "backbone."
+    save_file({f"backbone.{k}": v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    torch.manual_seed(0)
+    frozen_cfg = f"terms.0.target_encoder={{kind: frozen, head: true, weights: {path}}}"
+    obj = Objective(load_recipe("byol", overrides=SMALL + [frozen_cfg]))
+    frozen = obj.frozen["view"].backbone
+    for k, v in source.state_dict().items():
+        assert torch.equal(frozen.state_dict()[k], v), k
+    assert not any(torch.equal(obj.backbone.state_dict()[k], v) for k, v in source.state_dict().items()
+                   if k.endswith("weight") and v.dim() > 1)  # the online backbone keeps its own initialisation
+    assert not any(p.requires_grad for p in obj.frozen.parameters())
+    assert all(p is not q for p in obj.param_groups(0.05)[0]["params"] for q in obj.frozen.parameters())
+    assert not any(k.startswith("frozen.") for k in obj.checkpoint_state())
+    out = obj(batch())
+    out["loss"].backward()
+    assert all(p.grad is None for p in obj.frozen.parameters())
+
+
+def test_a_frozen_target_encoder_of_another_shape_is_refused_naming_the_file(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from m3i.backbones import build_backbone
+
+    other = build_backbone("vit_micro", img_size=32, depth=2, patch_size=8, embed_dim=32, num_heads=2)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"target_encoder.weights .*other.safetensors.*shapes differ"):
+        Objective(load_recipe("byol", overrides=SMALL + [f"terms.0.target_encoder={{kind: frozen, head: true, weights: {path}}}"]))
+
+
+def test_a_copied_target_without_head_must_match_the_prediction_width(tmp_path):
+    import pytest
+
+    # byol's predictor ends at 128; vit_micro's pooled features are 192 wide
+    with pytest.raises(ValueError, match="terms.view: the prediction is 128 wide but the target.*192 wide"):
+        Objective(load_recipe("byol", overrides=SMALL + ["terms.0.target_encoder.head=false"]))
+    ok = Objective(load_recipe("byol", overrides=SMALL + ["terms.0.target_encoder.head=false",
+                                                          "terms.0.decoder.predictor=[512, 192]"]))
+    assert ok(batch())["loss"].isfinite()

@@ -26,6 +26,7 @@ from .targets.caption import Caption
 from .targets.encoders import Teacher, ema_momentum
 from .targets.text import TextTower
 from .views import ViewAugment, block_mask, mix_visible, random_mask
+from .weights import load_weights_into
 
 
 @dataclass
@@ -252,8 +253,6 @@ class Objective(nn.Module):
 
     def load_checkpoint_state(self, weights: dict[str, Tensor], where: str) -> None:
         """Load :meth:`checkpoint_state` back; a clear error names ``where`` when it does not fit."""
-        from .train.checkpoint import load_weights_into
-
         load_weights_into(self, weights, where, tuple(self.unsaved_keys()))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -316,11 +315,8 @@ def load_frozen(cfg: TermCfg, backbone: Backbone, head: nn.Module | None) -> Tea
     except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files
         raise ValueError(f"terms.{cfg.name}.target_encoder.weights: cannot read {enc.weights}: {e}") from None
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
-    missing, unexpected = teacher.backbone.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "mask_token"]
-    if missing or unexpected:
-        raise ValueError(f"{enc.weights}: does not fit the frozen target encoder "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    load_weights_into(teacher.backbone, state, f"terms.{cfg.name}.target_encoder.weights {enc.weights}",
+                      optional_prefixes=("mask_token",))
     return teacher
 
 

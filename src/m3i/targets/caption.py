@@ -39,7 +39,7 @@ class Caption(Target):
 
     def prepare(self, term, data) -> None:
         """A frozen tower embeds every caption of the data once, up front."""
-        if term.cfg.target_encoder.frozen and hasattr(term.text, "precompute"):
+        if term.cfg.target_encoder.frozen:
             term.text.precompute(data.captions())
 
     @staticmethod

@@ -32,6 +32,15 @@ class View(Target):
     def describe(cls, term) -> str:
         return view_words(term)
 
+    def build(self, term, backbone, num_classes):
+        enc = term.cfg.target_encoder
+        own = enc.kind == "ema" or (enc.kind == "frozen" and enc.backbone is None)  # the online architecture
+        if own and not enc.head and term.predictor.out_dim != backbone.embed_dim:
+            raise ValueError(f"terms.{term.name}: the prediction is {term.predictor.out_dim} wide but the target, the "
+                             f"{enc.kind} encoder's pooled features, is {backbone.embed_dim} wide; set "
+                             f"target_encoder.head: true (the target passes the copied projector) or end the decoder "
+                             f"at {backbone.embed_dim}")
+
     def loss(self, term, ctx, s, t):
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
         return term.estimator.paired(pred, self.target(term, ctx, t), None, term.temperature), pred.shape[0]

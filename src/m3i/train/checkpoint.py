@@ -311,23 +311,3 @@ def load_state(path: Path) -> dict:
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and training state of a checkpoint."""
     return load_weights(path), load_state(path)
-
-
-def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str,
-                      optional_prefixes: tuple[str, ...] = ()) -> None:
-    """Load with a clear message when the checkpoint was made for another model shape."""
-    own = module.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in weights and not k.startswith(optional_prefixes)]
-    unexpected = [k for k in weights if k not in own]
-    if wrong or missing or unexpected:
-        parts = []
-        if wrong:
-            parts.append("shapes differ: " + "; ".join(wrong[:4]))
-        if missing:
-            parts.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
-        raise ValueError(f"{where}: the checkpoint was made for another model shape or recipe ({'; '.join(parts)})")
-    module.load_state_dict(weights, strict=False)

@@ -19,6 +19,7 @@ from .. import distributed as dist
 from ..config import Recipe
 from ..data import Mixture, build_source
 from ..objective import Objective
+from ..weights import load_weights_into
 from . import checkpoint as ckpt
 from . import runs, strategy
 from .runlock import RunLock
@@ -195,7 +196,7 @@ def start_from(objective: Objective, init_from: str | Path) -> None:
     """The backbone (and the EMA teacher) from another run's weights: a multi-stage pipeline's next stage."""
     weights = ckpt.load_weights(Path(init_from))
     backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-    ckpt.load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
+    load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
     objective.sync_teacher()
 
 
