@@ -1,11 +1,36 @@
 """Shared pieces of the fault suite: a tiny recipe, a tiny image folder, and `m3i` as a child
-process (``sys.executable -m m3i.cli``, so the same sources and environment are used)."""
+process (``sys.executable -m m3i.cli``, so the same sources and environment are used).
+
+A fault lands where the test chooses it from the run's progress, never after a wall-clock delay:
+:class:`Child` runs ``m3i ARGS`` and, given ``pause="POINT@STEP"``, the child stops at that point
+of its run, says so, and waits for the test, which then kills it, signals it, or lets it go on::
+
+    with Child(*pretrain_args(run, data), pause="log@5") as child:
+        assert child.paused(), child.stderr()   # False: the run ended without reaching the point
+        child.kill()                            # SIGKILL there; or child.signal(SIGTERM); child.release()
+
+The points (``STEP`` is the step the loop counts: the first update is step 1):
+
+- ``step``: before the update of step ``STEP`` runs; the newest checkpoint is ``STEP - 1``'s.
+- ``log``: step ``STEP``'s line just appended to metrics.jsonl, its checkpoint not yet begun.
+- ``files``: inside step ``STEP``'s checkpoint write: the weights and optimizer files written
+  into ``.step_NNNNNN.tmp``, ``state.json`` not yet, nothing renamed.
+- ``pointer``: inside that write: the folder renamed into place, ``latest`` not yet replaced.
+- ``saved``: step ``STEP``'s checkpoint whole and ``latest``, the next update not yet begun.
+
+The child pauses once. It tells the test through a pipe of its own and waits on its stdin; if
+the test goes away (stdin closed) the paused child exits, so none outlives a failed test.
+"""
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +71,165 @@ def m3i_cmd(*args: str, wrapper: str | None = None) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-def run_m3i(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+POINTS = ("step", "log", "files", "pointer", "saved")
+# how long a child may take to reach its pause point or to end: a hang guard, far beyond any run
+# here on a slow, loaded machine, never a measure of speed
+HANG = 600.0
+
+
+def _pause(point: str, step: int, fd: int) -> None:
+    """Run in the child (see :class:`Child`): install the pause at ``point`` of step ``step``."""
+    import pathlib
+
+    from m3i.train import checkpoint, loop
+    from m3i.train import step as train_step
+
+    name, done = f"step_{step:06d}", []
+
+    def pause():
+        if done:
+            return
+        done.append(True)
+        os.write(fd, f"paused {point}@{step}\n".encode())
+        if not sys.stdin.readline():  # stdin closed: the test has gone
+            os._exit(3)
+
+    if point == "step":
+        call = train_step.TrainStep.__call__
+
+        def paused_call(self, batch, i):
+            if i + 1 == step:
+                pause()
+            return call(self, batch, i)
+        train_step.TrainStep.__call__ = paused_call
+    elif point == "log":
+        write = loop.MetricLog.write
+
+        def paused_write(self, record):
+            write(self, record)
+            if record["step"] == step:
+                pause()
+        loop.MetricLog.write = paused_write
+    elif point == "files":
+        save_file = checkpoint.save_file
+
+        def paused_save_file(tensors, filename, metadata=None):
+            save_file(tensors, filename, metadata=metadata)
+            if filename.endswith(checkpoint.OPTIMIZER_FILE) and f".{name}.tmp" in filename:
+                pause()
+        checkpoint.save_file = paused_save_file
+    elif point == "pointer":
+        write_text = pathlib.Path.write_text
+
+        def paused_write_text(self, data, *a, **k):
+            if self.name == ".latest.tmp" and data.strip() == name:
+                pause()
+            return write_text(self, data, *a, **k)
+        pathlib.Path.write_text = paused_write_text
+    elif point == "saved":
+        save = checkpoint.save
+
+        def paused_save(run_dir, at, *a, **k):
+            out = save(run_dir, at, *a, **k)
+            if at == step:
+                pause()
+            return out
+        checkpoint.save = paused_save
+    else:
+        raise ValueError(f"pause point {point!r}: expected one of {', '.join(POINTS)}")
+
+
+class Child:
+    """``m3i ARGS`` in a child process, paused at ``pause="POINT@STEP"`` if given (see the module's
+    docstring); ``wrapper``: more Python code run first in the child, as in :func:`m3i_cmd`.
+    stdout and stderr go to files (a chatty child never blocks on a full pipe). As a context
+    manager, a child still running at the end is killed."""
+
+    def __init__(self, *args: str, pause: str | None = None, wrapper: str | None = None, env: dict | None = None):
+        self.pause = pause
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        code, fds, self._said = wrapper or "", (), None
+        if pause is not None:
+            point, _, step = pause.partition("@")
+            if point not in POINTS or not step.isdigit():
+                raise ValueError(f"pause={pause!r}: expected POINT@STEP, POINT one of {', '.join(POINTS)}")
+            self._said, said = os.pipe()
+            fds = (said,)
+            code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport faultkit\n"
+                    f"faultkit._pause({point!r}, {int(step)}, {said})\n" + code)
+        self.proc = subprocess.Popen(m3i_cmd(*args, wrapper=code or None), env=env or ENV, stdin=subprocess.PIPE,
+                                     stdout=self._out, stderr=self._err, text=True, pass_fds=fds)
+        if fds:
+            os.close(fds[0])
+
+    def paused(self, timeout: float = HANG) -> bool:
+        """Wait until the child pauses (True) or ends without reaching its point (False)."""
+        assert self._said is not None, "no pause point given"
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([self._said], [], [], 1.0)
+            if ready:
+                line = os.read(self._said, 256).decode()
+                if line:
+                    assert line == f"paused {self.pause}\n", line
+                    return True
+                self.proc.wait(timeout=HANG)
+                return False  # the pipe closed: the child ended
+            if self.proc.poll() is not None:
+                return False
+        raise AssertionError(f"m3i did not reach {self.pause} nor end within {timeout:.0f} s (hung?): "
+                             f"{self.stderr()[-2000:]}")
+
+    def release(self) -> None:
+        """Let a paused child go on."""
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> int:
+        """SIGKILL, and wait for it to end."""
+        self.proc.send_signal(signal.SIGKILL)
+        return self.wait()
+
+    def wait(self, timeout: float = HANG) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"m3i did not end within {timeout:.0f} s (hung?): {self.stderr()[-2000:]}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stdout(self) -> str:
+        self._out.seek(0)
+        return self._out.read()
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        if self._said is not None:
+            os.close(self._said)
+        self._out.close()
+        self._err.close()
+
+
+def run_m3i(*args: str, timeout: float = HANG, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(m3i_cmd(*args), env=ENV, capture_output=True, text=True, timeout=timeout, **kw)
 
 

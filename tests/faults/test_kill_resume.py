@@ -1,45 +1,20 @@
-"""Interrupted runs: SIGKILL at random points and inside a checkpoint write, SIGTERM, and two
-runs into one directory. Every run here is a real `m3i pretrain` child process."""
+"""Interrupted runs: SIGKILL at random steps and inside a checkpoint write, SIGTERM, and two
+runs into one directory. Every run here is a real `m3i pretrain` child process, and every fault
+lands at a point of the run chosen by the test (faultkit.Child), whatever the machine's speed."""
 from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from faultkit import ENV, error_lines, final_weights, image_folder, m3i_cmd, metrics, pretrain_args, run_m3i
+from faultkit import Child, error_lines, final_weights, image_folder, metrics, pretrain_args, run_m3i
 from m3i.train import checkpoint as ckpt
 
 STEPS = 40
-KILLS = 10  # in all: two inside checkpoint writes, the others at random points
-
-# pauses the child inside the checkpoint write of step $FAULT_STEP, at $FAULT_AT: "files" (the
-# weights and optimizer files written, state.json not yet, nothing renamed) or "pointer" (the
-# folder renamed into place, `latest` not yet replaced); it touches $FAULT_MARKER and waits
-PAUSE_IN_SAVE = """
-import os, pathlib, time
-from m3i.train import checkpoint
-step, at, marker = os.environ["FAULT_STEP"], os.environ["FAULT_AT"], os.environ["FAULT_MARKER"]
-def pause():
-    pathlib.Path(marker).touch()
-    time.sleep(600)
-real_save_file = checkpoint.save_file
-def save_file(tensors, filename, metadata=None):
-    real_save_file(tensors, filename, metadata=metadata)
-    if at == "files" and filename.endswith(checkpoint.OPTIMIZER_FILE) and f"step_{int(step):06d}" in filename:
-        pause()
-checkpoint.save_file = save_file
-real_write_text = pathlib.Path.write_text
-def write_text(self, data, *a, **k):
-    if at == "pointer" and self.name == ".latest.tmp" and data.strip() == f"step_{int(step):06d}":
-        pause()
-    return real_write_text(self, data, *a, **k)
-pathlib.Path.write_text = write_text
-"""
+KILLS = 10  # in all: two inside checkpoint writes, the others at random steps
 
 
 @pytest.fixture(scope="module")
@@ -66,68 +41,38 @@ def latest_step(run: Path) -> int:
     return int(state["step"])
 
 
-def pointer(run: Path) -> str:
-    """What `latest` names (cheap to poll)."""
-    try:
-        return (run / "checkpoints" / "latest").read_text()
-    except FileNotFoundError:
-        return ""
-
-
-def start(run: Path, data: Path, wrapper: str | None = None, env: dict | None = None) -> subprocess.Popen:
+def start(run: Path, data: Path, pause: str) -> Child:
+    """The run from scratch, or resumed from its newest checkpoint, to pause at ``pause``."""
     args = (["pretrain", "--resume", str(run), "--no-progress"] if latest_step(run)
             else pretrain_args(run, data, f"train.steps={STEPS}"))
-    return subprocess.Popen(m3i_cmd(*args, wrapper=wrapper), env=env or ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return Child(*args, pause=pause)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    raise AssertionError("timed out")
+def kill_points(rng: random.Random) -> list[tuple[str, int]]:
+    """Two kills inside checkpoint writes (at both points that matter), then the others at random
+    steps, either before the step's update or between logging the step and checkpointing it."""
+    steps = sorted(rng.sample(range(8, STEPS), KILLS - 2))
+    return [("files", 3), ("pointer", 6)] + [(rng.choice(("step", "log")), s) for s in steps]
 
 
 def test_sigkill_at_random_points_and_inside_checkpoint_writes_then_resume_bitwise(data, reference, tmp_path):
     run = tmp_path / "run"
-    rng = random.Random(0)
-    kills, steps_at_kill = 0, []
-
-    # SIGKILL inside two checkpoint writes (at both points that matter), then resume
-    for at, step in (("files", 3), ("pointer", 6)):
-        marker = tmp_path / f"paused-{at}"
-        env = {**ENV, "FAULT_STEP": str(step), "FAULT_AT": at, "FAULT_MARKER": str(marker)}
-        proc = start(run, data, wrapper=PAUSE_IN_SAVE, env=env)
-        assert wait_for(marker.exists, proc), proc.stderr.read()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        # the write was cut: `latest` still names the previous checkpoint, which loads whole
-        assert latest_step(run) == step - 1
-        if at == "files":
+    points = kill_points(random.Random(0))
+    for point, step in points:
+        with start(run, data, pause=f"{point}@{step}") as child:
+            assert child.paused(), f"the run ended before {point}@{step}: {child.stderr()[-2000:]}"
+            assert child.kill() == -signal.SIGKILL
+        # whatever was cut, `latest` names the previous checkpoint, which loads whole
+        assert latest_step(run) == step - 1, (point, step)
+        logged = [r["step"] for r in metrics(run)]
+        if point == "files":
             assert (run / "checkpoints" / f".step_{step:06d}.tmp").is_dir()  # the cut write's leftovers
-        else:
+        elif point == "pointer":
             assert (run / "checkpoints" / f"step_{step:06d}").is_dir()  # renamed, but not yet `latest`
-
-    # SIGKILL at random points: after the run made progress, a random delay later
-    while kills < KILLS:
-        before = pointer(run)
-        proc = start(run, data)
-        if not wait_for(lambda before=before: pointer(run) not in ("", before), proc):
-            break  # it finished
-        time.sleep(rng.uniform(0.0, 0.1))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode != -signal.SIGKILL:
-            break  # it had finished before the signal
-        kills += 1
-        steps_at_kill.append(latest_step(run))  # never unreadable (latest_step loads it)
-    assert kills >= KILLS, f"only {kills} kills landed before the run ended (at steps {steps_at_kill})"
-    assert steps_at_kill[-1] < STEPS
+        elif point == "log":
+            assert logged[-1] == step  # a line past the checkpoint, which the resumed run drops
+        else:
+            assert logged[-1] == step - 1
 
     finish = run_m3i("pretrain", "--resume", str(run), "--no-progress")
     assert finish.returncode == 0, finish.stderr
@@ -142,22 +87,23 @@ def test_sigkill_at_random_points_and_inside_checkpoint_writes_then_resume_bitwi
     for i, s in ref_state["optimizer"]["state"].items():
         for name, v in s.items():
             assert torch.equal(v, got_state["optimizer"]["state"][i][name]), (i, name)
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(reference)]
-    print(f"{kills} SIGKILLs survived: 2 inside checkpoint writes, then at steps {steps_at_kill}")
+    print(f"{len(points)} SIGKILLs survived, at {points}")
 
 
 def test_sigterm_saves_exits_0_and_the_run_resumes_bitwise(data, reference, tmp_path):
     run = tmp_path / "run"
-    # checkpoints only at the end: the one SIGTERM writes is the only one there is
-    proc = subprocess.Popen(m3i_cmd(*pretrain_args(run, data, f"train.steps={STEPS}", "train.ckpt_every=1000")),
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    stopped = latest_step(run)
-    assert 3 <= stopped < STEPS and stopped % 1000
-    assert f"SIGTERM at step {stopped}: saved {run / 'checkpoints' / f'step_{stopped:06d}'}" in out
+    # checkpoints only at the end: the one SIGTERM writes is the only one there is. It arrives
+    # before the update of step 5, which completes; the run saves step 5 and stops
+    with Child(*pretrain_args(run, data, f"train.steps={STEPS}", "train.ckpt_every=1000"), pause="step@5") as child:
+        assert child.paused(), child.stderr()
+        child.signal(signal.SIGTERM)
+        child.release()
+        assert child.wait() == 0, child.stderr()
+        out = child.stdout()
+    assert latest_step(run) == 5
+    assert f"SIGTERM at step 5: saved {run / 'checkpoints' / 'step_000005'}" in out
     assert f"--resume {run}" in out
 
     finish = run_m3i("pretrain", "--resume", str(run), "--no-progress")
@@ -168,18 +114,18 @@ def test_sigterm_saves_exits_0_and_the_run_resumes_bitwise(data, reference, tmp_
 
 def test_a_second_run_into_the_same_directory_is_refused(data, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(m3i_cmd(*pretrain_args(run, data, "train.steps=100000", "train.ckpt_every=1000")),
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        assert wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 1, first)
+    # the first run, paused at its step 3 (two steps logged), holds the directory
+    with Child(*pretrain_args(run, data, "train.steps=4", "train.ckpt_every=1000"), pause="step@3") as first:
+        assert first.paused(), first.stderr()
         written = (run / "metrics.jsonl").read_text()
+        assert [r["step"] for r in metrics(run)] == [1, 2]
         second = run_m3i(*pretrain_args(run, data, "train.steps=5"))
         assert second.returncode == 1
         assert error_lines(second.stderr) == [
             f"m3i pretrain: error: {run}: another m3i run (pid {first.pid}) is writing into this directory; "
             f"wait for it to end or choose another --out"]
-        assert (run / "metrics.jsonl").read_text().startswith(written)  # the first run's log is untouched
-        assert first.poll() is None  # and it still runs
-    finally:
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == 0
+        assert (run / "metrics.jsonl").read_text() == written  # the first run's log is untouched
+        assert first.poll() is None  # and it still runs, to its end
+        first.release()
+        assert first.wait() == 0, first.stderr()
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
