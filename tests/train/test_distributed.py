@@ -1,19 +1,17 @@
 """Scale-out on CPU: 2 gloo processes of batch B give the loss and gradients of one process on
 the global batch of 2·B, and `m3i pretrain` runs, checkpoints and resumes on 2 ranks as under torchrun."""
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from m3i import distributed as dist
 from m3i.train import strategy
 from m3i.config import load_recipe
 from m3i.objective import Context, Objective, Views
 from conftest import needs_data
+from ranks import run_ranks
 
 WORLD, B = 2, 4
 TINY = ["backbone.name=vit_nano", "backbone.depth=2"]
@@ -24,22 +22,6 @@ CASES = {  # case: (recipe, overrides, rows of the global batch without caption)
     "simclr": ("simclr", TINY, ()),  # NT-Xent over both views of the global batch, global batch norm
     "sim": ("sim", TINY, ()),        # UniGrad: the target correlation all-reduced
 }
-
-# -- process harness ------------------------------------------------------------------------
-def _worker(rank, init_file, fn, args):
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, *args)
-    finally:
-        tdist.destroy_process_group()
-
-
-def spawn(fn, tmp_path, *args):
-    """Run ``fn(rank, *args)`` on WORLD gloo processes; an exception in one fails the test."""
-    init = tmp_path / "pg_init"
-    mp.spawn(_worker, args=(str(init), fn, args), nprocs=WORLD, join=True)
-
 
 # -- the global batch, fixed in the parent ----------------------------------------------------
 def case_recipe(name: str):
@@ -118,7 +100,7 @@ def equivalence(tmp_path_factory):
     """{case: (single-process reference, 2-rank result)}, from one spawn for every case."""
     tmp = tmp_path_factory.mktemp("dist")
     refs, inputs = single_process_references(make_case, CASES, tmp)
-    spawn(_equivalence_worker, tmp, inputs, str(tmp))
+    run_ranks(_equivalence_worker, inputs, str(tmp), world=WORLD)
     out = {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
     out["gather"] = [torch.load(tmp / f"gather{r}.pt") for r in range(WORLD)]
     return out
@@ -165,26 +147,14 @@ E2E = ["--recipe", "m3i", "--steps", "3", "--no-progress", "--device", "cpu", "b
        "train.log_every=1", "train.ckpt_every=2"]
 
 
-def _pretrain_worker(rank, port, a, b):
-    # what torchrun sets: the trainer's setup_device starts the gloo group from it
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _pretrain_worker(rank, a, b):
+    # under what torchrun sets (run_ranks' "env" rendezvous) the trainer's setup_device starts the gloo group
     from m3i.cli import main
 
-    try:
-        assert main(["pretrain", "--out", a, *E2E]) == 0
-        assert tdist.is_initialized() and tdist.get_backend() == "gloo"
-        assert main(["pretrain", "--out", b, "--resume", f"{a}/checkpoints/step_000002", *E2E]) == 0
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert not tdist.is_initialized()
+    assert main(["pretrain", "--out", a, *E2E]) == 0
+    assert tdist.is_initialized() and tdist.get_backend() == "gloo"
+    assert main(["pretrain", "--out", b, "--resume", f"{a}/checkpoints/step_000002", *E2E]) == 0
 
 
 def metrics(run):
@@ -196,7 +166,7 @@ def test_pretrain_on_two_ranks_writes_on_rank_0_and_resumes_exactly(tmp_path, ca
     from m3i.train import checkpoint as ckpt
 
     a, b = tmp_path / "a", tmp_path / "b"
-    mp.spawn(_pretrain_worker, args=(free_port(), str(a), str(b)), nprocs=WORLD, join=True)
+    run_ranks(_pretrain_worker, str(a), str(b), world=WORLD, rendezvous="env")
     out = capfd.readouterr().out
     assert out.count("checkpoint:") == 2  # rank 0 reports, once per run
 

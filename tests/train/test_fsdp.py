@@ -2,18 +2,17 @@
 on the global batch for every estimator, and `m3i pretrain train.strategy=fsdp` trains like DDP,
 checkpoints a sharded optimizer state and resumes from it on 2 ranks and on 1."""
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import strategy
 from conftest import needs_data
-from test_distributed import B, WORLD, free_port, global_case, rank_slice, single_process_references
+from ranks import run_ranks
+from test_distributed import B, WORLD, global_case, rank_slice, single_process_references
 
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "train.precision=fp32"]
 CASES = {  # every estimator: boltzmann (batch, both directions; all pairs; classes), gaussian, unigrad
@@ -38,36 +37,31 @@ def make_case(name):
     return recipe, obj, batch, views
 
 
-def _worker(rank, init_file, inputs, out_dir):
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        for name, path in inputs.items():
-            case = torch.load(path, weights_only=False)
-            recipe = load_recipe(CASES[name][0], overrides=CASES[name][1])
-            obj = Objective(recipe, num_classes=10)
-            obj.load_state_dict(case["state"])
-            strategy.shard(obj, bf16=False)
-            assert strategy.is_sharded(obj)
-            batch, views = rank_slice(case["batch"], case["views"], rank)
-            out = obj(batch, views)
-            out["loss"].backward()
-            losses = [None] * WORLD
-            tdist.all_gather_object(losses, {k: v.item() for k, v in out.items() if not k.startswith("n_")})
-            strategy.sync_replicated_grads(obj)  # the temperatures FSDP leaves whole, as the trainer does
-            grads = {k: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                     for k, p in obj.named_parameters() if p.grad is not None}
-            if rank == 0:
-                torch.save({"losses": losses, "grads": grads}, f"{out_dir}/{name}.out.pt")
-    finally:
-        tdist.destroy_process_group()
+def _worker(rank, inputs, out_dir):
+    for name, path in inputs.items():
+        case = torch.load(path, weights_only=False)
+        recipe = load_recipe(CASES[name][0], overrides=CASES[name][1])
+        obj = Objective(recipe, num_classes=10)
+        obj.load_state_dict(case["state"])
+        strategy.shard(obj, bf16=False)
+        assert strategy.is_sharded(obj)
+        batch, views = rank_slice(case["batch"], case["views"], rank)
+        out = obj(batch, views)
+        out["loss"].backward()
+        losses = [None] * WORLD
+        tdist.all_gather_object(losses, {k: v.item() for k, v in out.items() if not k.startswith("n_")})
+        strategy.sync_replicated_grads(obj)  # the temperatures FSDP leaves whole, as the trainer does
+        grads = {k: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for k, p in obj.named_parameters() if p.grad is not None}
+        if rank == 0:
+            torch.save({"losses": losses, "grads": grads}, f"{out_dir}/{name}.out.pt")
 
 
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     refs, inputs = single_process_references(make_case, CASES, tmp)
-    mp.spawn(_worker, args=(str(tmp / "pg"), inputs, str(tmp)), nprocs=WORLD, join=True)
+    run_ranks(_worker, inputs, str(tmp), world=WORLD)
     return {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
 
 
@@ -89,26 +83,19 @@ E2E = ["--recipe", "m3i", "--no-progress", "--device", "cpu", "backbone.name=vit
        "train.ckpt_every=2", "train.precision=fp32", "train.warmup_steps=1"]
 
 
-def _pretrain_worker(rank, port, root):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _pretrain_worker(rank, root):
     from m3i.cli import main
 
-    try:
-        assert main(["pretrain", "--out", f"{root}/fsdp", "--steps", "3", *E2E, "train.strategy=fsdp"]) == 0
-        assert main(["pretrain", "--out", f"{root}/fsdp2", "--steps", "3", "--resume",
-                     f"{root}/fsdp/checkpoints/step_000002", *E2E, "train.strategy=fsdp"]) == 0
-        assert main(["pretrain", "--out", f"{root}/ddp", "--steps", "2", *E2E, "train.strategy=ddp"]) == 0
-        # bf16: the blocks gather and compute in bfloat16 (the rest under autocast, batch norm in float32)
-        assert main(["pretrain", "--out", f"{root}/fsdp_bf16", "--steps", "2", *E2E, "train.strategy=fsdp",
-                     "train.precision=bf16"]) == 0
-        for how in ("fsdp", "ddp"):  # train.compile under either strategy
-            assert main(["pretrain", "--out", f"{root}/{how}_compiled", "--steps", "2", *E2E, f"train.strategy={how}",
-                         "train.compile=true"]) == 0
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+    assert main(["pretrain", "--out", f"{root}/fsdp", "--steps", "3", *E2E, "train.strategy=fsdp"]) == 0
+    assert main(["pretrain", "--out", f"{root}/fsdp2", "--steps", "3", "--resume",
+                 f"{root}/fsdp/checkpoints/step_000002", *E2E, "train.strategy=fsdp"]) == 0
+    assert main(["pretrain", "--out", f"{root}/ddp", "--steps", "2", *E2E, "train.strategy=ddp"]) == 0
+    # bf16: the blocks gather and compute in bfloat16 (the rest under autocast, batch norm in float32)
+    assert main(["pretrain", "--out", f"{root}/fsdp_bf16", "--steps", "2", *E2E, "train.strategy=fsdp",
+                 "train.precision=bf16"]) == 0
+    for how in ("fsdp", "ddp"):  # train.compile under either strategy
+        assert main(["pretrain", "--out", f"{root}/{how}_compiled", "--steps", "2", *E2E, f"train.strategy={how}",
+                     "train.compile=true"]) == 0
 
 
 def metrics(run):
@@ -121,7 +108,7 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     from m3i.train import checkpoint as ckpt
     from m3i.train import loop
 
-    mp.spawn(_pretrain_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_ranks(_pretrain_worker, str(tmp_path), world=WORLD, rendezvous="env")
     fsdp, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
     assert [r["step"] for r in fsdp] == [1, 2, 3]
     # the same initial weights and global batches: FSDP and DDP agree. AdamW's first updates are
