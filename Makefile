@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 M3I_DATA ?= $(HOME)/.cache/m3i
 export M3I_DATA
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test test-fast bench clean
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
@@ -29,9 +29,15 @@ $(M3I_DATA)/.complete: scripts/fetch_data.sh $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/m3i pretrain
 
+# the whole suite; pytest's exit status is make's, so "no tests collected" (5) fails too
 test: setup
 	$(PY) -m ruff check src tests benchmarks docs scripts
 	$(PY) -m pytest
+
+# the edit loop: the suite without the end-to-end runs (marked slow)
+test-fast: setup
+	$(PY) -m ruff check src tests benchmarks docs scripts
+	$(PY) -m pytest -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/compare.py

@@ -5,6 +5,11 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# s: how long a test waits for a child process (a command line, a benchmark, a gloo rank) before
+# calling it hung. A guard against hangs only, far beyond what any of them takes on a slow, loaded
+# machine: no test's outcome depends on how fast the machine is.
+HANG = 1800.0
+
 
 def have_builtin_data() -> bool:
     from m3i.data import data_root

@@ -8,8 +8,8 @@ runs ``fn(rank, *args)`` in ``world`` fresh processes and fails the test if any 
   test process), on a port the system picked when it bound it, held for the whole run: no port
   is chosen and then released for another process to take.
 - A time-out: a rank still running after ``timeout`` seconds (a hang: a rank waiting for one
-  that never comes) is killed and the test fails saying so. It guards against hangs only; it is
-  far beyond what any run here takes on a slow, loaded machine.
+  that never comes) is killed and the test fails saying so (conftest.HANG: a guard against hangs
+  only, far beyond what any run here takes on a slow, loaded machine).
 - Each rank's own error. A rank's stderr goes to a file of its own, with its Python traceback
   on an exception and faulthandler's stack of every thread on a fatal signal (SIGABRT, SIGSEGV);
   a failure reports every rank: its exit (code or signal) and the end of its stderr. The ranks'
@@ -33,7 +33,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-HANG = 900.0  # s: a hang guard for one launch, not a measure of speed
+from conftest import HANG
+
 GRACE = 60.0  # s: after a rank fails, how long the others get to end with their own error
 
 

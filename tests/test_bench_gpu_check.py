@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import needs_data
+import pytest
+
+from conftest import HANG, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,12 +17,13 @@ def run_check(tmp_path, *args):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out),
-                           *args], env=env, capture_output=True, text=True, timeout=600)
+                           *args], env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
 
 @needs_data
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_section_and_records_figures(tmp_path):
     res, stdout = run_check(tmp_path, "--sections", "peak", "recipes", "vit", "ddp", "--recipes", "clip", "m3i")
     s = res["sections"]
@@ -46,6 +49,7 @@ def test_gpu_check_smoke_runs_every_section_and_records_figures(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path):
     res, _ = run_check(tmp_path, "--sections", "recipes", "peak", "--recipes", "m3i", "nosuchrecipe",
                        "--recipe-steps", "2")

@@ -6,16 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import HANG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_loader_benchmark_prints_its_table(tmp_path):
     out = tmp_path / "loader.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--size", "32", "--batch", "8",
                            "--batches", "2", "--images", "24", "--workers", "0", "--photo", "96x64",
                            "--step-img-per-s", "1000", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {(r["source"], r["draft"]) for r in res["runs"]} == {("folder", True), ("folder", False),

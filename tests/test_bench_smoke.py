@@ -5,17 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import needs_data
+import pytest
+
+from conftest import HANG, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @needs_data
+@pytest.mark.slow
 def test_quick_comparison_completes_and_writes_results(tmp_path):
     out = tmp_path / "cmp"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     recipes = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]

@@ -4,6 +4,7 @@ loads it with `timm.create_model("local-dir:DIR", pretrained=True)` is checked b
 benchmarks/check_timm.py, in an environment with timm.)"""
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ from m3i.config import load_recipe
 from m3i.train import loop
 from conftest import needs_data
 
-pytestmark = needs_data
+pytestmark = [needs_data, pytest.mark.slow]
 
 SMALL = ["data.batch_size=8", "data.num_workers=0", "train.warmup_steps=1", "train.steps=1",
          "data.sources=[{spec: fashion-mnist}]"]

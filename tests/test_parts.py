@@ -31,6 +31,7 @@ from m3i.config import ConfigError, TermCfg, load_recipe
 from m3i.estimators import ESTIMATORS
 from m3i.objective import Objective
 from m3i.targets import TARGETS
+from conftest import HANG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +60,7 @@ def run_on(root: Path, script: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=out, check=False)
+                          timeout=HANG, cwd=out, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

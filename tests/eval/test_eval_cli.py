@@ -7,7 +7,7 @@ from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.train.loop import pretrain
 
-pytestmark = needs_data
+pytestmark = [needs_data, pytest.mark.slow]
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0", "train.steps=1"]
 
 

@@ -101,6 +101,7 @@ def _blocks(state: dict) -> dict[int, list[torch.Tensor]]:
 
 
 @needs_data
+@pytest.mark.slow
 def test_finetuning_changes_the_backbone_a_frozen_probe_does_not(one_thread, run, tmp_path, capsys):
     before = {k: v.clone() for k, v in load_run(run).backbone.state_dict().items()}
 
@@ -127,6 +128,7 @@ def test_finetuning_changes_the_backbone_a_frozen_probe_does_not(one_thread, run
 
 
 @needs_data
+@pytest.mark.slow
 def test_scratch_and_checkpoint_start_apart_and_run_the_same_schedule(one_thread, run):
     num_classes = 10
     start_ckpt = initial_model(run, num_classes).backbone.state_dict()
@@ -150,6 +152,7 @@ def test_scratch_and_checkpoint_start_apart_and_run_the_same_schedule(one_thread
 
 
 @needs_data
+@pytest.mark.slow
 def test_tiny_run_on_fashion_mnist_improves_over_its_start(one_thread):
     r = finetune("scratch", "fashion-mnist", steps=100, recipe="supervised",
                  overrides=TINY_BACKBONE + ["backbone.patch_size=8", "batch_size=32", "test_limit=300",
@@ -161,6 +164,7 @@ def test_tiny_run_on_fashion_mnist_improves_over_its_start(one_thread):
 
 
 @needs_data
+@pytest.mark.slow
 def test_cli_convnext_scratch_with_mixing_and_clear_errors(one_thread, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["finetune", "--checkpoint", "scratch", "--dataset", "emoji:category", "--steps", "2",

@@ -160,6 +160,7 @@ def runs(tmp_path_factory):
     ("vit", "fashion-mnist-scenes", [16, 16]),  # patch 4 on a 64-pixel canvas, trained at 32
     ("convnext", "fashion-mnist-scenes", [8, 8]),  # final stride 8
 ])
+@pytest.mark.slow
 def test_eval_segmentation_writes_the_documented_json(runs, tmp_path, which, dataset, grid):
     from m3i.cli import main
 

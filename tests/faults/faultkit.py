@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import HANG  # how long a child may take to reach its pause point or to end
+
 RECIPE = str(Path(__file__).with_name("tiny.yaml"))
 # a run in a child process: one thread, so that runs are bitwise reproducible and cheap
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -72,9 +74,6 @@ def m3i_cmd(*args: str, wrapper: str | None = None) -> list[str]:
 
 
 POINTS = ("step", "log", "files", "pointer", "saved")
-# how long a child may take to reach its pause point or to end: a hang guard, far beyond any run
-# here on a slow, loaded machine, never a measure of speed
-HANG = 600.0
 
 
 def _pause(point: str, step: int, fd: int) -> None:
@@ -155,7 +154,8 @@ class Child:
                 raise ValueError(f"pause={pause!r}: expected POINT@STEP, POINT one of {', '.join(POINTS)}")
             self._said, said = os.pipe()
             fds = (said,)
-            code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport faultkit\n"
+            here = Path(__file__).parent
+            code = (f"import sys\nsys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\nimport faultkit\n"
                     f"faultkit._pause({point!r}, {int(step)}, {said})\n" + code)
         self.proc = subprocess.Popen(m3i_cmd(*args, wrapper=code or None), env=env or ENV, stdin=subprocess.PIPE,
                                      stdout=self._out, stderr=self._err, text=True, pass_fds=fds)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import HANG
 from faultkit import ENV, error_lines, image_folder, m3i_cmd, metrics, pretrain_args, source_override
 from m3i.cli import main
 from m3i.config import load_recipe
@@ -173,6 +174,7 @@ def replay_skips(recipe, steps: int) -> int:
     return skipped
 
 
+@pytest.mark.slow
 def test_a_run_over_every_kind_of_broken_data_finishes_and_counts_what_it_skipped(tmp_path, capsys):
     folder, manifest = broken_folder(tmp_path / "folder"), broken_manifest(tmp_path / "m")
     shard = truncated_shard(tmp_path)
@@ -191,6 +193,7 @@ def test_a_run_over_every_kind_of_broken_data_finishes_and_counts_what_it_skippe
     assert f"skipped {expected} unreadable images" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_source_losing_more_than_max_lost_stops_the_run_with_one_line(tmp_path, capsys):
     folder = image_folder(tmp_path / "images", per_class=4, classes="a")
     for i in range(6):
@@ -209,13 +212,14 @@ def test_a_source_losing_more_than_max_lost_stops_the_run_with_one_line(tmp_path
     assert "2 of 12 entries are unusable (17% > data.max_lost=0.1; first: " in line and "field 'label'" in line
 
 
+@pytest.mark.slow
 def test_a_source_of_only_unreadable_images_gives_one_line_not_a_worker_traceback(tmp_path):
     folder = tmp_path / "images"
     (folder / "a").mkdir(parents=True)
     for i in range(5):
         (folder / "a" / f"{i}.jpg").write_bytes(BROKEN["truncated.jpg"])
     done = subprocess.run(m3i_cmd(*pretrain_args(tmp_path / "run", folder, "data.num_workers=1")),
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     (line,) = error_lines(done.stderr)

@@ -45,6 +45,7 @@ def commands(run, data, out):
 
 
 @pytest.mark.parametrize("layout", ["beside", "legacy", "as-model"])
+@pytest.mark.slow
 def test_a_payload_checkpoint_is_refused_by_every_command_and_never_runs(trained, tmp_path, capsys, layout):
     run, data = trained
     copy = tmp_path / "run"
@@ -77,6 +78,7 @@ def test_a_payload_checkpoint_is_refused_by_every_command_and_never_runs(trained
     assert not (tmp_path / "vit.safetensors").exists() and not (tmp_path / "next" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_forged_state_json_is_refused(trained, tmp_path, capsys):
     run, data = trained
     copy = tmp_path / "run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
 import torch
 
 from faultkit import error_lines, final_weights, image_folder, pretrain_args
@@ -12,6 +13,7 @@ from m3i.cli import main
 from m3i.train import checkpoint as ckpt
 
 
+@pytest.mark.slow
 def test_enospc_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     data = image_folder(tmp_path / "images")
     assert main(pretrain_args(tmp_path / "clean", data, "train.steps=5")) == 0

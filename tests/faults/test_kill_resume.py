@@ -55,6 +55,7 @@ def kill_points(rng: random.Random) -> list[tuple[str, int]]:
     return [("files", 3), ("pointer", 6)] + [(rng.choice(("step", "log")), s) for s in steps]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_and_inside_checkpoint_writes_then_resume_bitwise(data, reference, tmp_path):
     run = tmp_path / "run"
     points = kill_points(random.Random(0))
@@ -92,6 +93,7 @@ def test_sigkill_at_random_points_and_inside_checkpoint_writes_then_resume_bitwi
     print(f"{len(points)} SIGKILLs survived, at {points}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_the_run_resumes_bitwise(data, reference, tmp_path):
     run = tmp_path / "run"
     # checkpoints only at the end: the one SIGTERM writes is the only one there is. It arrives
@@ -112,6 +114,7 @@ def test_sigterm_saves_exits_0_and_the_run_resumes_bitwise(data, reference, tmp_
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused(data, tmp_path):
     run = tmp_path / "run"
     # the first run, paused at its step 3 (two steps logged), holds the directory

@@ -52,6 +52,7 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_a_faulty_step_is_skipped_and_counted(kind, data, tmp_path, monkeypatch, capsys):
     inject(monkeypatch, kind, bad_calls={3, 5})
     run = tmp_path / "run"
@@ -75,6 +76,7 @@ def test_a_faulty_step_is_skipped_and_counted(kind, data, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("kind", ["input-nan", "term-loss-inf", "gradient-nan"])
+@pytest.mark.slow
 def test_faults_in_a_row_stop_the_run_naming_the_last_good_checkpoint(kind, data, tmp_path, monkeypatch, capsys):
     inject(monkeypatch, kind, bad_calls=range(4, 100))
     run = tmp_path / "run"

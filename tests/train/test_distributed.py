@@ -162,6 +162,7 @@ def metrics(run):
 
 
 @needs_data
+@pytest.mark.slow
 def test_pretrain_on_two_ranks_writes_on_rank_0_and_resumes_exactly(tmp_path, capfd):
     from m3i.train import checkpoint as ckpt
 

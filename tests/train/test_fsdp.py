@@ -103,6 +103,7 @@ def metrics(run):
 
 
 @needs_data
+@pytest.mark.slow
 def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     from m3i.cli import main
     from m3i.train import checkpoint as ckpt

@@ -21,6 +21,7 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch):
     recipe = load_recipe("sim", overrides=SMALL + ["train.steps=6", "train.ckpt_every=3"])
     loop.pretrain(recipe, tmp_path / "a", progress=False)
@@ -61,6 +62,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(weights["a"], torch.ones(3))
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
     from m3i.objective import Objective
 
@@ -82,6 +84,7 @@ def test_nan_steps_are_skipped_counted_then_stop(tmp_path, monkeypatch):
     assert ckpt.find(tmp_path).name == "step_000002"
 
 
+@pytest.mark.slow
 def test_resume_rejects_another_model_shape(tmp_path):
     recipe = load_recipe("sim", overrides=SMALL + ["train.steps=1"])
     loop.pretrain(recipe, tmp_path, progress=False)
@@ -91,6 +94,7 @@ def test_resume_rejects_another_model_shape(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["supervised", "clip", "simclr", "mocov3", "byol", "mae", "data2vec", "sim", "m3i"])
+@pytest.mark.slow
 def test_every_recipe_trains_from_the_command_line(tmp_path, name, capsys):
     out = tmp_path / name
     args = ["pretrain", "--recipe", name, "--out", str(out), "--steps", "2", "--no-progress",
@@ -109,6 +113,7 @@ def test_every_recipe_trains_from_the_command_line(tmp_path, name, capsys):
     assert "checkpoint:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_writes_timm_vit_layout(tmp_path):
     recipe = load_recipe("mae", overrides=SMALL + ["train.steps=1"])
     loop.pretrain(recipe, tmp_path / "run", progress=False)
@@ -132,6 +137,7 @@ def test_missing_data_and_checkpoint_errors_are_clear(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["mix", "fill"])
+@pytest.mark.slow
 def test_convnext_trains_m3i_in_both_masked_input_modes_and_exports_timm_layout(tmp_path, mode):
     out = tmp_path / mode
     assert main(["pretrain", "--recipe", "m3i", "--out", str(out), "--steps", "2", "--no-progress",

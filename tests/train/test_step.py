@@ -117,6 +117,7 @@ def test_step_reads_no_value_back_beyond_the_objective(name):
 
 
 @needs_data
+@pytest.mark.slow
 def test_compile_trains_like_eager(tmp_path):
     ov = TINY + ["train.steps=3", "train.log_every=1", "train.warmup_steps=1", "data.sources=[{spec: fashion-mnist}]",
                  "train.precision=fp32"]
