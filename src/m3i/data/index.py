@@ -302,14 +302,16 @@ def _write(path: Path, paths: Sequence[str], stamps: Sequence[tuple[int, int]], 
     out["key_end"] = ends.astype(np.uint32 if len(blob) < 2**32 else np.uint64)
     out["keys"] = np.frombuffer(blob, np.uint8)
     header = {"format": FORMAT, "created": time.time(), "shards": shards, "labels": list(labels), "arrays": {}}
-    # two passes: the header's length fixes where the arrays start
-    for _ in range(2):
-        raw = json.dumps(header).encode()
-        at = _align(len(MAGIC) + 8 + len(raw))
+    at0 = _align(len(MAGIC) + 8 + len(json.dumps(header)))
+    while True:  # the header holds the arrays' offsets, which follow the header
+        at = at0
         for k, a in out.items():
             header["arrays"][k] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": at}
             at = _align(at + a.nbytes)
-    raw = json.dumps(header).encode()
+        raw = json.dumps(header).encode()
+        if len(MAGIC) + 8 + len(raw) <= at0:
+            break
+        at0 = _align(len(MAGIC) + 8 + len(raw))
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     with open(tmp, "wb") as f:
         f.write(MAGIC + len(raw).to_bytes(8, "little") + raw)
