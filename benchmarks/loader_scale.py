@@ -187,9 +187,12 @@ def probe_main() -> None:
                  ("warmup", 2)):
         p.add_argument(f"--{k}", type=int, default=v)
     a = p.parse_args()
+    import warnings
+
     import torch
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores, on purpose
     t0 = time.perf_counter()
     opened, loader = {"m3i": m3i_loader, "wds": wds_loader, "wids": wids_loader}[a.probe](a)
     it = iter(loader)
@@ -259,13 +262,16 @@ def main() -> None:
 
     for old in index_paths(paths):
         old.unlink(missing_ok=True)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), os.times()
     idx = open_index(paths, processes=a.index_processes, progress=False)
-    build = time.perf_counter() - t
+    build, c2 = time.perf_counter() - t, os.times()
+    cpu = sum(c2[:4]) - sum(c[:4])  # this process and the scanning processes
     per_sample = idx.nbytes / len(idx)
     res = {"config": {k: v for k, v in vars(a).items()}, "cpus": os.cpu_count(), "note": a.note,
-           "index": {"build_s": build, "bytes": idx.nbytes, "bytes_per_sample": per_sample, "samples": len(idx)}}
-    print(f"index: built in {build:.1f} s, {idx.nbytes / 1e6:.1f} MB = {per_sample:.1f} bytes/sample", flush=True)
+           "index": {"build_s": build, "build_cpu_s": cpu, "bytes": idx.nbytes, "bytes_per_sample": per_sample,
+                     "samples": len(idx)}}
+    print(f"index: built in {build:.1f} s ({cpu:.1f} CPU-s), {idx.nbytes / 1e6:.1f} MB = {per_sample:.1f} bytes/sample",
+          flush=True)
 
     kinds = ["m3i", "wds"]
     extra = {}
@@ -301,7 +307,8 @@ def main() -> None:
 def table(res: dict, kinds: list[str], a) -> None:
     names = {"m3i": "m3i Shards (index)", "wds": "webdataset WebDataset", "wids": "wids ShardListDataset"}
     mb = 1 / 2**20
-    rows = [("index build", lambda k: f"{res['index']['build_s']:.1f} s" if k == "m3i" else "none (streams)"
+    rows = [("index build", lambda k: f"{res['index']['build_s']:.1f} s ({res['index']['build_cpu_s']:.0f} CPU-s)"
+             if k == "m3i" else "none (streams)"
              if k == "wds" else "per process, at first read of each shard"),
             ("index size", lambda k: f"{res['index']['bytes_per_sample']:.1f} B/sample, shared" if k == "m3i"
              else "-" if k == "wds" else "Python lists per process"),

@@ -347,7 +347,7 @@ REAL = (data_root() / "emoji" / "emoji.json").is_file() and any(
 )
 
 
-@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run scripts/fetch_data.sh)")
+@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run `m3i data fetch`)")
 def test_real_builtin_mix():
     fm = FashionMNIST(split="test")
     mix = Mixture([fm, Emoji(), FashionMNIST(split="test", labels=False)], [0.5, 0.3, 0.2],

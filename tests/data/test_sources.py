@@ -254,7 +254,7 @@ REAL_FM = [data_root() / "fashion-mnist", Path("/usr/share/datasets/fashion-mnis
 
 
 @pytest.mark.skipif(not any((p / "t10k-images-idx3-ubyte.gz").is_file() for p in REAL_FM),
-                    reason="Fashion-MNIST not installed (run scripts/fetch_data.sh)")
+                    reason="Fashion-MNIST not installed (run `m3i data fetch`)")
 def test_real_fashion_mnist():
     src = FashionMNIST(split="test")
     assert len(src) == 10_000 and src.num_classes == 10
@@ -300,7 +300,7 @@ def test_emoji_from_package_layout(tmp_path):
 
 
 @pytest.mark.skipif(not (data_root() / "emoji" / "emoji.json").is_file(),
-                    reason="emoji not installed in the m3i cache (run scripts/fetch_data.sh)")
+                    reason="emoji not installed in the m3i cache (run `m3i data fetch`)")
 def test_real_emoji():
     src, test = Emoji(), Emoji(split="test")
     assert len(src) + len(test) == 1911 and src.num_classes == test.num_classes == 10
