@@ -189,3 +189,30 @@ def test_non_integer_cls_names_its_shard_and_key(tmp_path):
     write_tar(tmp_path / "000000.tar", [("k1", {"jpg": b"x", "cls": b"3"}), ("k2", {"jpg": b"y", "cls": b"cat"})])
     with pytest.raises(ValueError, match=r"000000\.tar'?: k2\.cls must hold an integer, got 'cat'"):
         Shards(str(tmp_path / "000000.tar"), progress=False)
+
+
+def _open_in_child(paths, log):
+    real = index_mod.scan_shard
+
+    def counted(p):
+        with open(log, "a") as f:
+            f.write(p + "\n")
+        return real(p)
+
+    index_mod.scan_shard = counted
+    open_index(paths, processes=1, progress=False)
+
+
+def test_ranks_starting_together_build_the_index_once(tmp_path):
+    import multiprocessing as mp
+
+    paths = shard_set(tmp_path, 4)
+    log = tmp_path / "scans.txt"
+    ctx = mp.get_context("fork")
+    ranks = [ctx.Process(target=_open_in_child, args=(paths, str(log))) for _ in range(3)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join()
+    assert [p.exitcode for p in ranks] == [0, 0, 0]
+    assert sorted(log.read_text().split()) == sorted(paths)  # each shard scanned once, by one of them
