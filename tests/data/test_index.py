@@ -13,7 +13,7 @@ import pytest
 
 from m3i.data import Shards
 from m3i.data import index as index_mod
-from m3i.data.index import ShardIndex, open_index, scan_shard
+from m3i.data.index import ShardIndex, open_index, scan_shard, split_key
 
 
 def write_tar(path, samples, fmt=tarfile.PAX_FORMAT, extra=()):
@@ -56,6 +56,14 @@ def rows_of(scan):
     return [(keys[r], int(a["image_offset"][r]), int(a["image_size"][r]), int(a["text_offset"][r]),
              int(a["text_size"][r]), scan.labels[a["label"][r]] if a["label"][r] >= 0 else None)
             for r in range(len(keys))]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "k.seg.png", "dir/k.JPG", "a/b.c/d.jpg", "dir.x/file", ".hidden.jpg",
+                                  "a/.b", "d/.x.jpg", "noext", "x/y/z.tar.gz", "a.", "d/é.txt", "a/b/"])
+def test_keys_are_split_by_webdatasets_rule(name):
+    from webdataset.tariterators import base_plus_ext
+
+    assert split_key(name) == base_plus_ext(name)
 
 
 SAMPLES = [(f"{i:05d}", {"jpg": bytes([i]) * (100 + 37 * i), "txt": f"caption {i}".encode(), "cls": str(i % 3).encode()})

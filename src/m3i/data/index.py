@@ -78,6 +78,19 @@ def _checksum_ok(h: bytes) -> bool:
     return stored == total
 
 
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a member name by webdataset's rule (``base_plus_ext``: the key runs
+    to the first dot of the base name); its regular expression only for the rare names whose
+    base name has no dot or starts with one."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot > slash:
+        return name[:dot], name[dot + 1:]
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)
+
+
 def _pax_path(data: bytes) -> str | None:
     """The ``path`` record of a pax extended header (``LEN path=VALUE\\n`` records)."""
     pos, path = 0, None
@@ -118,8 +131,6 @@ def scan_shard(path: str) -> ShardScan:
     """Read the tar headers of one uncompressed shard (ustar, pax and GNU long names) and
     group its members by key with webdataset's rule (the key is the name up to the first dot of
     its base name). Raises ``ValueError`` for a file that is no tar."""
-    from webdataset.tariterators import base_plus_ext
-
     size = os.path.getsize(path)
     samples: dict[str, dict[str, Any]] = {}
     members = cut = 0
@@ -168,7 +179,7 @@ def scan_shard(path: str) -> ShardScan:
                     cut += 1
                     truncated = True
                     break
-                key, ext = base_plus_ext(name)
+                key, ext = split_key(name)
                 if key is not None:
                     ext = ext.lower()
                     s = samples.setdefault(key, {})
