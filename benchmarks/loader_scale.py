@@ -85,9 +85,10 @@ def make_shards(root: Path, samples: int, shards: int, w: int = 96, h: int = 72,
 def _collate(rows):
     import torch
 
-    arrs, labels, captions = zip(*rows)
-    return {"image": torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2), "label": torch.tensor(labels),
-            "caption": list(captions)}
+    from m3i.data.mixture import channels_first
+
+    arrs, labels, captions = zip(*rows)  # the mixture's collation: one (B, 3, S, S) uint8 tensor
+    return {"image": channels_first(np.stack(arrs)), "label": torch.tensor(labels), "caption": list(captions)}
 
 
 def _decoder(size: int):
@@ -178,9 +179,12 @@ def children(pid: int) -> list[int]:
 
 
 def probe_main() -> None:
-    """One rank: start the pipeline, take batches, report times and memory (a child process)."""
+    """A child process. One kind (``--probe m3i``): one rank of that pipeline, started, a few
+    batches taken, its times and the memory of it and its workers reported. Several kinds
+    (``--probe m3i,wds``, no workers): throughput side by side, each pipeline started and warmed
+    up, then one timed batch of each in turn, so that every pipeline sees the same machine load."""
     p = argparse.ArgumentParser()
-    p.add_argument("--probe", choices=["m3i", "wds", "wids"], required=True)
+    p.add_argument("--probe", required=True)
     for k in ("pattern", "out", "wids", "wids_list"):
         p.add_argument(f"--{k.replace('_', '-')}", dest=k)
     for k, v in (("size", 64), ("batch", 256), ("workers", 0), ("rank", 0), ("world", 1), ("batches", 10),
@@ -193,22 +197,29 @@ def probe_main() -> None:
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores, on purpose
-    t0 = time.perf_counter()
-    opened, loader = {"m3i": m3i_loader, "wds": wds_loader, "wids": wids_loader}[a.probe](a)
-    it = iter(loader)
-    next(it)
-    first = time.perf_counter() - t0
-    for _ in range(a.warmup):
-        next(it)
-    c0, w0 = time.process_time(), time.perf_counter()
+    kinds = a.probe.split(",")
+    report, its = {}, {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        opened, loader = {"m3i": m3i_loader, "wds": wds_loader, "wids": wids_loader}[kind](a)
+        its[kind] = iter(loader)
+        next(its[kind])
+        report[kind] = {"opened_s": opened, "first_batch_s": time.perf_counter() - t0, "cpu_s": 0.0, "wall_s": 0.0,
+                        "images": a.batches * a.batch}
+        for _ in range(a.warmup):
+            next(its[kind])
     for _ in range(a.batches):
-        b = next(it)
-        assert b["image"].shape == (a.batch, 3, a.size, a.size)
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    me = os.getpid()
-    mem = [{"role": "rank", **memory(me)}] + [{"role": "worker", **memory(c)} for c in children(me)]
-    Path(a.out).write_text(json.dumps({"opened_s": opened, "first_batch_s": first, "cpu_s": cpu, "wall_s": wall,
-                                       "images": a.batches * a.batch, "memory": mem}))
+        for kind in kinds:
+            c0, w0 = time.process_time(), time.perf_counter()
+            b = next(its[kind])
+            report[kind]["cpu_s"] += time.process_time() - c0
+            report[kind]["wall_s"] += time.perf_counter() - w0
+            assert b["image"].shape == (a.batch, 3, a.size, a.size)
+    if len(kinds) == 1:
+        me = os.getpid()
+        report[kinds[0]]["memory"] = [{"role": "rank", **memory(me)}] + [{"role": "worker", **memory(c)}
+                                                                         for c in children(me)]
+    Path(a.out).write_text(json.dumps(report))
 
 
 # -- the comparison ----------------------------------------------------------------------------
@@ -227,7 +238,7 @@ def run_probes(a, kind: str, ranks: int, workers: int, batches: int, tmp: Path, 
     for pr in procs:
         if pr.wait():
             raise SystemExit(f"{kind} probe failed (exit {pr.returncode})")
-    return [json.loads(o.read_text()) for o in outs]
+    return [json.loads(o.read_text())[kind] for o in outs]
 
 
 def main() -> None:
@@ -289,10 +300,17 @@ def main() -> None:
                      "memory": [r["memory"] for r in reps]}
         print(f"{kind}: {ranks} ranks x {workers} workers started, first batch after "
               f"{res[kind]['first_batch_s']:.1f} s", flush=True)
-    # throughput: one process, no workers, alternated; images per CPU-second
+    # throughput: one process without workers running every pipeline, a batch of each in turn
+    names = ",".join(kinds)
     for rep in range(a.repeats):
-        for kind in kinds:
-            (r,) = run_probes(a, kind, 1, 0, a.batches, tmp, extra.get(kind, ()))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        out = tmp / "throughput.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("loader.py")), "--probe", names, "--pattern", a.pattern,
+               "--size", str(a.size), "--batch", str(a.batch), "--batches", str(a.batches), "--out", str(out),
+               *extra.get("wids", ())]
+        subprocess.run(cmd, env=env, check=True)
+        for kind, r in json.loads(out.read_text()).items():
             res[kind].setdefault("img_per_cpu_s", []).append(r["images"] / r["cpu_s"])
             res[kind].setdefault("img_per_s", []).append(r["images"] / r["wall_s"])
             print(f"  {kind} run {rep + 1}: {r['images'] / r['cpu_s']:.0f} img per CPU-s "
@@ -321,9 +339,9 @@ def table(res: dict, kinds: list[str], a) -> None:
     for what, key in (("RSS", "rss"), ("PSS", "pss")):
         rows.append((f"{what} per rank / per worker, MiB", lambda k, key=key: f"{per(k, key, 'rank')} / {per(k, key, 'worker')}"))
         rows.append((f"{what} in all, MiB", lambda k, key=key: f"{sum(w[key] for m in res[k]['memory'] for w in m) * mb:.0f}"))
-    rows.append(("img per loader CPU-second (best)", lambda k: f"{max(res[k]['img_per_cpu_s']):.0f}"))
-    base = max(res["wds"]["img_per_cpu_s"])
-    rows.append(("  against webdataset", lambda k: f"{max(res[k]['img_per_cpu_s']) / base:.2f}x"))
+    rows.append(("img per loader CPU-second, side by side", lambda k: " / ".join(f"{v:.0f}" for v in res[k]["img_per_cpu_s"])))
+    base = np.asarray(res["wds"]["img_per_cpu_s"])
+    rows.append(("  against webdataset", lambda k: " / ".join(f"{v:.2f}x" for v in np.asarray(res[k]["img_per_cpu_s"]) / base)))
     print(f"\n{a.samples:,} samples, {a.photo} JPEGs resized to {a.size} px, batch {a.batch}, {os.cpu_count()} CPUs. "
           f"{a.note}")
     shape = {k: f"{len(res[k]['memory'])} rank(s) x {len(res[k]['memory'][0]) - 1} workers" for k in kinds}

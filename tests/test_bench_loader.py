@@ -39,4 +39,4 @@ def test_loader_scale_benchmark_prints_its_comparison(tmp_path):
     for kind in ("m3i", "wds"):
         assert res[kind]["img_per_cpu_s"][0] > 0 and len(res[kind]["memory"]) == 1
         assert [m["role"] for m in res[kind]["memory"][0]] == ["rank", "worker"]
-    assert "| img per loader CPU-second (best) |" in proc.stdout and "against webdataset" in proc.stdout
+    assert "| img per loader CPU-second, side by side |" in proc.stdout and "against webdataset" in proc.stdout

@@ -123,7 +123,7 @@ def test_set_index_is_compact_memory_mapped_and_matches_each_shard(tmp_path):
     assert idx.path.parent == tmp_path and idx.path.name.startswith(".m3i-index-")
     assert len(idx) == 12 and [s["start"] for s in idx.shards] == [0, 4, 8]
     for name in ("image_offset", "image_size", "text_offset", "text_size", "label", "ext", "key_end", "keys"):
-        assert isinstance(getattr(idx, name), np.memmap), name
+        assert isinstance(idx.maps[name], np.memmap) and np.shares_memory(getattr(idx, name), idx.maps[name]), name
     per_sample = sum(getattr(idx, n).nbytes for n in ("image_offset", "image_size", "text_offset", "text_size",
                                                        "label", "ext", "key_end", "keys")) / len(idx)
     assert per_sample == 29 + 4 + 5  # 29 bytes of fields, key_end (uint32) and the 5-character keys
@@ -185,7 +185,7 @@ def test_shards_read_through_the_index_and_survive_pickling(tmp_path):
     assert src._caption(5) == "c 1 1" and src._label(5) == 7 and src._label(4) == 4
     assert src.locate(5).endswith("000001.tar:10001.jpg")
     copy = pickle.loads(pickle.dumps(src))
-    assert isinstance(copy.index.image_offset, np.memmap) and copy._fds == {}
+    assert isinstance(copy.index.maps["image_offset"], np.memmap) and copy._fds == {}
     assert copy._caption(5) == "c 1 1"
     s = src.summary()
     assert (s["samples"], s["labelled"], s["captioned"], s["shards"]) == (8, 8, 8, 2)

@@ -252,13 +252,13 @@ class ShardIndex:
         self.labels: list[str] = header["labels"]
         self.created: float = header["created"]
         self.starts = [s["start"] for s in self.shards]  # a list: bisect on it costs nothing
-        self._arrays = {}
+        self.maps: dict[str, np.ndarray] = {}  # np.memmap of each array (zeros when empty)
         for name, a in header["arrays"].items():
             count = int(np.prod(a["shape"]))
-            self._arrays[name] = (np.memmap(self.path, dtype=a["dtype"], mode="r", offset=a["offset"], shape=tuple(a["shape"]))
-                                  if count else np.zeros(a["shape"], a["dtype"]))
-        for name, arr in self._arrays.items():
-            setattr(self, name, arr)
+            self.maps[name] = (np.memmap(self.path, dtype=a["dtype"], mode="r", offset=a["offset"], shape=tuple(a["shape"]))
+                               if count else np.zeros(a["shape"], a["dtype"]))
+            # a plain view of the same pages: indexing it skips np.memmap's Python-level __getitem__
+            setattr(self, name, self.maps[name].view(np.ndarray))
 
     def __len__(self) -> int:
         return len(self.image_offset)

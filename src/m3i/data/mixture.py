@@ -235,7 +235,7 @@ class Mixture(IterableDataset):
         step = int(step)
         ks, idx = self.plan(step)
         B, S = self.batch_size, self.image_size
-        images = torch.empty((B, 3, S, S), dtype=torch.uint8)
+        pixels = np.empty((B, S, S, 3), dtype=np.uint8)
         labels = torch.full((B,), -1, dtype=torch.long)
         captions: list[str | None] = [None] * B
         counts = {"skipped": 0, "replaced": 0, "retries": 0}
@@ -244,13 +244,13 @@ class Mixture(IterableDataset):
             slot = self.rank * B + b
             arr, sample, i = self._fill(step, slot, k, int(idx[b]), counts)
             idx[b] = i
-            images[b] = torch.from_numpy(arr).permute(2, 0, 1)
+            pixels[b] = arr
             lab = int(sample["label"])
             if lab >= 0 and self._offsets[k] >= 0:
                 labels[b] = lab + int(self._offsets[k])
             captions[b] = sample["caption"]
         return {
-            "image": images,
+            "image": channels_first(pixels),
             "label": labels,
             "caption": captions,
             "source": torch.as_tensor(ks, dtype=torch.long),
@@ -343,6 +343,11 @@ def image_array(img: Image.Image, size: int, interpolation: str = "bicubic") -> 
     if img.size != (size, size):
         img = img.resize((size, size), _RESAMPLE[interpolation])
     return np.array(img, dtype=np.uint8)
+
+
+def channels_first(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> a contiguous uint8 tensor (B, 3, S, S): the batch's images."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 def _count(start: int, step: int) -> Iterator[int]:

@@ -39,6 +39,7 @@ from PIL import Image
 
 FETCH_HINT = "fetch it with `m3i data fetch`"
 MAX_CAPTION_CHARS = 10_000
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, read with surrogateescape
 
 
 class ReadFailed(OSError):
@@ -225,7 +226,7 @@ def clean_caption(text: Any) -> tuple[str | None, str | None]:
     text = str(text).strip()
     if not text:
         return None, "empty"
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
+    if not text.isascii() and _ESCAPED.search(text):
         return None, "not UTF-8"
     if len(text) > MAX_CAPTION_CHARS:
         return None, f"longer than {MAX_CAPTION_CHARS} characters"
