@@ -292,33 +292,28 @@ class ShardIndex:
 
 
 def _write(path: Path, paths: Sequence[str], stamps: Sequence[tuple[int, int]], parts: Sequence[ShardScan]) -> None:
-    """Merge the shards' scans (in shard order) into one index file, written atomically."""
+    """Merge the shards' scans (in shard order) into one index file, written atomically, part
+    by part (the set's arrays are never held whole in memory a second time)."""
     labels: dict[str, int] = {}
-    shards, arrays, keys, key_lens = [], {k: [] for k in _FIELDS}, [], []
+    shards, remaps = [], []
     start = 0
     for p, (size, mtime), part in zip(paths, stamps, parts):
-        remap = np.asarray([labels.setdefault(v, len(labels)) for v in part.labels] + [-1], dtype=np.int32)
-        for k in _FIELDS:
-            arrays[k].append(remap[part.arrays[k]] if k == "label" else part.arrays[k])
-        keys.append(part.keys)
-        key_lens.append(part.key_len)
+        remaps.append(np.asarray([labels.setdefault(v, len(labels)) for v in part.labels] + [-1], dtype=np.int32))
         n = len(part.key_len)
         shards.append({"path": p, "size": size, "mtime_ns": mtime, "start": start, "samples": n,
                        "members": part.members, "no_image": part.no_image, "cut": part.cut,
                        "truncated": part.truncated})
         start += n
-    blob = b"".join(keys)
-    out = {k: np.concatenate(v) if v else np.zeros(0, _FIELDS[k]) for k, v in arrays.items()}
-    ends = np.cumsum(np.concatenate(key_lens)) if key_lens else np.zeros(0, np.int64)
-    out["key_end"] = ends.astype(np.uint32 if len(blob) < 2**32 else np.uint64)
-    out["keys"] = np.frombuffer(blob, np.uint8)
+    key_bytes = sum(len(part.keys) for part in parts)
+    types = {**_FIELDS, "key_end": np.uint32 if key_bytes < 2**32 else np.uint64, "keys": np.uint8}
+    counts = {k: key_bytes if k == "keys" else start for k in types}
     header = {"format": FORMAT, "created": time.time(), "shards": shards, "labels": list(labels), "arrays": {}}
     at0 = _align(len(MAGIC) + 8 + len(json.dumps(header)))
     while True:  # the header holds the arrays' offsets, which follow the header
         at = at0
-        for k, a in out.items():
-            header["arrays"][k] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": at}
-            at = _align(at + a.nbytes)
+        for k, t in types.items():
+            header["arrays"][k] = {"dtype": np.dtype(t).str, "shape": [counts[k]], "offset": at}
+            at = _align(at + counts[k] * np.dtype(t).itemsize)
         raw = json.dumps(header).encode()
         if len(MAGIC) + 8 + len(raw) <= at0:
             break
@@ -326,10 +321,20 @@ def _write(path: Path, paths: Sequence[str], stamps: Sequence[tuple[int, int]], 
     tmp = path.with_name(path.name + f".{os.getpid()}.partial")
     with open(tmp, "wb") as f:
         f.write(MAGIC + len(raw).to_bytes(8, "little") + raw)
-        for k, a in out.items():
+        for k, t in types.items():
             f.seek(header["arrays"][k]["offset"])
-            f.write(np.ascontiguousarray(a).tobytes())
-        f.truncate(max(f.tell(), _align(f.tell())))
+            end = 0
+            for part, remap in zip(parts, remaps):
+                if k == "keys":
+                    f.write(part.keys)
+                    continue
+                if k == "key_end":
+                    a = end + np.cumsum(part.key_len)
+                    end += int(part.key_len.sum())
+                else:
+                    a = remap[part.arrays[k]] if k == "label" else part.arrays[k]
+                f.write(np.ascontiguousarray(a, dtype=t).tobytes())
+        f.truncate(_align(f.tell()))
     os.replace(tmp, path)
 
 
