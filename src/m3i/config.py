@@ -93,6 +93,10 @@ class DataCfg(Strict):
     # the largest fraction of a source's samples that may be unusable (unreadable images, bad
     # manifest rows); more stops the run with a message naming the source
     max_lost: float = Field(0.1, ge=0.0, le=1.0)
+    # a read that fails with an I/O error is tried again this many times, after retry_backoff
+    # seconds, doubled each time; then its slot alone is replaced from the slot's own stream
+    read_retries: int = Field(3, ge=0)
+    retry_backoff: float = Field(0.1, ge=0.0)
 
 
 class TrainCfg(Strict):

@@ -26,6 +26,7 @@ from m3i.data import (
     SourceUnreadableError,
     data_root,
 )
+from m3i.data.source import ReadFailed
 
 COLORS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
 
@@ -94,6 +95,7 @@ def same(a, b) -> bool:
         and torch.equal(a["image"], b["image"])
         and torch.equal(a["label"], b["label"])
         and torch.equal(a["source"], b["source"])
+        and torch.equal(a["index"], b["index"])
         and a["caption"] == b["caption"]
         and a["n_skipped"] == b["n_skipped"]
     )
@@ -105,7 +107,7 @@ def test_batch_format_and_class_offsets(folder, fmnist, manifest):
     assert mix.class_names == ["a", "b", "c"] + FASHION_MNIST_CLASSES and mix.num_classes == 13
     assert list(mix.class_range(1)) == list(range(3, 13)) and list(mix.class_range(2)) == []
     b = mix.batch(0)
-    assert set(b) == {"image", "label", "caption", "source", "step", "n_skipped"}
+    assert set(b) == {"image", "label", "caption", "source", "index", "step", "n_skipped", "n_replaced", "n_retries"}
     assert b["image"].dtype == torch.uint8 and b["image"].shape == (48, 3, 16, 16)
     assert b["label"].dtype == torch.long and b["source"].dtype == torch.long
     assert len(b["caption"]) == 48 and b["step"] == 0 and b["n_skipped"] == 0
@@ -155,6 +157,117 @@ def test_determinism_and_resume(folder, fmnist, manifest):
     assert not torch.equal(collect(make(seed=6))[0]["image"], full[0]["image"])
     other_rank = make(seed=5, rank=1, world_size=2).batch(0)
     assert not torch.equal(other_rank["image"], full[0]["image"])
+
+
+def cat(batches: list[dict]) -> dict:
+    """The rank batches of one step joined in rank order."""
+    return {"image": torch.cat([b["image"] for b in batches]), "label": torch.cat([b["label"] for b in batches]),
+            "source": torch.cat([b["source"] for b in batches]), "index": torch.cat([b["index"] for b in batches]),
+            "caption": sum((b["caption"] for b in batches), []), "step": batches[0]["step"],
+            "n_skipped": sum(b["n_skipped"] for b in batches)}
+
+
+def test_the_global_batch_is_the_same_on_any_world_size(folder, fmnist, manifest):
+    def make(rank, world):
+        return Mixture([folder, fmnist, manifest], [2, 1, 1], batch_size=12 // world, image_size=8, seed=3,
+                       rank=rank, world_size=world)
+
+    for step in (0, 1, 7):
+        one = make(0, 1).batch(step)
+        for world in (2, 3, 4):
+            assert same(cat([make(r, world).batch(step) for r in range(world)]), one), (step, world)
+        ks, idx = make(0, 1).global_plan(step)  # what the batch reads is its plan
+        assert torch.equal(one["source"], torch.as_tensor(ks)) and torch.equal(one["index"], torch.as_tensor(idx))
+
+
+class Flaky(ImageFolder):
+    """A real folder whose reads fail: ``transient[i]`` times for sample ``i`` (then it reads),
+    always for the samples in ``broken`` (with ReadFailed), and as undecodable for ``corrupt``."""
+
+    def __init__(self, root, transient=None, broken=(), corrupt=()):
+        super().__init__(root)
+        self.transient, self.broken, self.corrupt = dict(transient or {}), set(broken), set(corrupt)
+        self.reads: list[int] = []
+
+    def _image(self, i, draft):
+        self.reads.append(i)
+        if self.transient.get(i, 0) > 0:
+            self.transient[i] -= 1
+            raise ReadFailed(f"{self.paths[i]}: Input/output error (injected)")
+        if i in self.broken:
+            raise ReadFailed(f"{self.paths[i]}: Stale file handle (injected)")
+        if i in self.corrupt:
+            raise OSError(f"{self.paths[i]}: cannot identify image file (injected)")
+        return super()._image(i, draft)
+
+
+def flaky_folder(tmp_path, n=40):
+    for j in range(n):
+        png(tmp_path / "flaky" / f"{j:03d}.png", (j * 6, 255 - j * 6, j), size=(9, 9))
+    return tmp_path / "flaky"
+
+
+def test_read_failures_change_only_the_failing_slots(tmp_path):
+    root = flaky_folder(tmp_path)
+    steps, B, n = 6, 16, 40
+
+    def run(src, start=0, workers=0, sleeps=None):
+        mix = Mixture([src], None, batch_size=B, image_size=4, seed=11, start_step=start, num_steps=steps,
+                      read_retries=2, retry_backoff=0.5)
+        mix.sleep = sleeps.append if sleeps is not None else (lambda s: None)
+        return mix, collect(mix, workers)
+
+    mix, clean = run(Flaky(root))
+    planned = np.concatenate([mix.plan(s)[1] for s in range(steps)])
+    assert np.array_equal(np.concatenate([b["index"] for b in clean]), planned)
+    used = list(dict.fromkeys(planned.tolist()))  # in order of first use
+    broken, corrupt, transient = {used[0], used[1]}, {used[2]}, used[3]
+    failing = broken | corrupt
+
+    def flaky():
+        return Flaky(root, transient={transient: 2}, broken=broken, corrupt=corrupt)
+
+    sleeps: list[float] = []
+    src = flaky()
+    _, got = run(src, sleeps=sleeps)
+    replaced = broken_reads = skipped = 0
+    for s, (a, b) in enumerate(zip(clean, got)):
+        for j in range(B):
+            i = int(a["index"][j])
+            if i not in failing:  # every other slot reads exactly what the clean run read
+                assert int(b["index"][j]) == i and torch.equal(b["image"][j], a["image"][j]), (s, j)
+                continue
+            # the slot alone is replaced: the first readable index of its own stream
+            replaced += 1
+            g, tried = mix.slot_rng(s, j), [i]
+            while tried[-1] in failing:
+                tried.append(int(g.integers(n)))
+            assert int(b["index"][j]) == tried[-1] and torch.equal(b["image"][j], clean_image(clean, tried[-1]))
+            broken_reads += sum(x in broken for x in tried)
+            skipped += len(tried) - 1
+    assert replaced >= 3
+    assert sum(b["n_replaced"] for b in got) == replaced and sum(b["n_skipped"] for b in got) == skipped
+    # ReadFailed is tried again read_retries times: the transient sample is then read (nothing
+    # changes), a broken one replaced; undecodable bytes are not tried again
+    assert sum(b["n_retries"] for b in got) == 2 + 2 * broken_reads
+    assert sleeps[:2] == [0.5, 1.0] and len(sleeps) == 2 + 2 * broken_reads
+    assert src.reads.count(used[2]) == skipped - broken_reads
+
+    # a resumed run, and one through DataLoader workers, continue the same batches
+    _, tail = run(flaky(), start=3)
+    _, parallel = run(flaky(), workers=2)
+    for a, b in zip(got[3:], tail):
+        assert same(a, b)
+    for a, b in zip(got, parallel):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+def clean_image(batches, i):
+    for b in batches:
+        hit = torch.nonzero(b["index"] == i)
+        if len(hit):
+            return b["image"][int(hit[0])]
+    raise AssertionError(f"sample {i} never drawn in the clean run")
 
 
 def test_worker_count_does_not_change_batches(folder, fmnist, manifest):
@@ -234,7 +347,7 @@ REAL = (data_root() / "emoji" / "emoji.json").is_file() and any(
 )
 
 
-@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run scripts/fetch_data.sh)")
+@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run `m3i data fetch`)")
 def test_real_builtin_mix():
     fm = FashionMNIST(split="test")
     mix = Mixture([fm, Emoji(), FashionMNIST(split="test", labels=False)], [0.5, 0.3, 0.2],

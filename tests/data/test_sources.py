@@ -23,7 +23,7 @@ from m3i.data import (
     data_root,
     read_idx,
 )
-from m3i.data import shards as shards_mod
+from m3i.data import index as index_mod
 
 
 def png(path: Path, color, size=(6, 5), mode="RGB") -> Path:
@@ -185,12 +185,12 @@ def test_shards_random_access(tmp_path):
     assert src.all_captions()[:2] == ["caption number 0", "caption number 1"]
 
 
-def test_shard_index_is_cached(tmp_path, monkeypatch):
+def test_shard_index_is_built_once(tmp_path, monkeypatch):
     (p,) = write_shards(tmp_path, (2,))
     Shards(str(p))
     calls = []
-    real_open = shards_mod.tarfile.open
-    monkeypatch.setattr(shards_mod.tarfile, "open", lambda *a, **k: calls.append(a) or real_open(*a, **k))
+    real = index_mod.scan_shard
+    monkeypatch.setattr(index_mod, "scan_shard", lambda path: calls.append(path) or real(path))
     again = Shards([str(p)], labels=False, captions=False)
     assert calls == []
     assert again.get(1) == {"image": again.get(1)["image"], "label": -1, "caption": None}
@@ -244,7 +244,7 @@ def test_fashion_mnist_default_root_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("M3I_DATA", str(tmp_path))
     assert data_root() == tmp_path
     assert len(FashionMNIST()) == 5
-    with pytest.raises(FileNotFoundError, match="scripts/fetch_data.sh"):
+    with pytest.raises(FileNotFoundError, match="`m3i data fetch`"):
         FashionMNIST(tmp_path / "missing")
     with pytest.raises(ValueError, match="split"):
         FashionMNIST(tmp_path / "fashion-mnist", split="dev")
@@ -254,7 +254,7 @@ REAL_FM = [data_root() / "fashion-mnist", Path("/usr/share/datasets/fashion-mnis
 
 
 @pytest.mark.skipif(not any((p / "t10k-images-idx3-ubyte.gz").is_file() for p in REAL_FM),
-                    reason="Fashion-MNIST not installed (run scripts/fetch_data.sh)")
+                    reason="Fashion-MNIST not installed (run `m3i data fetch`)")
 def test_real_fashion_mnist():
     src = FashionMNIST(split="test")
     assert len(src) == 10_000 and src.num_classes == 10
@@ -300,7 +300,7 @@ def test_emoji_from_package_layout(tmp_path):
 
 
 @pytest.mark.skipif(not (data_root() / "emoji" / "emoji.json").is_file(),
-                    reason="emoji not installed in the m3i cache (run scripts/fetch_data.sh)")
+                    reason="emoji not installed in the m3i cache (run `m3i data fetch`)")
 def test_real_emoji():
     src, test = Emoji(), Emoji(split="test")
     assert len(src) + len(test) == 1911 and src.num_classes == test.num_classes == 10

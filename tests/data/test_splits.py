@@ -46,7 +46,7 @@ def _identities(src):
     return ids, set(src.all_captions()) if src.has_captions else set()
 
 
-@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run scripts/fetch_data.sh)")
+@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run `m3i data fetch`)")
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_no_test_item_can_be_drawn_in_pretraining(recipe):
     test_emoji = Emoji(label=None, split="test")
@@ -69,7 +69,7 @@ def test_no_test_item_can_be_drawn_in_pretraining(recipe):
             assert src.locate(int(i)) not in test_files | fm_test_ids
 
 
-@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run scripts/fetch_data.sh)")
+@pytest.mark.skipif(not REAL, reason="built-in sets not installed (run `m3i data fetch`)")
 @pytest.mark.parametrize("dataset", ["emoji:category", "emoji:subcategory", "fashion-mnist"])
 def test_eval_scores_only_held_out_items(dataset):
     tr, tr_idx, te, te_idx, _ = splits(dataset, "test")

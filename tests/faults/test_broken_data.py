@@ -160,16 +160,16 @@ def unreadable(path: str) -> bool:
 
 
 def replay_skips(recipe, steps: int) -> int:
-    """Unreadable draws of the mixture's documented random stream: per slot, a source by weight,
-    then indices until one is readable."""
+    """Unreadable draws of the mixture's documented random streams: per slot of the step's plan,
+    its planned index, then the indices of the slot's own stream until one is readable."""
     mixture = loop.build_mixture(recipe)
     skipped = 0
     for step in range(steps):
-        g = mixture.rng(step)
-        for k in g.choice(len(mixture.sources), size=mixture.batch_size, p=mixture.weights):
-            src = mixture.sources[int(k)]
-            while unreadable(src.locate(int(g.integers(len(src))))):
+        for slot, (k, i) in enumerate(zip(*mixture.global_plan(step))):
+            src, g = mixture.sources[int(k)], mixture.slot_rng(step, slot)
+            while unreadable(src.locate(int(i))):
                 skipped += 1
+                i = g.integers(len(src))
                 assert skipped < 10_000
     return skipped
 

@@ -16,7 +16,7 @@ from .splits import SPLITS, grouped_split
 
 class Digits(GrayArraySource):
     """The UCI handwritten digits (1,797 images, 8×8, 17 grey levels, classes 0–9), from
-    ``$M3I_DATA/digits/digits.csv.gz`` (``scripts/fetch_data.sh digits``). No built-in mix
+    ``$M3I_DATA/digits/digits.csv.gz`` (``m3i data fetch digits``). No built-in mix
     pre-trains on them: they are the check on an image kind a backbone never saw. ``split`` is
     ``train``, ``test``, ``fit`` or ``val`` of :mod:`m3i.data.splits` (seeded 80/20)."""
 

@@ -19,7 +19,7 @@ class Emoji(Source):
     """Google's Noto Emoji from the npm package ``emoji-datasource-google`` (16.0.0).
 
     ``root`` holds ``emoji.json`` and ``img/google/64/*.png`` (the package folder, or the
-    trimmed copy that ``scripts/fetch_data.sh`` writes); it defaults to ``$M3I_DATA/emoji``
+    trimmed copy that ``m3i data fetch`` writes); it defaults to ``$M3I_DATA/emoji``
     (``~/.cache/m3i/emoji``). Samples: the base emoji with a Google image (1,911 in 16.0.0;
     skin-tone variants excluded), ordered by ``sort_order``. Caption: the lower-cased name.
     Label: ``category`` (10 classes), ``subcategory`` (99) or ``None``. RGBA is composited on

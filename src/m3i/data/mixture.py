@@ -1,8 +1,16 @@
 """Weighted mixture of sources as a stream of collated, reproducible batches.
 
-The batch of global step ``s`` is a pure function of ``(seed, rank, s)``: a numpy Generator
-seeded from those three numbers picks, for every slot, a source (by weight) and an index in it
-(with replacement). A DataLoader worker ``w`` of ``W`` produces the steps ``s ≡ w (mod W)``
+The global batch of step ``s`` is a pure function of ``(seed, s)``: a numpy Generator seeded
+from those two numbers picks, for each of its ``batch_size × world_size`` slots, a source (by
+weight) and an index in it (with replacement); rank ``r`` reads the slots ``r·B … (r+1)·B - 1``.
+The stream of global batches is therefore the same on any number of ranks, and a run resumed
+on another world size (with the same global batch) continues it.
+
+A read that fails with :class:`~m3i.data.source.ReadFailed` (an I/O error that may pass) is
+tried again ``read_retries`` times, waiting ``retry_backoff · 2^attempt`` seconds. A sample
+that still fails, or cannot be decoded, is replaced by the next index of its slot's own stream
+(seeded from ``(seed, s, slot)``, same source): no other slot moves, and the replacement is
+counted. A DataLoader worker ``w`` of ``W`` produces the steps ``s ≡ w (mod W)``
 from ``start_step`` on, so the DataLoader's in-order output is step order whatever ``W`` is, and
 resuming is setting ``start_step``.
 
@@ -11,13 +19,16 @@ Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are
 - ``image``: uint8 (B, 3, S, S), RGB, resized to S×S,
 - ``label``: long (B,), in the mixture's global label space (-1 for none),
 - ``caption``: list of B ``str | None``,
-- ``source``: long (B,), the index of each slot's source,
-- ``step``: int, ``n_skipped``: int (unreadable images replaced in this batch).
+- ``source``: long (B,), the index of each slot's source, ``index``: long (B,), the sample's
+  index in it,
+- ``step``: int; ``n_skipped``: int (unreadable samples met, each replaced), ``n_replaced``:
+  int (slots whose planned sample was replaced), ``n_retries``: int (reads tried again).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 from collections.abc import Iterator, Sequence
 
@@ -26,11 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .source import Source
+from .source import ReadFailed, Source
 
 log = logging.getLogger(__name__)
 
 _STREAM_TAG = 0x6D3369  # separates the mixture's random streams from other users of the seed
+_SLOT_TAG = 0x6D336A  # a slot's own stream of replacements
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -58,14 +70,18 @@ class Mixture(IterableDataset):
         sources: the sources (objects with ``__len__``, ``get``, ``name``, ``num_classes``,
             ``class_names``, ``locate``, ``all_captions``; see :mod:`m3i.data.source`).
         weights: one non-negative weight per source (normalised); ``None`` for equal weights.
-        batch_size: samples per batch (per rank).
+        batch_size: samples per batch (per rank); the global batch is ``batch_size × world_size``.
         image_size: side S of the square uint8 images.
-        seed, rank, world_size: the batch of step ``s`` depends on ``(seed, rank, s)`` only.
+        seed, rank, world_size: the global batch of step ``s`` depends on ``(seed, s)`` and its
+            size only; this rank reads its slice of it.
         start_step: first step produced (set ``mixture.start_step = n`` to resume).
         num_steps: total steps of the run: steps ``start_step … num_steps - 1`` are produced
             (so resuming keeps the same end); ``None`` streams forever.
         max_failures: consecutive unreadable images within one slot before
             :class:`SourceUnreadableError` is raised.
+        read_retries: further tries of a read that failed with ``ReadFailed``.
+        retry_backoff: seconds before the first retry, doubled for each next one (``sleep``, an
+            attribute, is the function that waits: ``time.sleep``).
         max_lost: the largest fraction of a source that may be lost: entries its index dropped
             (``source.num_dropped``, checked here) and images that fail to decode (checked as
             they are drawn, once ``MIN_DRAWS`` were drawn from it in this process). More raises
@@ -91,6 +107,8 @@ class Mixture(IterableDataset):
         start_step: int = 0,
         num_steps: int | None = None,
         max_failures: int = 100,
+        read_retries: int = 3,
+        retry_backoff: float = 0.1,
         max_lost: float = 1.0,
         interpolation: str = "bicubic",
     ):
@@ -140,6 +158,12 @@ class Mixture(IterableDataset):
         self._draws = np.zeros(len(self.sources), dtype=np.int64)  # images drawn / lost, per source
         self._lost = np.zeros(len(self.sources), dtype=np.int64)
         self.interpolation = interpolation
+        if int(read_retries) < 0 or not float(retry_backoff) >= 0:
+            raise ValueError(f"read_retries and retry_backoff must be >= 0, got {read_retries}, {retry_backoff}")
+        self.read_retries = int(read_retries)
+        self.retry_backoff = float(retry_backoff)
+        self.sleep = time.sleep
+        self._lengths = np.asarray([len(src) for src in self.sources], dtype=np.int64)
 
         self.class_offsets: list[int | None] = []
         self.class_names: list[str] = []
@@ -182,71 +206,111 @@ class Mixture(IterableDataset):
 
     # batches ---------------------------------------------------------------------------------
     def rng(self, step: int) -> np.random.Generator:
-        """The generator behind the batch of ``step`` on this rank."""
-        return np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, int(step), _STREAM_TAG]))
+        """The generator behind the global batch of ``step``."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, int(step), _STREAM_TAG]))
+
+    def slot_rng(self, step: int, slot: int) -> np.random.Generator:
+        """The stream of replacements of slot ``slot`` of the global batch of ``step``."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, int(step), int(slot), _SLOT_TAG]))
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def global_plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and index of every slot of the global batch of ``step`` if no read fails."""
+        g = self.rng(step)
+        ks = g.choice(len(self.sources), size=self.global_batch_size, p=self.weights)
+        return ks, g.integers(0, self._lengths[ks])
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source and index of every slot of ``step`` if no image fails (for inspection)."""
-        g = self.rng(step)
-        ks = g.choice(len(self.sources), size=self.batch_size, p=self.weights)
-        idx = np.asarray([g.integers(len(self.sources[k])) for k in ks], dtype=np.int64)
-        return ks, idx
+        """Source and index of this rank's slots of ``step`` if no read fails."""
+        ks, idx = self.global_plan(step)
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return ks[rows], idx[rows]
 
     def batch(self, step: int) -> dict[str, Any]:
-        """The batch of global step ``step`` (a pure function of seed, rank and step)."""
+        """This rank's part of the global batch of ``step`` (a pure function of seed, step and
+        the slots it holds, whatever the world size)."""
         step = int(step)
-        g = self.rng(step)
+        ks, idx = self.plan(step)
         B, S = self.batch_size, self.image_size
-        ks = g.choice(len(self.sources), size=B, p=self.weights)
-        images = torch.empty((B, 3, S, S), dtype=torch.uint8)
+        pixels = np.empty((B, S, S, 3), dtype=np.uint8)
         labels = torch.full((B,), -1, dtype=torch.long)
         captions: list[str | None] = [None] * B
-        skipped = 0
-        resample = _RESAMPLE[self.interpolation]
+        counts = {"skipped": 0, "replaced": 0, "retries": 0}
         for b, k in enumerate(ks):
-            src = self.sources[int(k)]
-            failures = 0
-            while True:
-                i = int(g.integers(len(src)))
-                self._draws[k] += 1
-                try:
-                    sample = src.get(i, draft=(S, S)) if self._draft[k] else src.get(i)
-                    img = sample["image"]
-                    if img.mode != "RGB":
-                        img = img.convert("RGB")
-                    if img.size != (S, S):
-                        img = img.resize((S, S), resample)
-                    arr = np.asarray(img, dtype=np.uint8)
-                    break
-                except Exception as e:  # unreadable sample: draw another from the same stream
-                    failures += 1
-                    skipped += 1
-                    self._lost[k] += 1
-                    log.debug("skipping unreadable sample %s of %s: %s", src.locate(i), src.name, e)
-                    drawn, lost = int(self._draws[k]), int(self._lost[k])
-                    if drawn >= MIN_DRAWS and lost / drawn > self.max_lost:
-                        raise SourceUnreadableError(
-                            f"source {src.name!r}: {lost} of the {drawn} images read are unreadable "
-                            f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {src.locate(i)}: "
-                            f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost") from None
-                    if failures >= self.max_failures:
-                        raise SourceUnreadableError(
-                            f"source {src.name!r} gave {failures} unreadable images in a row "
-                            f"(last: {src.locate(i)}: {type(e).__name__}: {_line(e)}); check its files"
-                        ) from e
-            images[b] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            k = int(k)
+            slot = self.rank * B + b
+            arr, sample, i = self._fill(step, slot, k, int(idx[b]), counts)
+            idx[b] = i
+            pixels[b] = arr
             lab = int(sample["label"])
             if lab >= 0 and self._offsets[k] >= 0:
                 labels[b] = lab + int(self._offsets[k])
             captions[b] = sample["caption"]
         return {
-            "image": images,
+            "image": channels_first(pixels),
             "label": labels,
             "caption": captions,
             "source": torch.as_tensor(ks, dtype=torch.long),
+            "index": torch.as_tensor(idx, dtype=torch.long),
             "step": step,
-            "n_skipped": skipped,
+            "n_skipped": counts["skipped"],
+            "n_replaced": counts["replaced"],
+            "n_retries": counts["retries"],
         }
+
+    def _fill(self, step: int, slot: int, k: int, i: int, counts: dict) -> tuple[np.ndarray, dict, int]:
+        """The image array, sample and index that fill ``slot``: the planned sample ``i``, or,
+        if it cannot be read, the next readable index of the slot's own stream."""
+        src = self.sources[k]
+        g = None
+        failures = 0
+        while True:
+            self._draws[k] += 1
+            try:
+                arr, sample = self._read(k, i, counts)
+                if failures:
+                    counts["replaced"] += 1
+                return arr, sample, i
+            except Exception as e:  # unreadable sample: the slot's next index, same source
+                failures += 1
+                counts["skipped"] += 1
+                self._lost[k] += 1
+                log.debug("replacing unreadable sample %s of %s: %s", src.locate(i), src.name, e)
+                drawn, lost = int(self._draws[k]), int(self._lost[k])
+                if drawn >= MIN_DRAWS and lost / drawn > self.max_lost:
+                    raise SourceUnreadableError(
+                        f"source {src.name!r}: {lost} of the {drawn} images read are unreadable "
+                        f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {src.locate(i)}: "
+                        f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost") from None
+                if failures >= self.max_failures:
+                    raise SourceUnreadableError(
+                        f"source {src.name!r} gave {failures} unreadable images in a row "
+                        f"(last: {src.locate(i)}: {type(e).__name__}: {_line(e)}); check its files"
+                    ) from e
+                g = g or self.slot_rng(step, slot)
+                i = int(g.integers(len(src)))
+
+    def _read(self, k: int, i: int, counts: dict) -> tuple[np.ndarray, dict]:
+        """Sample ``i`` of source ``k`` as (uint8 S×S×3 array, sample); a ``ReadFailed`` is tried
+        again ``read_retries`` times with backoff."""
+        for attempt in range(self.read_retries + 1):
+            try:
+                return self._load(k, i)
+            except ReadFailed:
+                if attempt == self.read_retries:
+                    raise
+                counts["retries"] += 1
+                if self.retry_backoff:
+                    self.sleep(self.retry_backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _load(self, k: int, i: int) -> tuple[np.ndarray, dict]:
+        src, S = self.sources[k], self.image_size
+        sample = src.get(i, draft=(S, S)) if self._draft[k] else src.get(i)
+        return image_array(sample["image"], S, self.interpolation), sample
 
     def steps(self, worker: int = 0, num_workers: int = 1) -> range | Iterator[int]:
         """Steps produced by DataLoader worker ``worker`` of ``num_workers``."""
@@ -270,6 +334,20 @@ class Mixture(IterableDataset):
         parts = ", ".join(f"{s.name}: {w:.3g}" for s, w in zip(self.sources, self.weights))
         return (f"Mixture({parts}; batch_size={self.batch_size}, image_size={self.image_size}, "
                 f"seed={self.seed}, rank={self.rank}/{self.world_size}, classes={self.num_classes})")
+
+
+def image_array(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """What the mixture makes of a decoded image: RGB, resized to ``size``², uint8 (S, S, 3)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), _RESAMPLE[interpolation])
+    return np.array(img, dtype=np.uint8)
+
+
+def channels_first(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> a contiguous uint8 tensor (B, 3, S, S): the batch's images."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 def _count(start: int, step: int) -> Iterator[int]:

@@ -1,30 +1,27 @@
-"""WebDataset tar shards in the LAION layout, indexed once for random access (spec
+"""WebDataset tar shards in the LAION layout, read at random through the set's index (spec
 ``shards:PATTERN``)."""
 
 from __future__ import annotations
 
+import bisect
 import glob
-import logging
 import os
 import re
-import tarfile
+import logging
 import warnings
-from typing import Any
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .source import Source, clean_caption, decode_image, parse_label
+from .index import IMAGE_EXTENSIONS, open_index
+from .source import ReadFailed, Source, clean_caption, decode_image, parse_label
 from .spec import Spec, register_source
 
 log = logging.getLogger(__name__)
 
-SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order inside one sample
-
-# In-memory index per shard file, keyed by (real path, size, mtime): built once per process
-# (inherited by forked DataLoader workers) and shared by every Shards object reading the file.
-_SHARD_INDEX: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
-_TRUNCATED: set[tuple[str, int, int]] = set()
+SHARD_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS  # preference order inside one sample
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -60,163 +57,134 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return out
 
 
-def index_shard(path: str) -> list[dict[str, Any]]:
-    """Samples of one uncompressed tar shard: key, image member (offset, size), caption member
-    (offset, size) and label. Small ``.cls`` members are read while scanning; images and captions
-    are read later by offset. Cached in memory."""
-    from webdataset.tariterators import base_plus_ext
-
-    st = os.stat(path)
-    cache_key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    hit = _SHARD_INDEX.get(cache_key)
-    if hit is not None:
-        return hit
-    samples: dict[str, dict[str, Any]] = {}
-    try:
-        tf = tarfile.open(path, mode="r:")
-    except tarfile.ReadError as e:
-        raise ValueError(
-            f"shard {path!r} is not an uncompressed tar file ({e}); random access needs plain .tar shards"
-        ) from None
-    truncated = False
-    with tf:
-        members = []
-        try:
-            for m in tf:
-                members.append(m)
-        except (tarfile.ReadError, EOFError, OSError):  # a truncated shard: keep what is whole
-            truncated = True
-        with open(path, "rb") as f:  # after the last header: end-of-archive zeros, or a cut-off header
-            f.seek(tf.offset)
-            truncated = truncated or bool(f.read(1 << 16).strip(b"\0"))
-        for m in members:
-            if not m.isfile():
-                continue
-            if m.offset_data + m.size > st.st_size:  # its data is cut off
-                truncated = True
-                continue
-            key, ext = base_plus_ext(m.name)
-            if key is None:
-                continue
-            ext = ext.lower()
-            s = samples.setdefault(key, {"key": key})
-            if ext in SHARD_IMAGE_EXTENSIONS:
-                s.setdefault("images", {})[ext] = (m.offset_data, m.size)
-            elif ext == "txt":
-                s["txt"] = (m.offset_data, m.size)
-            elif ext == "cls":
-                f = tf.extractfile(m)
-                s["cls_raw"] = f.read().decode("utf-8", "replace").strip() if f else ""
-    index = []
-    for s in samples.values():
-        imgs = s.pop("images", None)
-        if not imgs:
-            continue
-        ext = next(e for e in SHARD_IMAGE_EXTENSIONS if e in imgs)
-        s["image"] = imgs[ext]
-        s["ext"] = ext
-        raw = s.pop("cls_raw", None)
-        lab = parse_label(raw)
-        if lab is None:
-            raise ValueError(f"shard {path!r}: {s['key']}.cls must hold an integer, got {raw!r}")
-        s["label"] = lab
-        index.append(s)
-    _SHARD_INDEX[cache_key] = index
-    if truncated:
-        _TRUNCATED.add(cache_key)
-    return index
-
-
-def shard_truncated(path: str) -> bool:
-    """Whether :func:`index_shard` found ``path`` cut off (its whole samples are still indexed)."""
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns) in _TRUNCATED
-
-
-def _pread(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: short read at offset {offset} ({len(data)} of {size} bytes)")
-    return data
-
-
 class Shards(Source):
     """WebDataset tar shards in the LAION layout: ``KEY.jpg|png|jpeg|webp`` + ``KEY.txt``
     (+ optional ``KEY.cls`` holding an integer label).
 
     ``urls``: a path, a brace pattern (``/data/{000000..000099}.tar``), a glob, or a list of
-    those. Random access: each shard's tar headers are scanned once into an in-memory index of
-    member offsets; ``get(i)`` then reads the image (and caption) by offset. Keys without an
-    image are ignored. :meth:`stream` reads the same shards sequentially through
+    those. Random access through the set's index (:mod:`m3i.data.index`): built once, in
+    parallel, and memory-mapped, so every process shares one copy; ``get(i)`` then reads the
+    image (and caption) by offset from a file kept open. Keys without an image are ignored
+    (counted by :meth:`summary`). :meth:`stream` reads the same shards sequentially through
     ``webdataset.WebDataset``.
+
+    ``index_processes``: processes that scan the shards when the index is built (default: one
+    per CPU); ``progress``: a progress bar while it is built.
     """
 
     provides_captions = True
+    MAX_OPEN = 128  # shard files kept open per process
 
     def __init__(self, urls: str | Sequence[str], labels: bool = True, captions: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, *, index_processes: int | None = None, progress: bool = True):
         super().__init__(labels=labels, captions=captions,
                          name=name or f"shards:{urls if isinstance(urls, str) else len(urls)}")
         self.urls = expand_shards(urls)
         self._require_samples(len(self.urls), "the shard list is empty")
-        shard_of: list[np.ndarray] = []
-        self._shard_index: list[list[dict[str, Any]]] = []
-        top = -1
-        for k, u in enumerate(self.urls):
-            idx = index_shard(u)
-            if shard_truncated(u):  # how many samples the cut took is unknown: counted as one
-                self._drop(f"{u}: truncated; its samples up to the cut are used")
-                msg = f"shard {u!r} is truncated; its {len(idx)} whole samples are used, the rest is lost"
+        self.index = open_index(self.urls, processes=index_processes, progress=progress)
+        for s in self.index.shards:
+            if s["truncated"]:  # how many samples the cut took is unknown: counted as one
+                self._drop(f"{s['path']}: truncated; its samples up to the cut are used")
+                msg = (f"shard {s['path']!r} is truncated; its {s['samples']} whole samples are used, "
+                       "the rest is lost")
                 warnings.warn(msg, stacklevel=2)
                 log.warning(msg)
-            self._shard_index.append(idx)
-            shard_of.append(np.full(len(idx), k, dtype=np.int32))
-            for s in idx:
-                top = max(top, s["label"])
-        self._shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
-        counts = np.array([len(ix) for ix in self._shard_index], dtype=np.int64)
-        self._start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self._require_samples(len(self._shard), f"no KEY.jpg|png|jpeg|webp members in {len(self.urls)} shard(s)")
-        self._class_names = [str(c) for c in range(top + 1)]
+        self._require_samples(len(self.index), f"no KEY.jpg|png|jpeg|webp members in {len(self.urls)} shard(s)")
+        self._label_of = self._label_table()  # code of a raw .cls value -> label; the last entry: none
+        self._class_names = [str(c) for c in range(int(self._label_of.max()) + 1)]
         self._key_pos: dict[str, int] | None = None
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def _label_table(self) -> np.ndarray:
+        table = np.full(len(self.index.labels) + 1, -1, dtype=np.int64)
+        for code, raw in enumerate(self.index.labels):
+            lab = parse_label(raw)
+            if lab is None:
+                i = int(np.flatnonzero(np.asarray(self.index.label) == code)[0])
+                raise ValueError(f"shard {self._where(i)[0]!r}: {self.index.key(i)}.cls must hold an integer, "
+                                 f"got {raw!r}")
+            table[code] = lab
+        return table
 
     def __len__(self):
-        return len(self._shard)
+        return len(self.index)
 
-    def _entry(self, i: int) -> tuple[str, dict[str, Any]]:
-        k = int(self._shard[i])
-        return self.urls[k], self._shard_index[k][i - int(self._start[k])]
+    def __getstate__(self):  # open files stay with their process
+        return {**self.__dict__, "_fds": OrderedDict()}
+
+    def _where(self, i: int) -> tuple[str, int]:
+        k = bisect.bisect_right(self.index.starts, i) - 1
+        return self.index.shards[k]["path"], k
+
+    def _read(self, i: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of sample ``i``'s shard; an I/O error is :class:`ReadFailed`."""
+        path, k = self._where(i)
+        try:
+            fd = self._fds.get(k)
+            if fd is None:
+                if len(self._fds) >= self.MAX_OPEN:
+                    os.close(self._fds.popitem(last=False)[1])
+                fd = self._fds[k] = os.open(path, os.O_RDONLY)
+            else:
+                self._fds.move_to_end(k)
+            data = os.pread(fd, size, offset)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            self._close(k)
+            raise ReadFailed(f"{path}: reading {size} bytes at offset {offset} failed: {e}") from e
+        if len(data) != size:
+            self._close(k)
+            raise ReadFailed(f"{path}: short read at offset {offset} ({len(data)} of {size} bytes)")
+        return data
+
+    def _close(self, k: int) -> None:
+        fd = self._fds.pop(k, None)
+        if fd is not None:
+            os.close(fd)
 
     def key(self, i: int) -> str:
         """The sample key (member name without extension) of index ``i``."""
-        return self._entry(self._index(i))[1]["key"]
+        return self.index.key(self._index(i))
 
     def find(self, key: str) -> int:
         """Index of the sample with ``key`` (KeyError if absent)."""
         if self._key_pos is None:
             self._key_pos = {}
             for i in range(len(self)):
-                self._key_pos.setdefault(self._entry(i)[1]["key"], i)
+                self._key_pos.setdefault(self.index.key(i), i)
         return self._key_pos[key]
 
     def _image(self, i, draft):
-        path, s = self._entry(i)
-        return decode_image(_pread(path, *s["image"]), draft)
+        ix = self.index
+        return decode_image(self._read(i, int(ix.image_offset[i]), int(ix.image_size[i])), draft)
 
     def _label(self, i):
-        return self._entry(i)[1]["label"]
+        return int(self._label_of[self.index.label[i]])
 
     def _caption(self, i):
-        path, s = self._entry(i)
-        if "txt" not in s:
+        n = int(self.index.text_size[i])
+        if not n:
             return None
-        return clean_caption(_pread(path, *s["txt"]))[0]
+        return clean_caption(self._read(i, int(self.index.text_offset[i]), n))[0]
 
     def locate(self, i):
-        path, s = self._entry(i)
-        return f"{path}:{s['key']}.{s['ext']}"
+        return f"{self._where(i)[0]}:{self.index.key(i)}.{IMAGE_EXTENSIONS[int(self.index.ext[i])]}"
+
+    def summary(self) -> dict[str, Any]:
+        ix = self.index
+        out = super().summary()
+        out.update(
+            labelled=int(np.count_nonzero(self._label_of[np.asarray(ix.label)] >= 0)) if self.has_labels else 0,
+            captioned=int(np.count_nonzero(np.asarray(ix.text_size))) if self.has_captions else 0,
+            shards=len(ix.shards),
+            members=sum(s["members"] for s in ix.shards),
+            broken={"keys without an image": sum(s["no_image"] for s in ix.shards),
+                    "members cut off": sum(s["cut"] for s in ix.shards),
+                    "truncated shards": sum(bool(s["truncated"]) for s in ix.shards)},
+            index={"path": str(ix.path), "bytes": ix.nbytes, "created": ix.created},
+        )
+        return out
 
     def stream(self, shuffle_shards: bool = False, seed: int = 0):
         """Sequential reading through ``webdataset.WebDataset`` (split across ranks and

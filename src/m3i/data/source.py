@@ -37,8 +37,15 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-FETCH_HINT = "fetch it with `make data` or `scripts/fetch_data.sh`"
+FETCH_HINT = "fetch it with `m3i data fetch`"
 MAX_CAPTION_CHARS = 10_000
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, read with surrogateescape
+
+
+class ReadFailed(OSError):
+    """The bytes of a sample could not be read: an I/O error that may pass (network storage, a
+    busy disk), so the mixture tries the same sample again. Undecodable bytes and missing files
+    raise other errors: trying again would fail the same way."""
 
 
 def data_root() -> Path:
@@ -76,7 +83,9 @@ def decode_image(src: str | os.PathLike | bytes, draft: tuple[int, int] | None =
     size, which makes decoding large photos for small training resolutions much cheaper.
     Raises on unreadable, truncated or non-image data.
     """
-    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    if not isinstance(src, (bytes, bytearray, memoryview)):
+        src = read_file(src)
+    fp = io.BytesIO(src)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, never decode
         with Image.open(fp) as im:
@@ -84,6 +93,17 @@ def decode_image(src: str | os.PathLike | bytes, draft: tuple[int, int] | None =
                 im.draft("RGB", draft)
             im.load()
             return to_rgb(im)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a file; an I/O error other than a missing file is :class:`ReadFailed`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except OSError as e:
+        raise ReadFailed(f"{path}: {e}") from e
 
 
 class Source:
@@ -155,6 +175,15 @@ class Source:
             return []
         return [c for c in self._all_captions() if c]
 
+    def summary(self) -> dict[str, Any]:
+        """What the source holds: ``samples``, ``labelled`` and ``captioned`` (counts of samples
+        with a label / a caption, 0 when hidden), ``classes``, and ``dropped`` (entries dropped
+        while indexing, with the first reasons). Formats add their own fields."""
+        labelled = sum(self._label(i) >= 0 for i in range(len(self))) if self.has_labels else 0
+        captioned = sum(1 for c in self._all_captions() if c) if self.has_captions else 0
+        return {"name": self.name, "samples": len(self), "labelled": int(labelled), "captioned": int(captioned),
+                "classes": self.num_classes, "dropped": self.num_dropped, "dropped_reasons": list(self.dropped)}
+
     def _image(self, i: int, draft: tuple[int, int] | None) -> Image.Image:  # pragma: no cover
         raise NotImplementedError
 
@@ -197,7 +226,7 @@ def clean_caption(text: Any) -> tuple[str | None, str | None]:
     text = str(text).strip()
     if not text:
         return None, "empty"
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
+    if not text.isascii() and _ESCAPED.search(text):
         return None, "not UTF-8"
     if len(text) > MAX_CAPTION_CHARS:
         return None, f"longer than {MAX_CAPTION_CHARS} characters"

@@ -39,7 +39,8 @@ def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture
         raise ValueError(f"data.batch_size: the 'mix' input pairs images on each rank, so the batch of each of the "
                          f"{world_size} ranks ({d.batch_size // world_size}) must be even")
     return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
-                   seed=recipe.train.seed, rank=rank, world_size=world_size, max_lost=d.max_lost)
+                   seed=recipe.train.seed, rank=rank, world_size=world_size, max_lost=d.max_lost,
+                   read_retries=d.read_retries, retry_backoff=d.retry_backoff)
 
 
 def lr_lambda(train):
