@@ -2,7 +2,8 @@
 import torch
 
 from m3i.config import load_recipe
-from m3i.objective import Context, Objective, Views
+from m3i.objective import Objective, Views
+from m3i.terms import Pair
 from m3i.views import relative_positions
 
 OV = ["backbone.name=vit_nano", "backbone.depth=2", "backbone.patch_size=8", "terms.2.target_encoder.tower=scratch"]
@@ -19,8 +20,8 @@ def test_paired_targets_first_image_predicts_its_own_view_partner_the_other():
     obj = Objective(load_recipe("m3i", overrides=OV + ["terms.0.target.paired=true"]), 10)
     b = batch()
     views = obj.make_views(b["image"])
-    ctx = Context(obj, b, views)
-    images, boxes, flips = ctx.view(("paired", 0, 1))
+    ctx = obj.context(b, views)
+    images, boxes, flips = ctx.view(Pair(0, 1))
     assert torch.equal(images[:4], views.images[0][:4]) and torch.equal(images[4:], views.images[1][4:])
     q = relative_positions(views.boxes[0], views.flips[0], boxes, flips, obj.backbone.grid_size)
     # the first image of each canvas queries its own view: the positions are its own 4 × 4 grid

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import m3i
-from m3i.config import ConfigError, TermCfg, load_recipe
+from m3i.config import ConfigError, TermCfg, load_recipe, recipe_schema
 from m3i.estimators import ESTIMATORS
 from m3i.objective import Objective
 from m3i.targets import TARGETS
@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import m3i
-from m3i.config import TermCfg, describe_term, load_recipe
+from m3i.config import TermCfg, describe_term, load_recipe, recipe_schema
 from m3i.estimators import ESTIMATORS
 from m3i.objective import Objective
 from m3i.targets import TARGETS
@@ -83,6 +83,7 @@ def accepted(field):
     term = {"name": "t", "target": {"kind": "label"}, "target_encoder": {"kind": "class_table"},
             "estimator": {"kind": "boltzmann", "candidates": "classes"}}
     term[field] = {"kind": "no-such-kind"}
+    recipe_schema()
     try:
         TermCfg.model_validate(term)
     except ValidationError as e:
@@ -323,6 +324,7 @@ def expected_tags(field: str) -> list[str]:
 
     term = {"name": "t", "target": {"kind": "label"}, "target_encoder": {"kind": "class_table"},
             "estimator": {"kind": "boltzmann", "candidates": "classes"}, field: {"kind": "no-such-kind"}}
+    recipe_schema()
     with pytest.raises(ValidationError) as e:
         TermCfg.model_validate(term)
     tags = [err["ctx"]["expected_tags"] for err in e.value.errors() if err["type"] == "union_tag_invalid"]
@@ -331,7 +333,7 @@ def expected_tags(field: str) -> list[str]:
 
 
 def schema_kinds(field: str) -> list[str]:
-    schema = TermCfg.model_json_schema()
+    schema = recipe_schema() and TermCfg.model_json_schema()
     refs = [r["$ref"].rsplit("/", 1)[1] for r in schema["properties"][field]["oneOf"]]
     return sorted(schema["$defs"][r]["properties"]["kind"]["const"] for r in refs)
 

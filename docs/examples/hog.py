@@ -52,4 +52,4 @@ class HOG(DenseTarget):
         return cfg.target.bins
 
     def dense_target(self, term, ctx, t, abs_pos):
-        return hog(ctx.views.images[t], ctx.obj.backbone.patch_size, term.cfg.target.bins)
+        return hog(ctx.view(t)[0], ctx.patch_size, term.cfg.target.bins)

@@ -10,7 +10,7 @@ DEMO_OUT = "runs/demo"
 
 
 def _recipes(args) -> int:
-    from .config import describe_term, load_recipe, recipe_names
+    from .config import describe_term, load_recipe, registered_parts, recipe_names
 
     rows = []
     for name in recipe_names():
@@ -30,6 +30,9 @@ def _recipes(args) -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in lines[1:]:
         print(fmt(r))
+    print("\nparts a term can use (kind, and the plugin that added it):")
+    for field, kinds in registered_parts().items():
+        print(f"  {field}: " + ", ".join(k if m is None else f"{k} ({m})" for k, m in kinds.items()))
     return 0
 
 
@@ -104,6 +107,9 @@ def _finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: its parts (backbones, targets, encoders, decoders, estimators, data "
+                        "sources) register themselves (repeatable; also M3I_PLUGINS=a,b and entry points m3i.parts)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("recipes", help="print the special-case table generated from the recipe files")
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        from . import plugins
+
+        for module in args.plugin:
+            plugins.load(module)
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"m3i {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)

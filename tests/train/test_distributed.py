@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from m3i import distributed as dist
 from m3i.train import strategy
 from m3i.config import load_recipe
-from m3i.objective import Context, Objective, Views
+from m3i.objective import Objective, Views
 from conftest import needs_data
 
 WORLD, B = 2, 4
@@ -58,7 +58,7 @@ def global_case(recipe, labels: torch.Tensor, captions: list, num_classes: int =
     views = obj.make_views(batch["image"])
     masked = {t.source.view for t in recipe.terms if t.source.masked}
     if masked:
-        ctx = Context(obj, batch, views)
+        ctx = obj.context(batch, views)
         views.visible = {v: ctx.visible(v) for v in masked}
     return obj, batch, views
 
