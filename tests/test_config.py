@@ -26,7 +26,7 @@ def test_recipes_json_lists_table_from_files(capsys):
         for t in row["terms"]:
             assert set(t) == {"input", "target", "target_encoder", "estimator"}
     by = {r["name"]: r["terms"] for r in rows}
-    # the special-case table of METHOD.md, read back from the files
+    # the paper's special-case table (the README's), read back from the files
     assert by["supervised"][0]["estimator"] == "Boltzmann over all classes"
     assert by["clip"][0]["target"] == "paired caption"
     assert by["mae"][0]["target_encoder"] == "identity"

@@ -176,8 +176,9 @@ class Recipe(Strict):
                 raise ValueError(f"terms.{i}.{e}") from None
         modes = input_modes(self.backbone.name)
         if any(t.source.masked for t in self.terms) and self.views.input_mode not in modes:
-            raise ValueError(f"views.input_mode: {self.backbone.name} takes masked views as "
-                             f"{' or '.join(repr(m) for m in modes)}, not {self.views.input_mode!r}")
+            takes = f"masked views as {' or '.join(repr(m) for m in modes)}" if modes else \
+                "no masked views (plain views only: set source.masked false)"
+            raise ValueError(f"views.input_mode: {self.backbone.name} takes {takes}, not {self.views.input_mode!r}")
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
         return self

@@ -73,7 +73,12 @@ def timm_config(backbone, name: str, mean, std) -> dict:
     common = {"input_size": [backbone.in_chans, size, size], "mean": list(mean)[:backbone.in_chans],
               "std": list(std)[:backbone.in_chans], "interpolation": "bicubic", "crop_pct": 1.0,
               "num_classes": 0}
-    if name.startswith("vit"):
+    if name.startswith("timm/"):  # timm's own model: rebuilt from its name and the arguments it was made with
+        timm_cfg = backbone.model.pretrained_cfg
+        args = dict(backbone.create_args)
+        arch = backbone.model_name
+        cfg = dict(common, first_conv=timm_cfg.get("first_conv", ""), classifier=timm_cfg.get("classifier", ""))
+    elif name.startswith("vit"):
         d = backbone.embed_dim
         blk = backbone.blocks[0]
         args = {"img_size": size, "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
@@ -88,7 +93,7 @@ def timm_config(backbone, name: str, mean, std) -> dict:
         arch = "convnext_atto" if backbone.timm_conv_mlp else "convnext_tiny"
         cfg = dict(common, first_conv="stem.0", classifier="head.fc")
     else:
-        raise ValueError(f"backbone {name!r}: only vit_* and convnext_* backbones have a timm layout")
+        raise ValueError(f"backbone {name!r}: only vit_*, convnext_* and timm/* backbones have a timm layout")
     return {"architecture": arch, "num_classes": 0, "num_features": backbone.embed_dim, "model_args": args,
             "pretrained_cfg": cfg}
 
