@@ -66,9 +66,10 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_timm, export_timm_dir
+    from .export import export_program, export_timm, export_timm_dir
 
-    path = (export_timm_dir if args.format == "timm-dir" else export_timm)(args.checkpoint, args.out)
+    write = {"timm": export_timm, "timm-dir": export_timm_dir, "pt2": export_program}[args.format]
+    path = write(args.checkpoint, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -128,11 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
     t.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("export", help="write the backbone alone, in timm's layout")
+    e = sub.add_parser("export", help="write the backbone alone, in timm's layout or as a PyTorch program")
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--format", default="timm", choices=["timm", "timm-dir"],
-                   help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads")
-    e.add_argument("--out", required=True, help="FILE.safetensors (timm) or a folder (timm-dir)")
+    e.add_argument("--format", default="timm", choices=["timm", "timm-dir", "pt2"],
+                   help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads; "
+                        "pt2: any backbone as a program torch.export.load(FILE).module() runs (images in [0, 1])")
+    e.add_argument("--out", required=True, help="FILE.safetensors (timm), a folder (timm-dir) or FILE.pt2 (pt2)")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
