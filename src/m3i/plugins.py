@@ -18,6 +18,8 @@ import importlib
 import os
 from importlib.metadata import entry_points
 
+from .schema import ConfigError
+
 ENV = "M3I_PLUGINS"
 GROUP = "m3i.parts"
 
@@ -32,7 +34,7 @@ def load(module: str, where: str = "--plugin") -> None:
     try:
         importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"{where}: cannot import plugin {module!r} ({e}); install it or put it on "
+        raise ConfigError(f"{where}: cannot import plugin {module!r} ({e}); install it or put it on "
                          f"PYTHONPATH") from None
     _loaded[module] = where
 
@@ -42,7 +44,7 @@ def load_named(modules, where: str) -> None:
     if modules is None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-        raise ValueError(f"{where}: expected a list of module names, got {modules!r}")
+        raise ConfigError(f"{where}: expected a list of module names, got {modules!r}")
     for m in modules:
         load(m, where)
 
