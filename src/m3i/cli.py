@@ -33,6 +33,7 @@ def _recipes(args) -> int:
     print("\nparts a term can use (kind, and the plugin that added it):")
     for field, kinds in registered_parts().items():
         print(f"  {field}: " + ", ".join(k if m is None else f"{k} ({m})" for k, m in kinds.items()))
+    print("  (and backbone timm/<model>: any timm model, with m3i[timm])")
     return 0
 
 
