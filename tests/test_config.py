@@ -26,7 +26,7 @@ def test_recipes_json_lists_table_from_files(capsys):
         for t in row["terms"]:
             assert set(t) == {"input", "target", "target_encoder", "estimator"}
     by = {r["name"]: r["terms"] for r in rows}
-    # the special-case table of METHOD.md, read back from the files
+    # the paper's special-case table (the README's), read back from the files
     assert by["supervised"][0]["estimator"] == "Boltzmann over all classes"
     assert by["clip"][0]["target"] == "paired caption"
     assert by["mae"][0]["target_encoder"] == "identity"
@@ -82,8 +82,14 @@ def test_bad_files_name_file_field_and_expectation(tmp_path, text, field, expect
 
 
 def test_overrides_and_errors():
-    r = load_recipe("sim", overrides=["train.steps=7", "backbone=convnext_atto", "terms.0.weight=2"])
+    r = load_recipe("sim", overrides=["train.steps=7", "backbone=convnext_atto", "views.input_mode=fill",
+                                      "terms.0.weight=2"])
     assert r.train.steps == 7 and r.backbone.name == "convnext_atto" and r.terms[0].weight == 2
+    # a convolutional backbone cannot drop the masked tokens: refused when the recipe is read, not at build
+    with pytest.raises(ConfigError, match="views.input_mode: convnext_atto takes masked views as 'mix' or 'fill'"):
+        load_recipe("sim", overrides=["backbone=convnext_atto"])
+    with pytest.raises(ConfigError, match="backbone.name: unknown backbone 'convnext_giant'"):
+        load_recipe("sim", overrides=["backbone=convnext_giant"])
     with pytest.raises(ConfigError, match="train.stepz: unknown key"):
         load_recipe("sim", overrides=["train.stepz=7"])
     with pytest.raises(ConfigError, match="not an index"):

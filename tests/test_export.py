@@ -90,3 +90,25 @@ def test_timm_dir_errors_are_one_clear_line(tmp_path, capsys):
     assert export(tmp_path / "res", busy) == 2
     assert "holds files other than an export's" in capsys.readouterr().err
     assert (busy / "notes.txt").read_text() == "keep me"
+
+
+def test_the_demo_backbone_exports_a_program_plain_pytorch_loads_in_one_line(tmp_path):
+    """resnet_nano has no timm layout; ``--format pt2`` gives it an export that needs neither m3i nor
+    timm: ``torch.export.load(FILE).module()`` takes images in [0, 1] at any batch size and gives the
+    run's features (the backbone on the images normalised as in training)."""
+    loop.pretrain(load_recipe("m3i", overrides=SMALL + ["terms.2.weight=0",
+                                                        "terms.2.target_encoder.tower=scratch",
+                                                        "terms.2.target_encoder.width=16",
+                                                        "terms.2.target_encoder.depth=1"]),
+                  tmp_path / "run", progress=False)
+    out = tmp_path / "backbone.pt2"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "pt2", "--out", str(out)]) == 0
+    module = torch.export.load(str(out)).module()
+    objective = load_run(tmp_path / "run")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(module(images.float() / 255), objective.encode_image(images), rtol=1e-4, atol=1e-5)
+    assert module(torch.rand(5, 3, 32, 32)).shape == (5, objective.backbone.embed_dim)
+    extra = {"m3i.json": ""}
+    torch.export.load(str(out), extra_files=extra)
+    meta = json.loads(extra["m3i.json"])
+    assert meta["backbone"] == "resnet_nano" and meta["image_size"] == 32 and meta["mean"] == objective.image_mean

@@ -2,7 +2,8 @@
 import torch
 
 from m3i.config import load_recipe
-from m3i.objective import Context, Objective, Views
+from m3i.objective import Objective, Views
+from m3i.terms import Pair
 from m3i.views import relative_positions
 
 OV = ["backbone.name=vit_nano", "backbone.depth=2", "backbone.patch_size=8", "terms.2.target_encoder.tower=scratch"]
@@ -19,8 +20,8 @@ def test_paired_targets_first_image_predicts_its_own_view_partner_the_other():
     obj = Objective(load_recipe("m3i", overrides=OV + ["terms.0.target.paired=true"]), 10)
     b = batch()
     views = obj.make_views(b["image"])
-    ctx = Context(obj, b, views)
-    images, boxes, flips = ctx.view(("paired", 0, 1))
+    ctx = obj.context(b, views)
+    images, boxes, flips = ctx.view(Pair(0, 1))
     assert torch.equal(images[:4], views.images[0][:4]) and torch.equal(images[4:], views.images[1][4:])
     q = relative_positions(views.boxes[0], views.flips[0], boxes, flips, obj.backbone.grid_size)
     # the first image of each canvas queries its own view: the positions are its own 4 × 4 grid
@@ -100,3 +101,30 @@ def test_a_copied_target_without_head_must_match_the_prediction_width(tmp_path):
     ok = Objective(load_recipe("byol", overrides=SMALL + ["terms.0.target_encoder.head=false",
                                                           "terms.0.decoder.predictor=[512, 192]"]))
     assert ok(batch())["loss"].isfinite()
+
+
+def test_swap_views_on_a_label_or_caption_term_adds_the_other_views_prediction():
+    """``swap_views`` on a target that is no image view (label, caption) predicts it from both views:
+    the term is the sum of the same term read from view 1 and from view 2 (found by the fuzz test,
+    where it once failed at run time)."""
+    small = ["backbone.name=vit_nano", "backbone.depth=1", "backbone.patch_size=8", "views.count=2"]
+    for recipe, extra in (("supervised", []), ("clip", ["terms.0.target_encoder.tower=scratch",
+                                                         "terms.0.target_encoder.width=16",
+                                                         "terms.0.target_encoder.depth=1"])):
+        torch.manual_seed(0)
+        both = Objective(load_recipe(recipe, overrides=small + extra + ["terms.0.swap_views=true"]), 10).eval()
+        one = [Objective(load_recipe(recipe, overrides=small + extra + [f"terms.0.source.view={v}"]), 10).eval()
+               for v in (0, 1)]
+        for o in one:
+            o.load_state_dict(both.state_dict())
+        b = batch()
+        b["caption"] = [f"caption {i % 3}" if i % 4 else None for i in range(8)]
+        b["label"] = torch.tensor([0, 1, -1, 2, 1, -1, 0, 2])
+        torch.manual_seed(1)
+        views = both.make_views(b["image"])
+        name = both.terms[0].name
+        with torch.no_grad():
+            got = both(b, views)
+            parts = [o(b, views) for o in one]
+        torch.testing.assert_close(got[name], parts[0][name] + parts[1][name])
+        assert int(got["n_" + name]) == int(parts[0]["n_" + name]) + int(parts[1]["n_" + name]) > 0

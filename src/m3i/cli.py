@@ -10,7 +10,7 @@ DEMO_OUT = "runs/demo"
 
 
 def _recipes(args) -> int:
-    from .config import describe_term, load_recipe, recipe_names
+    from .config import describe_term, load_recipe, registered_parts, recipe_names
 
     rows = []
     for name in recipe_names():
@@ -30,6 +30,10 @@ def _recipes(args) -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in lines[1:]:
         print(fmt(r))
+    print("\nparts a term can use (kind, and the plugin that added it):")
+    for field, kinds in registered_parts().items():
+        print(f"  {field}: " + ", ".join(k if m is None else f"{k} ({m})" for k, m in kinds.items()))
+    print("  (and backbone timm/<model>: any timm model, with m3i[timm])")
     return 0
 
 
@@ -63,9 +67,10 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_timm, export_timm_dir
+    from .export import export_program, export_timm, export_timm_dir
 
-    path = (export_timm_dir if args.format == "timm-dir" else export_timm)(args.checkpoint, args.out)
+    write = {"timm": export_timm, "timm-dir": export_timm_dir, "pt2": export_program}[args.format]
+    path = write(args.checkpoint, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -172,6 +177,9 @@ def _data_fetch(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: its parts (backbones, targets, encoders, decoders, estimators, data "
+                        "sources) register themselves (repeatable; also M3I_PLUGINS=a,b and entry points m3i.parts)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("recipes", help="print the special-case table generated from the recipe files")
@@ -190,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
     t.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("export", help="write the backbone alone, in timm's layout")
+    e = sub.add_parser("export", help="write the backbone alone, in timm's layout or as a PyTorch program")
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--format", default="timm", choices=["timm", "timm-dir"],
-                   help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads")
-    e.add_argument("--out", required=True, help="FILE.safetensors (timm) or a folder (timm-dir)")
+    e.add_argument("--format", default="timm", choices=["timm", "timm-dir", "pt2"],
+                   help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads; "
+                        "pt2: any backbone as a program torch.export.load(FILE).module() runs (images in [0, 1])")
+    e.add_argument("--out", required=True, help="FILE.safetensors (timm), a folder (timm-dir) or FILE.pt2 (pt2)")
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
@@ -254,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        from . import plugins
+
+        for module in args.plugin:
+            plugins.load(module)
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"m3i {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)

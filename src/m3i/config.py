@@ -13,23 +13,26 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .backbones import BackboneCfg
+from . import plugins
+from .backbones import BackboneCfg, input_modes
+from .decoders import DECODERS
+from .decoders.mlp import GlobalDecoderCfg
+from .encoders import TARGET_ENCODERS
 from .estimators import ESTIMATORS
-from .schema import ConfigError, Strict, kind_of, union_of
+from .registry import Registry
+from .schema import ConfigError, Strict, union_of
 from .targets import TARGETS
-from .targets.decoders import DecoderUnion, DenseDecoderCfg, GlobalDecoderCfg
-from .targets.encoders import TARGET_ENCODER_CONFIGS, TargetEncoderUnion
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-# the parts a term is made of: per field, the settings class of each kind
-PART_CONFIGS: dict[str, dict[str, type[BaseModel]]] = {
-    "target": {t.kind: t.Config for t in TARGETS},
-    "target_encoder": {kind_of(c): c for c in TARGET_ENCODER_CONFIGS},
-    "decoder": {kind_of(c): c for c in (GlobalDecoderCfg, DenseDecoderCfg)},
-    "estimator": {e.kind: e.Config for e in ESTIMATORS},
-}
-PART_FIELDS = tuple(PART_CONFIGS)
-PART_KINDS = {kind for by_kind in PART_CONFIGS.values() for kind in by_kind}
+# the parts a term is made of: the field of each, and the registry of its kinds
+PARTS: dict[str, Registry] = {"target": TARGETS, "target_encoder": TARGET_ENCODERS, "decoder": DECODERS,
+                              "estimator": ESTIMATORS}
+PART_FIELDS = tuple(PARTS)
+
+
+def part_configs() -> dict[str, dict[str, type[BaseModel]]]:
+    """Per part field, the settings class of each registered kind (plugins' kinds included)."""
+    return {f: reg.by_kind() for f, reg in PARTS.items()}
 
 
 class AugmentCfg(Strict):
@@ -135,10 +138,11 @@ class TermCfg(Strict):
     name: str
     weight: float = 1.0
     source: SourceViewCfg = SourceViewCfg()
-    target: union_of(TARGETS.configs())
-    target_encoder: TargetEncoderUnion
-    decoder: DecoderUnion = GlobalDecoderCfg()
-    estimator: union_of(ESTIMATORS.configs())
+    # unions over the registries, resolved when the schema is built (recipe_schema)
+    target: TargetUnion  # noqa: F821
+    target_encoder: TargetEncoderUnion  # noqa: F821
+    decoder: DecoderUnion = GlobalDecoderCfg()  # noqa: F821
+    estimator: EstimatorUnion  # noqa: F821
     swap_views: bool = False
 
     @model_validator(mode="after")
@@ -150,6 +154,9 @@ class TermCfg(Strict):
 class Recipe(Strict):
     name: str
     description: str = ""
+    # modules imported before the recipe is validated (their parts register themselves); a run's
+    # config.yaml lists every module outside m3i whose parts it uses
+    plugins: list[str] = Field(default_factory=list)
     backbone: BackboneCfg = BackboneCfg()
     views: ViewsCfg = ViewsCfg()
     data: DataCfg = DataCfg()
@@ -171,9 +178,32 @@ class Recipe(Strict):
                 TARGETS[t.target.kind].check_views(t, self.views)
             except ValueError as e:
                 raise ValueError(f"terms.{i}.{e}") from None
+        modes = input_modes(self.backbone.name)
+        if any(t.source.masked for t in self.terms) and self.views.input_mode not in modes:
+            takes = f"masked views as {' or '.join(repr(m) for m in modes)}" if modes else \
+                "no masked views (plain views only: set source.masked false)"
+            raise ValueError(f"views.input_mode: {self.backbone.name} takes {takes}, not {self.views.input_mode!r}")
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
         return self
+
+
+_built = -1  # the registries' version the schema was last built from
+
+
+def recipe_schema() -> type[Recipe]:
+    """The recipe schema over every registered part: the plugins named by ``M3I_PLUGINS`` and the
+    ``m3i.parts`` entry points are imported first; rebuilt whenever a part was registered since."""
+    global _built
+    plugins.load_configured()
+    if _built != Registry.version:
+        TermCfg.model_rebuild(force=True, _types_namespace={
+            "TargetUnion": union_of(TARGETS.configs()), "TargetEncoderUnion": union_of(TARGET_ENCODERS.configs()),
+            "DecoderUnion": union_of(DECODERS.configs(), default="global"),
+            "EstimatorUnion": union_of(ESTIMATORS.configs())})
+        Recipe.model_rebuild(force=True)
+        _built = Registry.version
+    return Recipe
 
 
 def recipe_names() -> list[str]:
@@ -275,16 +305,19 @@ def _where(loc: tuple) -> tuple[list[str], str | None]:
     a key of the file."""
     out: list[str] = []
     kind = None
+    kinds = {k for reg in PARTS.values() for k in reg.kinds()}
     for i, part in enumerate(loc):
-        if i and loc[i - 1] in PART_FIELDS and part in PART_KINDS:
+        if i and loc[i - 1] in PART_FIELDS and part in kinds:
             kind = part
             continue
         out.append(_printable(part))
     return out, kind
 
 
-def validate(data: dict, origin: str, schema: type[BaseModel] = Recipe):
+def validate(data: dict, origin: str, schema: type[BaseModel] | None = None):
     """``data`` as a ``schema`` (a recipe by default), every mistake one ``origin: field: expectation`` line."""
+    recipe_schema()
+    schema = schema or Recipe
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -324,7 +357,7 @@ def upgrade_saved(data: dict) -> dict:
         decoder = term.get("decoder")
         if isinstance(decoder, dict) and decoder.get("kind") == "dense" and "projector" in decoder:
             decoder.pop("norm", None)  # the global decoder's norm; the old dense decoder always used LayerNorm
-        for field, by_kind in PART_CONFIGS.items():
+        for field, by_kind in part_configs().items():
             part = term.get(field)
             if isinstance(part, dict) and part.get("kind") in by_kind:
                 known = by_kind[part["kind"]].model_fields
@@ -341,9 +374,10 @@ def load_recipe(name_or_path: str, config: str | None = None, overrides: list[st
     ``saved``: the file is a run's own config.yaml, perhaps written by an earlier m3i."""
     path = recipe_path(name_or_path)
     data = _read_yaml(path)
+    origin = str(path)
+    plugins.load_named(data.get("plugins"), f"{origin}: plugins")  # before the schema is built from the registries
     if saved:
         data = upgrade_saved(data)
-    origin = str(path)
     if config:
         cpath = Path(config)
         if not cpath.is_file():
@@ -354,7 +388,22 @@ def load_recipe(name_or_path: str, config: str | None = None, overrides: list[st
         data = apply_override(data, item)
     if overrides:
         origin += " + overrides"
+    plugins.load_named(data.get("plugins"), f"{origin}: plugins")  # those a config file or override adds
     return validate(data, origin)
+
+
+def registered_parts() -> dict[str, dict[str, str | None]]:
+    """Every registered kind of each part (plugins' included): kind -> the module outside m3i that
+    added it (None: m3i's own)."""
+    from .backbones import backbone_names
+    from .backbones.base import module_of
+    from .data.spec import SPEC_FORMS, module_of_spec
+
+    own = lambda m: None if m is None or m == "m3i" or m.startswith("m3i.") else m  # noqa: E731
+    out = {"backbone": {n: own(module_of(n)) for n in backbone_names()}}
+    out |= {f: {k: own(reg.module_of(k)) for k in reg.kinds()} for f, reg in PARTS.items()}
+    out["data source"] = {form: own(module_of_spec(form.split("[")[0])) for form in SPEC_FORMS}
+    return out
 
 
 def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:

@@ -104,18 +104,9 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
-def all_finite(x: Tensor) -> bool:
-    """Whether ``x`` is finite on every rank: ranks must take, or skip, a step together (a rank
-    that skipped backward would leave the others waiting in their gradient all-reduce)."""
-    ok = torch.isfinite(x.detach()).all().float().reshape(1)
-    if is_dist() and world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
-
-
 def all_ranks(flag: Tensor) -> Tensor:
     """Whether the 0-d bool ``flag`` holds on every rank, as a device tensor: no wait for the
-    device (an all-reduce queued on its stream), unlike :func:`all_finite`."""
+    device (an all-reduce queued on its stream)."""
     if not is_dist() or world_size() == 1:
         return flag
     x = flag.to(torch.float32).reshape(1)  # gloo reduces no bools

@@ -1,7 +1,8 @@
-"""Export the pre-trained backbone alone, in timm's state-dict layout (ViT or ConvNeXt), for
-timm and the detection / segmentation toolkits that load timm weights.
+"""Export the pre-trained backbone alone: in timm's state-dict layout (ViT, ConvNeXt, any timm
+model), for timm and the detection / segmentation toolkits that load timm weights; or, for every
+backbone (the demo's ResNet included), as a program plain PyTorch loads in one line.
 
-Two forms:
+Three forms:
 
 * ``timm``: one ``.safetensors`` file of timm-named weights;
 * ``timm-dir``: a folder that ``timm.create_model("local-dir:DIR", pretrained=True)`` builds and
@@ -11,6 +12,14 @@ Two forms:
                              (mean, std, input_size, interpolation, crop_pct, first_conv, classifier)
       DIR/model.safetensors  the weights (timm names)
       DIR/README.md          a model card
+
+* ``pt2``: one ``torch.export`` program of the backbone with the normalisation baked in, for code
+  that has neither m3i nor timm::
+
+      features = torch.export.load("backbone.pt2").module()(images)  # float (B, C, S, S) in [0, 1] -> (B, D)
+
+  the batch size is free; the file's ``m3i.json`` (``torch.export.load(..., extra_files=...)``)
+  names the backbone, the image size, mean and std.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -73,7 +83,12 @@ def timm_config(backbone, name: str, mean, std) -> dict:
     common = {"input_size": [backbone.in_chans, size, size], "mean": list(mean)[:backbone.in_chans],
               "std": list(std)[:backbone.in_chans], "interpolation": "bicubic", "crop_pct": 1.0,
               "num_classes": 0}
-    if name.startswith("vit"):
+    if name.startswith("timm/"):  # timm's own model: rebuilt from its name and the arguments it was made with
+        timm_cfg = backbone.model.pretrained_cfg
+        args = dict(backbone.create_args)
+        arch = backbone.model_name
+        cfg = dict(common, first_conv=timm_cfg.get("first_conv", ""), classifier=timm_cfg.get("classifier", ""))
+    elif name.startswith("vit"):
         d = backbone.embed_dim
         blk = backbone.blocks[0]
         args = {"img_size": size, "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
@@ -88,7 +103,7 @@ def timm_config(backbone, name: str, mean, std) -> dict:
         arch = "convnext_atto" if backbone.timm_conv_mlp else "convnext_tiny"
         cfg = dict(common, first_conv="stem.0", classifier="head.fc")
     else:
-        raise ValueError(f"backbone {name!r}: only vit_* and convnext_* backbones have a timm layout")
+        raise ValueError(f"backbone {name!r}: only vit_*, convnext_* and timm/* backbones have a timm layout")
     return {"architecture": arch, "num_classes": 0, "num_features": backbone.embed_dim, "model_args": args,
             "pretrained_cfg": cfg}
 
@@ -143,4 +158,43 @@ def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
     if out.exists():  # a previous export (checked above): replaced whole
         shutil.rmtree(out)
     os.replace(tmp, out)
+    return out
+
+
+class _Normalized(torch.nn.Module):
+    """The backbone on images in [0, 1]: normalised as in training, then pooled features."""
+
+    def __init__(self, backbone, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features((images - self.mean) / self.std).pooled
+
+
+def export_program(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (a ``.pt2`` file): see the module docstring."""
+    from .train.runs import load_run
+
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise ValueError(f"--out {out}: expected a .pt2 file name for --format pt2")
+    writable_file(out)  # before any work
+    objective = load_run(checkpoint)
+    backbone, size = objective.backbone, objective.backbone.img_size
+    module = _Normalized(backbone, objective.image_mean, objective.image_std).eval()
+    example = torch.rand(2, backbone.in_chans, size, size)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    meta = {"backbone": objective.recipe.backbone.name, "image_size": size, "in_chans": backbone.in_chans,
+            "mean": objective.image_mean, "std": objective.image_std, "embed_dim": backbone.embed_dim,
+            "input": "float images in [0, 1], (B, C, S, S)", "output": "pooled features (B, D)"}
+    tmp = out.with_suffix(".tmp")
+    try:
+        torch.export.save(program, str(tmp), extra_files={"m3i.json": json.dumps(meta)})
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(out, e) from None
     return out

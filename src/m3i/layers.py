@@ -73,7 +73,7 @@ class TokenBatchNorm(nn.Module):
 
     The statistics are computed in the parameters' precision (float32 under bf16 autocast). The
     ``BatchNorm1d`` it holds (``bn``) sees (B, D, L), so turning a model's batch norms global
-    (``m3i.distributed.global_batch_norm``) covers it too."""
+    (``m3i.train.strategy.global_batch_norm``) covers it too."""
 
     def __init__(self, dim: int):
         super().__init__()

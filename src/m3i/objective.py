@@ -1,7 +1,8 @@
 """The objective: Σ_k λ_k · I(ẑ_k ; z_k), one mutual-information term per target.
 
-A term = source view + target (a registered kind, :mod:`m3i.targets`) + target encoder +
-decoder + estimator (a registered kind, :mod:`m3i.estimators`). The objective owns the online
+A term (:class:`m3i.terms.Term`) = source view + target (a registered kind, :mod:`m3i.targets`)
++ target encoder (:mod:`m3i.encoders`) + decoder (:mod:`m3i.decoders`) + estimator
+(:mod:`m3i.estimators`), each picked by its ``kind`` from a registry. The objective owns the online
 backbone, the view stage (augment, masks), the one EMA teacher shared by every term whose
 target encoder is an EMA copy and the frozen target encoders; it returns every term's value and
 the weighted total, and it is all the trainer, evaluation and export see of a model: its
@@ -10,131 +11,22 @@ here knows a recipe: recipes are lists of terms in YAML.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, Features, build_backbone
-from .config import Recipe, TermCfg
+from .backbones import Backbone, build_backbone
+from .config import Recipe
+from .encoders.copies import CopiedEncoder, ema_momentum
+from .encoders.text import TextTower
 from .estimators import ESTIMATORS
 from .layers import no_weight_decay
 from .targets import TARGETS
 from .targets.caption import Caption
-from .targets.encoders import Teacher, ema_momentum
-from .targets.text import TextTower
-from .views import ViewAugment, block_mask, mix_visible, random_mask
+from .terms import Context, Term, Views
+from .views import ViewAugment
 from .weights import load_weights_into
-
-
-@dataclass
-class Views:
-    """The augmented views of one batch and how each was made."""
-
-    images: list[Tensor]   # each (B, C, S, S), normalised
-    boxes: list[Tensor]    # each (B, 4): crop (i, j, h, w) in source pixels
-    flips: list[Tensor]    # each (B,) bool
-    visible: dict[int, Tensor] = field(default_factory=dict)  # (B, N) bool per masked view; drawn when absent
-
-
-class Context:
-    """Everything the terms of one step share, each piece computed once on first use."""
-
-    def __init__(self, objective: Objective, batch: dict, views: Views):
-        self.obj, self.batch, self.views = objective, batch, views
-        self.batch_size = views.images[0].shape[0]
-        self._visible: dict[int, Tensor] = dict(views.visible)
-        self._online: dict[tuple[int, bool], Features] = {}
-        self._teacher: dict[tuple[int, int | tuple], Features] = {}  # (id of the copy, view)
-
-    def visible(self, view: int) -> Tensor:
-        """(B, N) bool: the patches of ``view`` the online encoder sees."""
-        if view not in self._visible:
-            obj, b = self.obj, self.batch_size
-            device = self.views.images[view].device
-            m = obj.recipe.views.mask
-            if obj.recipe.views.input_mode == "mix":
-                vis = mix_visible(b, obj.backbone.grid_size, kind=m.kind, device=device)
-            else:
-                make = block_mask if m.kind == "block" else random_mask
-                vis = ~make(b, obj.backbone.grid_size, m.ratio, device=device)
-            self._visible[view] = vis
-        return self._visible[view]
-
-    def online(self, view: int, masked: bool) -> Features:
-        key = (view, masked)
-        if key not in self._online:
-            x = self.views.images[view]
-            if masked:
-                self._online[key] = self.obj.backbone.forward_features(
-                    x, self.visible(view), mode=self.obj.recipe.views.input_mode)
-            else:
-                self._online[key] = self.obj.backbone.forward_features(x)
-        return self._online[key]
-
-    def view(self, view: int | tuple) -> tuple[Tensor, Tensor, Tensor]:
-        """(images, boxes, flips) of a view index, or of ("paired", s, t): in the mixed input the
-        first image of each canvas takes view s and its partner view t (the paper's assignment:
-        one image predicts its own view, the other a different augmented view)."""
-        v = self.views
-        if isinstance(view, int):
-            return v.images[view], v.boxes[view], v.flips[view]
-        _, s, t = view
-        first = torch.arange(self.batch_size, device=v.images[s].device) < self.batch_size // 2
-        pick = lambda a, b: torch.where(first.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
-        return pick(v.images[s], v.images[t]), pick(v.boxes[s], v.boxes[t]), pick(v.flips[s], v.flips[t])
-
-    @torch.no_grad()
-    def copy(self, term: Term, view: int | tuple) -> Features:
-        """Features of ``view`` from the term's copied target encoder (the EMA teacher, shared by
-        every EMA term, or the term's frozen model)."""
-        net = self.obj.copy_of(term)
-        key = (id(net), view)
-        if key not in self._teacher:
-            self._teacher[key] = net.backbone.forward_features(
-                self.view(view)[0], return_layers=self.obj.teacher_layers)
-        return self._teacher[key]
-
-
-class Term(nn.Module):
-    """One mutual-information term I(g_k(f_θ(t_s(x))) ; f_φ(t_t(x))): its decoder g_k, the modules
-    its target kind owns (a class table, a text tower), its temperature; the target kind and the
-    estimator compute it."""
-
-    def __init__(self, cfg: TermCfg, backbone: Backbone, num_classes: int):
-        super().__init__()
-        self.cfg = cfg
-        self.name = cfg.name
-        self.target = TARGETS[cfg.target.kind]()
-        self.estimator = ESTIMATORS[cfg.estimator.kind](cfg.estimator)
-        for name, module in cfg.decoder.build(backbone.embed_dim, self.target.out_dim(cfg, backbone)).items():
-            self.add_module(name, module)
-        self.target.build(self, backbone, num_classes)
-        scale = torch.tensor(math.log(1.0 / getattr(cfg.estimator, "temperature", 1.0)))
-        if getattr(cfg.estimator, "learn_temperature", False):
-            self.log_scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("log_scale", scale, persistent=False)
-
-    @property
-    def teacher_head(self) -> nn.Module | None:
-        """The online head whose copy the target passes through (the term's projector)."""
-        enc = self.cfg.target_encoder
-        return self.decoder if enc.copies_backbone and enc.head else None
-
-    @property
-    def temperature(self) -> Tensor:
-        return 1.0 / self.log_scale.clamp(max=math.log(100.0)).exp()
-
-    def predict(self, pooled: Tensor) -> Tensor:
-        """A global prediction ẑ from pooled features: projector, then predictor."""
-        return self.predictor(self.decoder(pooled))
-
-    def forward(self, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
-        """-> (loss, number of samples that carried this target)."""
-        return self.target.loss(self, ctx, s, t)
 
 
 class Objective(nn.Module):
@@ -156,12 +48,12 @@ class Objective(nn.Module):
         size = self.backbone.img_size
         self.augment = nn.ModuleList(
             ViewAugment(size=size, **recipe.views.augment_for(v).model_dump()) for v in range(recipe.views.count))
-        self.terms = nn.ModuleList(Term(t, self.backbone, num_classes) for t in recipe.terms)
+        self.terms = nn.ModuleList(build_term(t, self.backbone, num_classes) for t in recipe.terms)
         self.teacher_layers = max([getattr(t.target_encoder, "top_k", 0) for t in recipe.terms] + [0])
         ema = [t for t in self.terms if t.cfg.target_encoder.kind == "ema"]
-        self.teacher = Teacher(self.backbone, {t.name: t.teacher_head for t in ema if t.teacher_head is not None}) \
+        self.teacher = CopiedEncoder(self.backbone, {t.name: t.head_to_copy for t in ema if t.head_to_copy is not None}) \
             if ema else None
-        self.frozen = nn.ModuleDict({t.name: load_frozen(t.cfg, self.backbone, t.teacher_head) for t in self.terms
+        self.frozen = nn.ModuleDict({t.name: load_frozen(t.cfg, self.backbone, t.head_to_copy) for t in self.terms
                                      if t.cfg.target_encoder.kind == "frozen"})
 
     @classmethod
@@ -180,18 +72,23 @@ class Objective(nn.Module):
         out = [aug(x) for aug in self.augment]
         return Views([o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
 
+    def context(self, batch: dict, views: Views) -> Context:
+        """What the terms of one step share: the views, the online backbone, the copied encoders."""
+        copies = {t.name: self.copy_of(t) for t in self.terms if t.cfg.target_encoder.copies_backbone}
+        return Context(batch, views, self.backbone, self.recipe.views, copies, self.teacher_layers)
+
     def forward(self, batch: dict, views: Views | None = None) -> dict[str, Tensor]:
         """-> {"loss": weighted total, <term>: value, "n_<term>": samples used}."""
         views = views or self.make_views(batch["image"])
-        ctx = Context(self, batch, views)
+        ctx = self.context(batch, views)
         out: dict[str, Tensor] = {}
         total = 0.0
         for term in self.terms:
             cfg = term.cfg
-            loss, n = term(ctx, cfg.source.view, cfg.target.view if term.target.image else cfg.source.view)
-            if cfg.swap_views:
-                loss2, n2 = term(ctx, 1 - cfg.source.view, 1 - cfg.target.view)
-                loss, n = loss + loss2, n + n2
+            loss, n = 0.0, 0
+            for s, t in type(term.target).view_pairs(cfg):  # one direction, or both (swap_views)
+                loss_st, n_st = term(ctx, s, t)
+                loss, n = loss + loss_st, n + n_st
             out[term.name] = loss
             out["n_" + term.name] = torch.tensor(n)
             total = total + cfg.weight * loss
@@ -199,7 +96,7 @@ class Objective(nn.Module):
         return out
 
     # -- target encoders -----------------------------------------------------------------------
-    def copy_of(self, term: Term) -> Teacher:
+    def copy_of(self, term: Term) -> CopiedEncoder:
         """The copied target encoder a term reads (the shared EMA teacher or its frozen model)."""
         return self.teacher if term.cfg.target_encoder.kind == "ema" else self.frozen[term.name]
 
@@ -210,7 +107,7 @@ class Objective(nn.Module):
 
     def online_heads(self) -> dict[str, nn.Module]:
         heads = self.teacher.heads if self.teacher is not None else {}
-        return {t.name: t.teacher_head for t in self.terms if t.name in heads}
+        return {t.name: t.head_to_copy for t in self.terms if t.name in heads}
 
     @torch.no_grad()
     def update_teacher(self, step: int, total_steps: int, skip: Tensor | None = None) -> float | None:
@@ -302,14 +199,25 @@ class Objective(nn.Module):
         return Caption.encode(term, captions)
 
 
-def load_frozen(cfg: TermCfg, backbone: Backbone, head: nn.Module | None) -> Teacher:
+def build_term(cfg, backbone: Backbone, num_classes: int) -> Term:
+    """A term of the recipe: its target kind, estimator and decoder from the registries, the
+    decoder's modules and the target's own (class table, text tower) built onto it."""
+    target = TARGETS[cfg.target.kind]()
+    estimator = ESTIMATORS[cfg.estimator.kind](cfg.estimator)
+    out_dim = target.out_dim(cfg, backbone)
+    modules = cfg.decoder.build(backbone.embed_dim, out_dim)
+    width = cfg.decoder.width_of(backbone.embed_dim, out_dim)
+    return Term(cfg, target, estimator, {**modules, **target.build(cfg, width, backbone, num_classes)})
+
+
+def load_frozen(cfg, backbone: Backbone, head: nn.Module | None) -> CopiedEncoder:
     """A frozen target encoder: a backbone (the recipe's, or the one the term names) with weights
     from a safetensors file, in m3i's or timm's layout."""
     from safetensors.torch import load_file
 
     enc = cfg.target_encoder
     net = build_backbone(enc.backbone.name, **enc.backbone.kwargs()) if enc.backbone else backbone
-    teacher = Teacher(net, {cfg.name: head} if head is not None else {})
+    teacher = CopiedEncoder(net, {cfg.name: head} if head is not None else {})
     try:
         state = load_file(enc.weights)
     except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files

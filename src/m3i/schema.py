@@ -2,9 +2,11 @@
 part (a temperature on a Gaussian estimator) is reported instead of silently ignored."""
 from __future__ import annotations
 
-from typing import Annotated, Union, get_args
+from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
+
+from .registry import kind_of
 
 
 class ConfigError(ValueError):
@@ -13,10 +15,6 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-def kind_of(config: type[BaseModel]) -> str:
-    return get_args(config.model_fields["kind"].annotation)[0]
 
 
 def union_of(configs: tuple[type[Strict], ...], default: str | None = None):

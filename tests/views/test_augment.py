@@ -106,7 +106,7 @@ def test_deterministic_under_manual_seed():
 
 
 def test_uint8_input_and_config():
-    aug = ViewAugment.from_config({"size": 8, "gray_p": 0.0}, jitter_p=0.0)
+    aug = ViewAugment(size=8, gray_p=0.0, jitter_p=0.0)
     assert aug.size == (8, 8)
     x = (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""Relative positions: METHOD.md's closed formula, flips, image content, sin-cos embedding."""
+"""Relative positions: the closed formula of the paper's cross-view positions, flips, image content, sin-cos embedding."""
 import math
 
 import pytest

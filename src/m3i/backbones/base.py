@@ -7,6 +7,7 @@ from typing import Any
 from collections.abc import Callable
 
 import torch
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from ..schema import Strict
@@ -35,6 +36,8 @@ class Backbone(nn.Module):
     in_chans: int
     img_size: int
     supports_drop: bool = True  # can compute only the visible tokens (input mode "drop")
+    # the input modes of masked views (m3i.config.ViewsCfg.input_mode) the backbone takes
+    input_modes: tuple[str, ...] = ("drop", "mix", "fill")
     frozen_patch_embed: bool = False  # the patch embedding (stem) is not trained
 
     @property
@@ -88,6 +91,7 @@ def visible_indices(visible: Tensor) -> Tensor:
 
 
 class BackboneCfg(Strict):
+    # a registered backbone (m3i's, or one a plugin registers), or any timm model as timm/<model>
     name: str = "vit_micro"
     img_size: int = 32
     # the token grid's stride in pixels; for ConvNeXt it picks the stem (final stride = 8·stem)
@@ -104,6 +108,14 @@ class BackboneCfg(Strict):
     frozen_patch_embed: bool = False
     grad_checkpointing: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in _REGISTRY and not name.startswith(TIMM_PREFIX):
+            raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(backbone_names())}, "
+                             f"or {TIMM_PREFIX}<model> for any timm model")
+        return name
+
     def kwargs(self) -> dict[str, Any]:
         skip = {"name", "grad_checkpointing"}
         kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
@@ -114,6 +126,8 @@ class BackboneCfg(Strict):
 
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
+_CLASSES: dict[str, type[Backbone]] = {}
+TIMM_PREFIX = "timm/"
 
 
 def register(name: str, **defaults):
@@ -128,6 +142,7 @@ def register(name: str, **defaults):
             return cls(**{**defaults, **kw})
 
         _REGISTRY[name] = build
+        _CLASSES[name] = cls
         return cls
 
     return wrap
@@ -137,7 +152,27 @@ def backbone_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def module_of(name: str) -> str | None:
+    """The module that registered the backbone ``name``."""
+    if name.startswith(TIMM_PREFIX):
+        return __name__.rsplit(".", 1)[0] + ".timm"
+    return _CLASSES[name].__module__ if name in _CLASSES else None
+
+
+def input_modes(name: str) -> tuple[str, ...]:
+    """The input modes of masked views that the backbone called ``name`` takes."""
+    if name.startswith(TIMM_PREFIX):
+        from .timm import timm_input_modes
+
+        return timm_input_modes(name.removeprefix(TIMM_PREFIX))
+    return _CLASSES[name].input_modes if name in _CLASSES else ("drop", "mix", "fill")
+
+
 def build_backbone(name: str, **overrides) -> Backbone:
+    if name.startswith(TIMM_PREFIX):
+        from .timm import build_timm
+
+        return build_timm(name.removeprefix(TIMM_PREFIX), **overrides)
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(backbone_names())}")
     return _REGISTRY[name](**overrides)

@@ -114,6 +114,7 @@ class ConvNeXt(Backbone):
     ``frozen_patch_embed``: the stem (its conv and LayerNorm) is not trained (`freeze_patch_embed`)."""
 
     supports_drop = False  # a convolution sees every position: use mix or fill
+    input_modes = ("mix", "fill")
 
     def __init__(
         self,

@@ -153,6 +153,15 @@ def parse_spec(spec: str) -> tuple[str, str | None, dict[str, bool]]:
     return kind.strip().lower(), (arg if sep else None), options
 
 
+def module_of_spec(spec: str) -> str | None:
+    """The module that registered the kind of ``spec`` (None: no such kind)."""
+    try:
+        entry = _KINDS.get(parse_spec(spec)[0])
+    except ValueError:
+        return None
+    return entry.build.__module__ if entry else None
+
+
 def build_source(spec: str, *, labels: bool = True, captions: bool = True,
                  name: str | None = None) -> Source:
     """Build the source a spec names (see the module docstring for the forms).

@@ -1,19 +1,18 @@
 """What every kind of target answers to, and the flow shared by the dense ones."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones import Backbone, visible_indices
+from ..decoders import DECODERS
 from ..estimators import ESTIMATORS, FORMS
 from ..registry import Registry
 from ..schema import Strict
+from ..terms import Context, Pair, Term
 from ..views import absolute_positions, relative_positions
-
-if TYPE_CHECKING:  # the objective's classes, used here only in annotations
-    from ..objective import Context, Term
 
 
 class TargetCfg(Strict):
@@ -25,8 +24,9 @@ class Target:
 
     A target kind names the target encoders it can be read with (``encoders``), the shape in
     which an estimator sees it (``form``: one of :data:`m3i.estimators.FORMS`), builds the modules
-    it owns onto its term (:meth:`build`) and computes the term (:meth:`loss`). The term holds the
-    decoder, the estimator and those modules; the objective holds the views and the encoders.
+    it owns (:meth:`build`) and computes the term (:meth:`loss`) from the term (its decoder,
+    estimator and those modules, :class:`m3i.terms.Term`) and the step's shared context (views,
+    online and target-encoder features, :class:`m3i.terms.Context`).
     """
 
     kind: ClassVar[str]
@@ -43,9 +43,10 @@ class Target:
         if enc not in cls.encoders:
             raise ValueError(f"target_encoder.kind: a {cls.kind!r} target needs "
                              f"{' or '.join(repr(e) for e in cls.encoders)}, got {enc!r}")
-        decoder = "dense" if cls.form == "dense" else "global"
-        if term.decoder.kind != decoder:
-            raise ValueError(f"decoder.kind: a {cls.kind!r} target ({FORMS[cls.form]}) needs the {decoder!r} decoder")
+        if cls.form not in DECODERS[term.decoder.kind].forms:
+            fit = [k for k in DECODERS.kinds() if cls.form in DECODERS[k].forms]
+            raise ValueError(f"decoder.kind: a {cls.kind!r} target ({FORMS[cls.form]}) needs the "
+                             f"{' or '.join(repr(k) for k in fit)} decoder")
         ESTIMATORS[term.estimator.kind].check(term, cls.form)
 
     @classmethod
@@ -56,7 +57,15 @@ class Target:
     def views(cls, term) -> set[int]:
         """The views of the batch the term reads."""
         used = {term.source.view} | ({term.target.view} if cls.image else set())
-        return used | ({1} if term.swap_views else set())
+        return used | ({1 - v for v in used} if term.swap_views else set())
+
+    @classmethod
+    def view_pairs(cls, term) -> list[tuple[int, int]]:
+        """(source view, target view) of each direction the term is computed in: one, or both with
+        ``swap_views`` (a target that is no image view takes its source view's place)."""
+        s = term.source.view
+        t = term.target.view if cls.image else s
+        return [(s, t), (1 - s, 1 - t)] if term.swap_views else [(s, t)]
 
     @classmethod
     def describe(cls, term) -> str:
@@ -74,8 +83,10 @@ class Target:
         (0: this kind keeps no class table)."""
         return 0
 
-    def build(self, term: Term, backbone: Backbone, num_classes: int) -> None:
-        """Add the modules this target owns (a class table, a text tower) to ``term``."""
+    def build(self, cfg, width: int, backbone: Backbone, num_classes: int) -> dict[str, nn.Module]:
+        """The modules this target owns (a class table, a text tower), by the names the term gives
+        them; ``cfg``: the term's settings, ``width``: the width of the decoder's predictions."""
+        return {}
 
     def prepare(self, term: Term, data) -> None:
         """Work done once before training (a frozen text tower embeds every caption of ``data``)."""
@@ -107,23 +118,23 @@ class DenseTarget(Target):
             raise ValueError("decoder.queries: 'masked' queries predict the source view itself; "
                              "set target.view to source.view")
 
-    def query_view(self, term: Term, s: int, t: int):
+    def query_view(self, term: Term, s: int, t: int) -> int | Pair:
         """The view the queries sit on (a view index, or a pair in the mixed input)."""
         return t
 
-    def dense_target(self, term: Term, ctx: Context, t, abs_pos: Tensor) -> Tensor:
+    def dense_target(self, term: Term, ctx: Context, t: int | Pair, abs_pos: Tensor) -> Tensor:
         """(B, N, D) target tokens of view ``t`` at every patch."""
         raise NotImplementedError
 
     def loss(self, term, ctx, s, t):
-        grid = ctx.obj.backbone.grid_size
+        grid, decoder = ctx.grid_size, term.decoder
         feats = ctx.online(s, True)
         vis = ctx.visible(s)
         vis_idx, hid_idx = visible_indices(vis), visible_indices(~vis)
         abs_pos = absolute_positions(grid, device=vis.device)            # (N, 4)
-        cls = feats.pooled if term.cfg.decoder.cls_token else None
-        context = term.decoder.project(feats.tokens, abs_pos[vis_idx], cls=cls)
-        if term.cfg.decoder.queries == "masked":
+        cls = feats.pooled if decoder.cls_token else None
+        context = decoder.project(feats.tokens, abs_pos[vis_idx], cls=cls)
+        if decoder.queries == "masked":
             qpos, sel = abs_pos[hid_idx], hid_idx
         else:
             t = self.query_view(term, s, t)
@@ -131,7 +142,7 @@ class DenseTarget(Target):
             _, box_t, flip_t = ctx.view(t)
             qpos = relative_positions(box_s, flip_s, box_t, flip_t, grid)
             sel = None
-        pred = term.decoder.predict(context, qpos, pos=abs_pos[vis_idx])
+        pred = decoder.predict(context, qpos, pos=abs_pos[vis_idx])
         target = self.dense_target(term, ctx, t, abs_pos)
         if sel is not None:
             target = torch.gather(target, 1, sel.unsqueeze(-1).expand(-1, -1, target.shape[-1]))

@@ -32,10 +32,9 @@ class Caption(Target):
     def describe(cls, term) -> str:
         return "paired caption"
 
-    def build(self, term, backbone, num_classes):
-        tower = term.cfg.target_encoder.build()
-        term.text = tower
-        term.text_proj = nn.Linear(tower.out_dim, term.predictor.out_dim)
+    def build(self, cfg, width, backbone, num_classes):
+        tower = cfg.target_encoder.build()
+        return {"text": tower, "text_proj": nn.Linear(tower.out_dim, width)}
 
     def prepare(self, term, data) -> None:
         """A frozen tower embeds every caption of the data once, up front."""

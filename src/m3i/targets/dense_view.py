@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..encoders.copies import dense_target_norm, top_k_average
+from ..terms import Pair
 from .base import TARGETS, DenseTarget, TargetCfg
-from .encoders import dense_target_norm, top_k_average
 from .view import view_words
 
 
@@ -28,6 +29,9 @@ class DenseView(DenseTarget):
     @classmethod
     def check(cls, term) -> None:
         super().check(term)
+        if term.target_encoder.top_k and term.target_encoder.head:
+            raise ValueError("target_encoder.head: the top-K layer average (top_k) is read from the backbone's blocks, "
+                             "not through a head; set head: false or top_k: 0")
         if term.target.paired and term.decoder.queries != "target_view":
             raise ValueError("target.paired: paired targets are dense features queried over a whole view "
                              "(decoder.queries: target_view)")
@@ -46,19 +50,19 @@ class DenseView(DenseTarget):
         return cfg.decoder.width if cfg.target_encoder.head else backbone.embed_dim
 
     def query_view(self, term, s, t):
-        return ("paired", s, t) if term.cfg.target.paired else t
+        return Pair(s, t) if term.cfg.target.paired else t
 
     @torch.no_grad()
     def dense_target(self, term, ctx, t, abs_pos):
         enc = term.cfg.target_encoder
-        feats = ctx.online(t, False) if enc.kind == "online" else ctx.copy(term, t)
+        feats = ctx.online(t, False) if enc.kind == "online" else ctx.target_features(term, t)
         if enc.top_k:
             tokens = top_k_average(feats.layers[-enc.top_k:], enc.norm)
         else:
             tokens = feats.tokens
             if enc.head:  # the copied projector (with SIM's layout: no positions, the class token through it)
-                head = ctx.obj.copy_of(term).heads[term.name]
-                cls = feats.pooled if term.cfg.decoder.cls_token else None
+                head = ctx.target_head(term)
+                cls = feats.pooled if head.cls_token else None
                 tokens = head.patch_tokens(head.project(tokens, abs_pos.unsqueeze(0), cls=cls))
             tokens = dense_target_norm(tokens, enc.norm)
         return tokens.float()

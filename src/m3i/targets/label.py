@@ -6,8 +6,8 @@ from typing import Literal
 import torch
 
 from .. import distributed as dist
+from ..encoders.class_table import ClassTable
 from .base import TARGETS, Target, TargetCfg, zero_loss
-from .encoders import ClassTable
 
 
 class LabelCfg(TargetCfg):
@@ -30,9 +30,9 @@ class Label(Target):
         table = state.get(prefix + "classes.weight")
         return 0 if table is None else int(table.shape[0])
 
-    def build(self, term, backbone, num_classes):
-        enc = term.cfg.target_encoder
-        term.classes = ClassTable(num_classes, term.predictor.out_dim, enc.normalize, enc.bias)
+    def build(self, cfg, width, backbone, num_classes):
+        enc = cfg.target_encoder
+        return {"classes": ClassTable(num_classes, width, enc.normalize, enc.bias)}
 
     def loss(self, term, ctx, s, t):
         label = ctx.batch["label"]

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..encoders.identity import pixel_target
 from .base import TARGETS, DenseTarget, TargetCfg
-from .encoders import pixel_target
 
 
 class PixelsCfg(TargetCfg):
@@ -28,4 +28,4 @@ class Pixels(DenseTarget):
         return backbone.patch_size ** 2 * backbone.in_chans
 
     def dense_target(self, term, ctx, t, abs_pos):
-        return pixel_target(ctx.views.images[t], ctx.obj.backbone.patch_size, term.cfg.target_encoder.patch_norm)
+        return pixel_target(ctx.view(t)[0], ctx.patch_size, term.cfg.target_encoder.patch_norm)

@@ -32,14 +32,15 @@ class View(Target):
     def describe(cls, term) -> str:
         return view_words(term)
 
-    def build(self, term, backbone, num_classes):
-        enc = term.cfg.target_encoder
+    def build(self, cfg, width, backbone, num_classes):
+        enc = cfg.target_encoder
         own = enc.kind == "ema" or (enc.kind == "frozen" and enc.backbone is None)  # the online architecture
-        if own and not enc.head and term.predictor.out_dim != backbone.embed_dim:
-            raise ValueError(f"terms.{term.name}: the prediction is {term.predictor.out_dim} wide but the target, the "
+        if own and not enc.head and width != backbone.embed_dim:
+            raise ValueError(f"terms.{cfg.name}: the prediction is {width} wide but the target, the "
                              f"{enc.kind} encoder's pooled features, is {backbone.embed_dim} wide; set "
                              f"target_encoder.head: true (the target passes the copied projector) or end the decoder "
                              f"at {backbone.embed_dim}")
+        return {}
 
     def loss(self, term, ctx, s, t):
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
@@ -51,8 +52,8 @@ class View(Target):
         if enc.kind == "online":
             z = term.decoder(ctx.online(t, False).pooled)
             return z.detach() if enc.stop_gradient else z
-        feats = ctx.copy(term, t)
+        feats = ctx.target_features(term, t)
         if enc.head:
             with torch.no_grad():
-                return ctx.obj.copy_of(term).heads[term.name](feats.pooled)
+                return ctx.target_head(term)(feats.pooled)
         return feats.pooled

@@ -284,7 +284,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                     f"check the data.")
             if logged and main:
                 rate = seen / (time.perf_counter() - t0)
-                log_step(log, bar, objective, outputs, step, sched, rate, skipped, bad_total)
+                log_step(log, bar, objective, outputs, step, sched, rate, skipped, bad_total, train_step.momentum)
             stopping = stopping or (world > 1 and stop.agreed(dev))
             counters = {"skipped_images": skipped, "bad_steps": bad_total}
             if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
@@ -306,14 +306,14 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
 
 
 def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int, sched, rate: float,
-             skipped: int, bad_total: int) -> None:
+             skipped: int, bad_total: int, momentum: float | None = None) -> None:
     names = [t.name for t in objective.terms]
     values = torch.stack([outputs["loss"].detach().float()] + [outputs[n].detach().float() for n in names]).tolist()
     terms = dict(zip(names, values[1:]))
     rec = {"step": step, "loss": values[0], **terms, **{f"n_{n}": int(outputs["n_" + n]) for n in names},
            "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped, "bad_steps": bad_total}
-    if outputs["momentum"] is not None:
-        rec["ema_momentum"] = outputs["momentum"]
+    if momentum is not None:
+        rec["ema_momentum"] = momentum
     log.write(rec)
     bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}},
                     refresh=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import plugins
 from ..config import Recipe, load_recipe
 from . import checkpoint as ckpt
 
@@ -29,8 +30,10 @@ def run_dir(path: str | Path) -> Path:
 
 
 def write_recipe(out: str | Path, recipe: Recipe) -> None:
+    """The resolved recipe, with ``plugins`` listing every module outside m3i whose parts it uses."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / CONFIG).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    data = recipe.model_dump(mode="json") | {"plugins": plugins.used_by(recipe)}
+    (Path(out) / CONFIG).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def read_recipe(path: str | Path, config: str | None = None, overrides: list[str] = ()) -> Recipe:

@@ -53,6 +53,7 @@ class TrainStep:
         self.objective, self.model, self.opt, self.sched, self.train = objective, model, opt, sched, train
         self.autocast, self.bad = autocast, bad
         self.stats = running_stats(objective)
+        self.momentum: float | None = None  # the EMA teacher's momentum at the last step (None: no teacher)
         self.params = [p for p in objective.parameters() if p.requires_grad]
 
     def __call__(self, batch: dict, step: int) -> dict[str, Tensor]:
@@ -74,7 +75,7 @@ class TrainStep:
         self.sched.step()
         for b, k in zip(self.stats, kept):
             b.copy_(torch.where(bad, k, b))
-        outputs["momentum"] = self.objective.update_teacher(step + 1, tr.steps, skip=bad)
+        self.momentum = self.objective.update_teacher(step + 1, tr.steps, skip=bad)
         self.bad.add(bad)
         return outputs
 

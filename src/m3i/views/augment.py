@@ -16,9 +16,7 @@ batched samplers; colour operations are kornia's batched modules.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import kornia.augmentation as KA
 import torch
@@ -152,22 +150,6 @@ class ViewAugment(nn.Module):
             self.blur = None
         # threshold fixed at 0.5 (PIL's 128 on [0, 1]), no additive shift
         self.solarize = KA.RandomSolarize(0.0, 0.0, p=solarize_p) if solarize_p > 0 else None
-
-    @classmethod
-    def from_config(cls, cfg: Any = None, **overrides: Any) -> ViewAugment:
-        """Build from a mapping, dataclass or pydantic model of the keyword arguments (+ overrides)."""
-        if cfg is None:
-            params: dict[str, Any] = {}
-        elif isinstance(cfg, Mapping):
-            params = dict(cfg)
-        elif hasattr(cfg, "model_dump"):
-            params = cfg.model_dump()
-        elif is_dataclass(cfg):
-            params = asdict(cfg)
-        else:
-            raise TypeError(f"cannot read a view-augment config from {type(cfg).__name__}")
-        params.update(overrides)
-        return cls(**params)
 
     def sample_geometry(self, batch: int, height: int, width: int) -> tuple[Tensor, Tensor]:
         """Draw crop boxes (B, 4) float ``(i, j, h, w)`` and flips (B,) bool, on the CPU."""

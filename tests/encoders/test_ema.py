@@ -14,8 +14,8 @@ import torch
 from m3i.backbones import build_backbone
 from m3i.config import load_recipe
 from m3i.objective import Objective
-from m3i.targets.decoders import MLPHead
-from m3i.targets.encoders import Teacher, ema_momentum
+from m3i.decoders.mlp import MLPHead
+from m3i.encoders.copies import CopiedEncoder, ema_momentum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def online_and_teacher(seed: int = 0):
     torch.manual_seed(seed)
     backbone = build_backbone("resnet_nano", img_size=32, patch_size=8)
     heads = {"view": MLPHead(backbone.embed_dim, [24, 8], norm="batch")}
-    teacher = Teacher(backbone, heads)
+    teacher = CopiedEncoder(backbone, heads)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for net in (backbone, heads["view"]):
@@ -44,7 +44,7 @@ def online_and_teacher(seed: int = 0):
     return backbone, heads, teacher
 
 
-def pairs(teacher: Teacher, backbone, heads):
+def pairs(teacher: CopiedEncoder, backbone, heads):
     """(teacher module, online module) for the backbone and every head."""
     return [(teacher.backbone, backbone)] + [(teacher.heads[k], heads[k]) for k in heads]
 
@@ -210,6 +210,6 @@ def test_teacher_constructor_zeroes_drop_path_and_leaves_the_online_network_alon
                               drop_path_rate=0.5)
     rates = [m.p for m in backbone.modules() if isinstance(m, DropPath)]
     assert rates == pytest.approx([0.0, 0.25, 0.5])          # linear from 0 to the rate over 3 blocks
-    teacher = Teacher(backbone, {})
+    teacher = CopiedEncoder(backbone, {})
     assert [m.p for m in teacher.modules() if isinstance(m, DropPath)] == [0.0, 0.0, 0.0]
     assert [m.p for m in backbone.modules() if isinstance(m, DropPath)] == pytest.approx([0.0, 0.25, 0.5])

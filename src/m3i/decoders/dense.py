@@ -1,7 +1,6 @@
-"""Decoders g_k: turn the encoder's output into a prediction ẑ of target k.
+"""The dense decoder g_k: one decoder for every dense target (a prediction per patch).
 
-- ``MLPHead``: global projection / prediction heads on the pooled representation.
-- ``DenseDecoder``: one decoder for every dense target. Visible tokens are embedded with
+``DenseDecoder``: visible tokens are embedded with
   their own positions (projector), then query tokens (a mask token plus the sin-cos
   embedding of where each target patch lies, relative to the source view) are predicted
   beside them (predictor). With queries at the masked patches of the same view it is MAE's
@@ -12,15 +11,15 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..layers import Block, TokenBatchNorm, layer_norm
-from ..schema import Strict, union_of
 from ..views.relpos import sincos_embed
+from .base import DECODERS, DecoderCfg
 
 
 def check_width(width: int, heads: int) -> None:
@@ -32,33 +31,9 @@ def check_width(width: int, heads: int) -> None:
         raise ValueError(f"width: {width} must be a multiple of 8 for the 4-part sin-cos position embedding")
 
 
-class MLPHead(nn.Module):
-    """Linear layers with norm and GELU between them; ``dims`` lists each layer's width.
-
-    ``dims=[]`` is the identity (a linear classifier on the pooled features)."""
-
-    def __init__(self, in_dim: int, dims: list[int], norm: str = "none"):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i, d in enumerate(dims):
-            layers.append(nn.Linear(in_dim, d))
-            if i < len(dims) - 1:
-                if norm == "batch":
-                    layers.append(nn.BatchNorm1d(d))
-                elif norm == "layer":
-                    layers.append(nn.LayerNorm(d))
-                layers.append(nn.GELU())
-            in_dim = d
-        self.net = nn.Sequential(*layers)
-        self.out_dim = in_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_dim) -> (B, out_dim)."""
-        return self.net(x)
-
-
 _NORMS = {"layer": layer_norm, "batch": TokenBatchNorm}
 _POSITIONS = ("embed", "after_projector")
+_QUERIES = ("masked", "target_view")
 
 
 class DenseDecoder(nn.Module):
@@ -93,14 +68,16 @@ class DenseDecoder(nn.Module):
     """
 
     def __init__(self, in_dim: int, width: int, projector_depth: int, depth: int, heads: int, out_dim: int,
-                 *, norm: str = "layer", positions: str = "embed", cls_token: bool = False):
+                 *, norm: str = "layer", positions: str = "embed", cls_token: bool = False, queries: str = "masked"):
         super().__init__()
         check_width(width, heads)
         if norm not in _NORMS:
             raise ValueError(f"decoder.norm: {norm!r} is not one of {', '.join(_NORMS)}")
         if positions not in _POSITIONS:
             raise ValueError(f"decoder.positions: {positions!r} is not one of {', '.join(_POSITIONS)}")
-        self.width, self.positions, self.cls_token = width, positions, bool(cls_token)
+        if queries not in _QUERIES:
+            raise ValueError(f"decoder.queries: {queries!r} is not one of {', '.join(_QUERIES)}")
+        self.width, self.positions, self.cls_token, self.queries = width, positions, bool(cls_token), queries
         make_norm = _NORMS[norm]
         self.embed = nn.Linear(in_dim, width)
         self.pos = nn.Linear(width, width)
@@ -156,26 +133,14 @@ class DenseDecoder(nn.Module):
         return self.out(self.norm(x[:, projected.shape[1]:]))
 
 
-class GlobalDecoderCfg(Strict):
-    """An MLP projector (``projector``: each layer's width, the last the output) and an optional
-    MLP predictor on the pooled representation."""
-
-    kind: Literal["global"] = "global"
-    projector: list[PositiveInt] = Field(default_factory=lambda: [128])
-    predictor: list[PositiveInt] = Field(default_factory=list)
-    norm: Literal["batch", "layer", "none"] = "none"
-
-    def build(self, in_dim: int, out_dim: int | None = None) -> dict[str, nn.Module]:
-        decoder = MLPHead(in_dim, self.projector, self.norm)
-        return {"decoder": decoder, "predictor": MLPHead(decoder.out_dim, self.predictor, self.norm)}
-
-
-class DenseDecoderCfg(Strict):
+@DECODERS.register
+class DenseDecoderCfg(DecoderCfg):
     """Visible tokens embedded to ``width``, ``projector_depth`` blocks on them, then ``depth``
     predictor blocks beside the query tokens (at the masked patches of the same view, or at every
     patch of the target view)."""
 
     kind: Literal["dense"]
+    forms: ClassVar[frozenset[str]] = frozenset({"dense"})
     width: int = 128
     projector_depth: int = Field(0, ge=0)
     depth: int = Field(2, ge=0)
@@ -193,7 +158,9 @@ class DenseDecoderCfg(Strict):
 
     def build(self, in_dim: int, out_dim: int) -> dict[str, nn.Module]:
         return {"decoder": DenseDecoder(in_dim, self.width, self.projector_depth, self.depth, self.heads, out_dim,
-                                        norm=self.norm, positions=self.positions, cls_token=self.cls_token)}
+                                        norm=self.norm, positions=self.positions, cls_token=self.cls_token,
+                                        queries=self.queries)}
 
+    def width_of(self, in_dim: int, out_dim: int | None) -> int:
+        return out_dim
 
-DecoderUnion = union_of((GlobalDecoderCfg, DenseDecoderCfg), default="global")

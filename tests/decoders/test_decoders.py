@@ -12,7 +12,7 @@ from torch import nn
 
 from m3i.train.strategy import global_batch_norm
 from m3i.layers import Block, TokenBatchNorm
-from m3i.targets.decoders import DenseDecoder
+from m3i.decoders.dense import DenseDecoder
 from m3i.views.relpos import absolute_positions, sincos_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

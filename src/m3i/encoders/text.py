@@ -33,15 +33,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..schema import Strict
-
 from ..layers import Block
+from .base import TARGET_ENCODERS, TargetEncoderCfg
 
 __all__ = [
     "TextTower",
@@ -368,7 +367,8 @@ def build_text_tower(kind: str, **kwargs) -> TextTower:
     return cls(**kwargs)
 
 
-class TextEncoderCfg(Strict):
+@TARGET_ENCODERS.register
+class TextEncoderCfg(TargetEncoderCfg):
     """The target encoder of captions: a text tower."""
 
     kind: Literal["text"]
@@ -377,8 +377,6 @@ class TextEncoderCfg(Strict):
     # the scratch tower's size
     width: int = 256
     depth: int = 4
-
-    copies_backbone: ClassVar[bool] = False
 
     def build(self) -> TextTower:
         if self.tower == "minilm":

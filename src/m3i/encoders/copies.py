@@ -1,4 +1,6 @@
-"""Target encoders f_φ: what turns a target view t_t(x) into the target representation z."""
+"""Target encoders that read image views with a backbone: the online backbone itself, its EMA copy
+(BYOL, MoCo v3, SIM, data2vec) or a frozen pre-trained model; the copies, and the normalisation
+of their dense outputs."""
 from __future__ import annotations
 
 import copy
@@ -11,39 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..backbones import BackboneCfg
-from ..schema import Strict, union_of
-from .text import TextEncoderCfg
-
-
-class TargetEncoderCfg(Strict):
-    kind: str
-    # a copy of the online backbone (and of the term's head) that the objective keeps and updates
-    copies_backbone: ClassVar[bool] = False
-
-    def describe(self) -> str:
-        """The target encoder in the words of the special-case table."""
-        raise NotImplementedError
-
-
-class IdentityCfg(TargetEncoderCfg):
-    """The pixels themselves (MAE)."""
-
-    kind: Literal["identity"]
-    patch_norm: bool = True  # normalise each patch's pixels
-
-    def describe(self) -> str:
-        return "identity"
-
-
-class ClassTableCfg(TargetEncoderCfg):
-    """Learned category embeddings."""
-
-    kind: Literal["class_table"]
-    normalize: bool = True
-    bias: bool = False
-
-    def describe(self) -> str:
-        return "learned class embeddings"
+from .base import TARGET_ENCODERS, TargetEncoderCfg
 
 
 class FeatureTargetCfg(TargetEncoderCfg):
@@ -57,6 +27,7 @@ class FeatureTargetCfg(TargetEncoderCfg):
         return f", top-{self.top_k} layers" if self.top_k else ""
 
 
+@TARGET_ENCODERS.register
 class EMAEncoderCfg(FeatureTargetCfg):
     kind: Literal["ema"]
     copies_backbone: ClassVar[bool] = True
@@ -66,6 +37,7 @@ class EMAEncoderCfg(FeatureTargetCfg):
         return "EMA encoder" + (" + projector" if self.head else "") + self._layers()
 
 
+@TARGET_ENCODERS.register
 class OnlineEncoderCfg(FeatureTargetCfg):
     kind: Literal["online"]
     # stop the gradient through the target (SimSiam); a Gaussian estimate needs it
@@ -75,6 +47,7 @@ class OnlineEncoderCfg(FeatureTargetCfg):
         return "the same encoder" + (" (stop-gradient)" if self.stop_gradient else "")
 
 
+@TARGET_ENCODERS.register
 class FrozenEncoderCfg(FeatureTargetCfg):
     kind: Literal["frozen"]
     copies_backbone: ClassVar[bool] = True
@@ -84,48 +57,6 @@ class FrozenEncoderCfg(FeatureTargetCfg):
 
     def describe(self) -> str:
         return "frozen model" + self._layers()
-
-
-TARGET_ENCODER_CONFIGS = (IdentityCfg, ClassTableCfg, TextEncoderCfg, EMAEncoderCfg, OnlineEncoderCfg, FrozenEncoderCfg)
-TargetEncoderUnion = union_of(TARGET_ENCODER_CONFIGS)
-
-
-def patchify(images: Tensor, patch: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p·p·C), patches in row-major order, pixels as (py, px, c)."""
-    b, c, h, w = images.shape
-    gh, gw = h // patch, w // patch
-    x = images.reshape(b, c, gh, patch, gw, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
-
-
-def pixel_target(images: Tensor, patch: int, patch_norm: bool = True) -> Tensor:
-    """Identity target encoder: the pixels of every patch, optionally normalised per patch (MAE)."""
-    z = patchify(images.float(), patch)
-    if patch_norm:
-        mean, var = z.mean(-1, keepdim=True), z.var(-1, keepdim=True)
-        z = (z - mean) / (var + 1e-6).sqrt()
-    return z
-
-
-class ClassTable(nn.Module):
-    """Learned category embeddings: the Boltzmann candidates of a label target.
-
-    With ``normalize=False`` and ``bias=True`` the Boltzmann estimate is exactly the
-    cross-entropy of a linear classifier.
-    """
-
-    def __init__(self, num_classes: int, dim: int, normalize: bool = True, bias: bool = False):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"a label target needs at least one class in the data, got {num_classes}")
-        self.weight = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
-        self.normalize = normalize
-
-    def forward(self) -> tuple[Tensor, Tensor | None]:
-        """-> candidates (C, dim), log-prior (C,) or None."""
-        w = F.normalize(self.weight, dim=-1) if self.normalize else self.weight
-        return w, self.bias
 
 
 def dense_target_norm(tokens: Tensor, kind: str) -> Tensor:
@@ -148,11 +79,12 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if hasattr(x, "to_local") else x
 
 
-class Teacher(nn.Module):
-    """A target encoder that copies the online network: EMA (updated by momentum) or frozen.
+class CopiedEncoder(nn.Module):
+    """A target encoder that copies the online network: the EMA teacher (updated by momentum) or a
+    frozen model.
 
-    Holds a copy of the backbone and, per term, a copy of the online head (projector) that the
-    term's target runs through. No gradient ever reaches it.
+    Holds a copy of the backbone and, per term, a copy of the term's online head (its projector)
+    that the term's target runs through. No gradient ever reaches it.
     """
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]):

