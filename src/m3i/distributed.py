@@ -104,6 +104,15 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
+def sum_over_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
+    """Integers (counts) summed over every rank: one all-reduce on ``device`` (the backend's)."""
+    if not is_dist() or world_size() == 1:
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether ``x`` is finite on every rank: ranks must take, or skip, a step together (a rank
     that skipped backward would leave the others waiting in their gradient all-reduce)."""

@@ -4,20 +4,16 @@
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import re
 import tarfile
-import warnings
 from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
 
-from .source import Source, clean_caption, decode_image, parse_label
+from .source import Source, clean_caption, decode_image, label_space, parse_label, warn_once
 from .spec import Spec, register_source
-
-log = logging.getLogger(__name__)
 
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order inside one sample
 
@@ -115,11 +111,7 @@ def index_shard(path: str) -> list[dict[str, Any]]:
         ext = next(e for e in SHARD_IMAGE_EXTENSIONS if e in imgs)
         s["image"] = imgs[ext]
         s["ext"] = ext
-        raw = s.pop("cls_raw", None)
-        lab = parse_label(raw)
-        if lab is None:
-            raise ValueError(f"shard {path!r}: {s['key']}.cls must hold an integer, got {raw!r}")
-        s["label"] = lab
+        s["label"] = s.pop("cls_raw", None)  # an id or a class name; the Shards object maps it
         index.append(s)
     _SHARD_INDEX[cache_key] = index
     if truncated:
@@ -144,7 +136,8 @@ def _pread(path: str, offset: int, size: int) -> bytes:
 
 class Shards(Source):
     """WebDataset tar shards in the LAION layout: ``KEY.jpg|png|jpeg|webp`` + ``KEY.txt``
-    (+ optional ``KEY.cls`` holding an integer label).
+    (+ optional ``KEY.cls`` holding a label: integer ids, or class names when the first label is
+    one: ids follow the sorted names, kept as ``class_names``).
 
     ``urls``: a path, a brace pattern (``/data/{000000..000099}.tar``), a glob, or a list of
     those. Random access: each shard's tar headers are scanned once into an in-memory index of
@@ -163,23 +156,28 @@ class Shards(Source):
         self._require_samples(len(self.urls), "the shard list is empty")
         shard_of: list[np.ndarray] = []
         self._shard_index: list[list[dict[str, Any]]] = []
-        top = -1
         for k, u in enumerate(self.urls):
             idx = index_shard(u)
             if shard_truncated(u):  # how many samples the cut took is unknown: counted as one
                 self._drop(f"{u}: truncated; its samples up to the cut are used")
-                msg = f"shard {u!r} is truncated; its {len(idx)} whole samples are used, the rest is lost"
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
+                warn_once(f"shard {u!r} is truncated; its {len(idx)} whole samples are used, the rest is lost")
             self._shard_index.append(idx)
             shard_of.append(np.full(len(idx), k, dtype=np.int32))
-            for s in idx:
-                top = max(top, s["label"])
+        # .cls cells: integer ids, or class names (ids follow the sorted names)
+        cells = [s["label"] for idx in self._shard_index for s in idx]
+        labels, self._class_names = label_space(cells)
+        if None in labels:
+            i = labels.index(None)
+            k = int(np.searchsorted(np.cumsum([len(ix) for ix in self._shard_index]), i, side="right"))
+            raise ValueError(f"shard {self.urls[k]!r}: a .cls member holds {cells[i]!r}, but the first label of the "
+                             f"shards is an integer id; give every sample an id, or every sample a class name")
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._label_ids = None if all(c.isdigit() for c in self._class_names) else \
+            {n: i for i, n in enumerate(self._class_names)}
         self._shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
         counts = np.array([len(ix) for ix in self._shard_index], dtype=np.int64)
         self._start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self._require_samples(len(self._shard), f"no KEY.jpg|png|jpeg|webp members in {len(self.urls)} shard(s)")
-        self._class_names = [str(c) for c in range(top + 1)]
         self._key_pos: dict[str, int] | None = None
 
     def __len__(self):
@@ -206,7 +204,7 @@ class Shards(Source):
         return decode_image(_pread(path, *s["image"]), draft)
 
     def _label(self, i):
-        return self._entry(i)[1]["label"]
+        return int(self._labels[i])
 
     def _caption(self, i):
         path, s = self._entry(i)
@@ -240,7 +238,8 @@ class Shards(Source):
             return None
         label, caption = -1, None
         if self.has_labels and "cls" in sample:
-            parsed = parse_label(sample["cls"].decode("utf-8", "replace"))
+            raw = sample["cls"].decode("utf-8", "replace").strip()
+            parsed = self._label_ids.get(raw, -1) if self._label_ids is not None else parse_label(raw)
             label = -1 if parsed is None else parsed
         if self.has_captions and "txt" in sample:
             caption = sample["txt"].decode("utf-8", "replace").strip() or None

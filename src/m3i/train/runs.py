@@ -21,8 +21,9 @@ TENSORBOARD = "tensorboard"
 
 
 def run_dir(path: str | Path) -> Path:
-    """A run directory, or a checkpoint directory inside one -> the run directory."""
-    path = Path(path)
+    """A run directory, or a checkpoint directory inside one (any path ``checkpoint.as_folder``
+    takes) -> the run directory."""
+    path = ckpt.as_folder(path)
     if (path / CONFIG).is_file() or not (path / ckpt.MODEL_FILE).is_file():
         return path
     return path.parent.parent
