@@ -71,13 +71,10 @@ def write_csv(path: Path, rows: list[dict], bom: bool = False) -> Path:
 
 
 def labelled_rows(folder: Path, names: dict[str, str]) -> list[dict]:
-    """Manifest rows for ``folder/<class>/*.png``; ``names`` maps a class folder to its label cell."""
-    rows = []
-    for c, label in names.items():
-        for p in sorted((folder / c).glob("*.png")):
-            rows.append({"path": str(p.relative_to(folder.parent) if folder.parent else p),
-                         "caption": f"a {c} square", "label": label})
-    return rows
+    """Manifest rows (paths relative to ``folder``'s parent, where the manifest goes) for
+    ``folder/<class>/*.png``; ``names`` maps a class folder to its label cell."""
+    return [{"path": str(p.relative_to(folder.parent)), "caption": f"a {c} square", "label": label}
+            for c, label in names.items() for p in sorted((folder / c).glob("*.png"))]
 
 
 def shard(path: Path, samples: list[tuple[str, bytes, str | None, str | None]]) -> Path:
