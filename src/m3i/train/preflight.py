@@ -13,8 +13,7 @@ from ..config import Recipe
 from ..data import Mixture
 from ..data.spec import absolute_spec
 from ..targets import TARGETS
-
-CLASSES = "classes.json"
+from . import runs
 
 
 def check_targets(recipe: Recipe, sources) -> None:
@@ -54,4 +53,4 @@ def write_classes(out: Path, recipe: Recipe, mixture: Mixture) -> None:
     """RUN/classes.json: the run's label space, the class names of every source at its offset."""
     rows = [{"spec": s.spec, "offset": mixture.class_offsets[k], "classes": list(mixture.sources[k].class_names)}
             for k, s in enumerate(recipe.data.sources)]
-    (out / CLASSES).write_text(json.dumps({"classes": mixture.class_names, "sources": rows}, indent=1) + "\n")
+    (out / runs.CLASSES).write_text(json.dumps({"classes": mixture.class_names, "sources": rows}, indent=1) + "\n")

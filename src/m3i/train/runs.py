@@ -1,6 +1,7 @@
 """A run directory, the one place that knows its layout::
 
-    RUN/config.yaml          the resolved recipe the run trained with
+    RUN/config.yaml          the resolved recipe the run trained with (data paths absolute)
+    RUN/classes.json         its label space: every source's class names at its offset
     RUN/metrics.jsonl        one JSON object per logged step
     RUN/tensorboard/         the same, for TensorBoard
     RUN/checkpoints/step_N/  model.safetensors, optimizer.safetensors, state.json (see checkpoint.py)
@@ -16,6 +17,7 @@ from ..config import Recipe, load_recipe
 from . import checkpoint as ckpt
 
 CONFIG = "config.yaml"
+CLASSES = "classes.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
