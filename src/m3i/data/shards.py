@@ -165,6 +165,7 @@ class Shards(Source):
             shard_of.append(np.full(len(idx), k, dtype=np.int32))
         # .cls cells: integer ids, or class names (ids follow the sorted names)
         cells = [s["label"] for idx in self._shard_index for s in idx]
+        self.provides_captions = any("txt" in s for idx in self._shard_index for s in idx)
         labels, self._class_names = label_space(cells)
         if None in labels:
             i = labels.index(None)
