@@ -293,27 +293,36 @@ def parser() -> argparse.ArgumentParser:
                    help="text tower of the caption terms (default: the recipes'; scratch needs no weights)")
     p.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the segmentation column")
     p.add_argument("--dense-limit", type=int, default=1000, help="scene canvases the dense probe fits on")
-    p.add_argument("--finetune-steps", type=int, help="fine-tuning budget per row (default 60; quick 0 = no column)")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning budget per row (default 60, with --quick 0; 0: no fine-tuning column)")
     p.add_argument("--finetune-batch", type=int, default=64)
     p.add_argument("--finetune-test", type=int, default=2000, help="test images scored after fine-tuning")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
     return p
 
 
-def main() -> None:
-    a = parser().parse_args()
+def settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with every default filled in (they depend on --quick and the device)."""
+    a = parser().parse_args(argv)
+    if a.finetune_steps is not None and a.finetune_steps < 0:
+        parser().error(f"--finetune-steps: expected 0 (no fine-tuning column) or more steps, got {a.finetune_steps}")
     quick, gpu = a.quick, a.device.startswith("cuda")
     # a GPU runs at least 20 Fashion-MNIST epochs' worth of images per recipe
     a.steps = a.steps or (6 if quick else 2400 if gpu else load_recipe("m3i").train.steps)
     a.batch = a.batch or (32 if quick else 512 if gpu else 128)
     a.seeds = a.seeds or (1 if quick else 2)
     a.limit = a.limit or (2000 if quick else None)
-    a.finetune_steps = 0 if quick and a.finetune_steps is None else (a.finetune_steps or 60)
+    if a.finetune_steps is None:  # 0 means no fine-tuning column
+        a.finetune_steps = 0 if quick else 60
     if quick:
         a.dense = False
     a.out = a.out or f"results/compare-{a.backbone}{'-quick' if quick else '-gpu' if gpu else ''}"
     default_tuned = Path(f"results/tune-{a.backbone}/chosen.json")
     a.tuned = a.tuned or (str(default_tuned) if default_tuned.is_file() and not quick else None)
+    return a
+
+
+def main() -> None:
+    a = settings()
     t0 = time.perf_counter()
     results = run(a)
     print(summarise(results, Path(a.out)))

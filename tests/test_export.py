@@ -60,7 +60,8 @@ def test_vit_export_folder_rebuilds_the_backbone(tmp_path):
 
 
 def test_convnext_export_folder_has_timm_conv_mlp_kernels(tmp_path):
-    loop.pretrain(load_recipe("m3i", overrides=SMALL + ["backbone.name=convnext_atto", "backbone.patch_size=8",
+    captioned = "data.sources=[{spec: fashion-mnist}, {spec: 'emoji:train', labels: false}]"  # every term has data
+    loop.pretrain(load_recipe("m3i", overrides=SMALL + [captioned, "backbone.name=convnext_atto", "backbone.patch_size=8",
                                                         "terms.2.target_encoder.tower=scratch"]),
                   tmp_path / "run", progress=False)
     out = tmp_path / "cnx"

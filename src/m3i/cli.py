@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .eval import DATASETS
+
 DEMO_OUT = "runs/demo"
 
 
@@ -96,13 +98,15 @@ def _eval(args) -> int:
 
 def _finetune(args) -> int:
     from .eval.finetune import default_out, finetune
+    from .export import writable_file
 
+    if args.json:
+        writable_file(Path(args.json), "--json")  # before any work
     out = args.out or default_out(args.checkpoint, args.dataset, args.recipe)
     result = finetune(args.checkpoint, args.dataset, steps=args.steps, overrides=args.overrides, recipe=args.recipe,
                       split=args.split, out=out, device=args.device, progress=not args.no_progress)
     print(f"fine-tuned weights: {result['out']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -175,6 +179,16 @@ def _data_fetch(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -189,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="pre-train a backbone; with no argument, the demo")
     t.add_argument("--recipe", help="recipe name (m3i recipes) or a .yaml file")
     t.add_argument("--out", help="run directory (default runs/<recipe>)")
-    t.add_argument("--steps", type=int, help="number of optimiser steps (train.steps)")
+    t.add_argument("--steps", type=_at_least_one, help="number of optimiser steps (train.steps)")
     t.add_argument("--config", help="a YAML file merged over the recipe")
     t.add_argument("--resume", help="continue a run from its latest checkpoint (a run or checkpoint directory)")
     t.add_argument("--init-from", help="start the backbone from another run's checkpoint (multi-stage)")
@@ -211,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline")
     v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval", "segmentation"])
     v.add_argument("--dataset", required=True,
-                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH; "
-                        "for segmentation: fashion-mnist-scenes | emoji-scenes")
+                   help=f"{' | '.join(DATASETS)} (emoji:none: retrieval only; a folder: class subfolders, or split "
+                        f"folders train/ val/ test/ holding them); for segmentation: fashion-mnist-scenes | emoji-scenes")
     v.add_argument("--json", help="write the result here")
-    v.add_argument("--limit", type=int, help="a seeded subset: LIMIT train and LIMIT/4 test images")
+    v.add_argument("--limit", type=_at_least_one, help="a seeded subset: LIMIT train and LIMIT/4 test images")
     v.add_argument("--split", default="test", choices=["test", "val"],
                    help="test: probe on train, score test; val: probe on fit, score val (for choices)")
-    v.add_argument("--image-size", type=int, default=32, help="side of the raw pixels that 'pixels' scores")
+    v.add_argument("--image-size", type=_at_least_one, default=32, help="side of the raw pixels that 'pixels' scores")
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)
@@ -226,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'scratch' for the same backbone randomly initialised")
     f.add_argument("--dataset", required=True,
-                   help="fashion-mnist | emoji:category | emoji:subcategory | folder:PATH")
-    f.add_argument("--steps", type=int, help="optimiser steps (steps=N)")
+                   help=f"{' | '.join(d for d in DATASETS if d != 'emoji:none')} (a folder: class subfolders, or split "
+                        f"folders train/ val/ test/ holding them)")
+    f.add_argument("--steps", type=_at_least_one, help="optimiser steps (steps=N)")
     f.add_argument("--recipe", help="scratch only: the recipe whose backbone is built (default m3i)")
     f.add_argument("--split", default="test", choices=["test", "val"],
                    help="test: train on train, score test; val: train on fit, score val (for choices)")
@@ -258,8 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its key=value overrides anywhere among the options (argparse's
+    intermixed parsing, which works per subcommand)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from .config import ConfigError
 
     try:

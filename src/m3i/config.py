@@ -105,10 +105,10 @@ class DataCfg(Strict):
 class TrainCfg(Strict):
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = 0.0
+    min_lr: float = Field(0.0, ge=0)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)  # default: a tenth of the steps
     clip_grad: float = 1.0
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
@@ -119,6 +119,17 @@ class TrainCfg(Strict):
     compile: bool = False
     # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.warmup_steps is None:
+            self.warmup_steps = self.steps // 10
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps (train.steps); "
+                             f"the learning rate would never reach train.lr")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr:g} is above train.lr={self.lr:g}; the schedule decays from lr to min_lr")
+        return self
 
 
 class EMACfg(Strict):
@@ -136,7 +147,7 @@ class TermCfg(Strict):
     (its fields are those of that kind alone)."""
 
     name: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0)  # λ_k; 0 leaves the term out of the loss
     source: SourceViewCfg = SourceViewCfg()
     # unions over the registries, resolved when the schema is built (recipe_schema)
     target: TargetUnion  # noqa: F821
@@ -185,6 +196,13 @@ class Recipe(Strict):
             raise ValueError(f"views.input_mode: {self.backbone.name} takes {takes}, not {self.views.input_mode!r}")
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
+        # one image size given: the other follows it (both given: images are read at one, views made at the other)
+        given = {"image_size" in self.data.model_fields_set, "img_size" in self.backbone.model_fields_set}
+        if given == {True, False}:
+            if "image_size" in self.data.model_fields_set:
+                self.backbone.img_size = self.data.image_size
+            else:
+                self.data.image_size = self.backbone.img_size
         return self
 
 
@@ -276,6 +294,10 @@ def apply_override(data: dict, item: str) -> dict:
             node = node[int(part)]
         elif isinstance(node, dict):
             if part not in node or node[part] is None:
+                if parts[depth + 1].isdigit():
+                    raise ConfigError(f"override {item!r}: {where} is not set in this recipe (it has its default), "
+                                      f"so it has no item {parts[depth + 1]}; give the whole list, e.g. "
+                                      f"{where}=[{{{parts[depth + 2] if depth + 2 < len(parts) else 'spec'}: {raw}}}]")
                 node[part] = {}
             node = node[part]
         else:

@@ -104,6 +104,15 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
+def sum_over_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
+    """Integers (counts) summed over every rank: one all-reduce on ``device`` (the backend's)."""
+    if not is_dist() or world_size() == 1:
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_ranks(flag: Tensor) -> Tensor:
     """Whether the 0-d bool ``flag`` holds on every rank, as a device tensor: no wait for the
     device (an all-reduce queued on its stream)."""

@@ -33,6 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .weights import shared_mode
+
 # timm entry points whose defaults the model_args below override (architecture names must exist in timm)
 _VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
              1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
@@ -40,6 +42,8 @@ _VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vi
 
 def writable_file(out: Path, flag: str = "--out") -> None:
     """Raise a one-line ValueError unless a file can be created at ``out`` (checked by writing one)."""
+    if out.is_dir():
+        raise ValueError(f"{flag} {out}: is a folder; give a file name")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
                   metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
+        shared_mode(tmp)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
@@ -150,6 +155,7 @@ def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "m3i_backbone": recipe.backbone.name,
                         "m3i_kwargs": json.dumps(recipe.backbone.kwargs())})
+    shared_mode(tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "README.md").write_text(_CARD.format(name=recipe.backbone.name, recipe=recipe.name,
                                                 steps=recipe.train.steps, size=backbone.img_size,

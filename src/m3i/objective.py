@@ -126,10 +126,10 @@ class Objective(nn.Module):
         if self.teacher is not None:
             self.teacher.update(self.backbone, self.online_heads(), 0.0)
 
-    def prepare(self, data) -> None:
+    def prepare(self, data, progress: bool = True) -> None:
         """Work each target does once before training, on the data (``captions()``) it will see."""
         for term in self.terms:
-            term.target.prepare(term, data)
+            term.target.prepare(term, data, progress=progress)
 
     # -- state ---------------------------------------------------------------------------------
     def unsaved_keys(self) -> set[str]:

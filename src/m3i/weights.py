@@ -1,7 +1,18 @@
-"""Saved tensors into a module, with one message that says what does not fit."""
+"""Saved tensors into a module, with one message that says what does not fit; the mode of a written weights file."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+
+def shared_mode(path: str | Path) -> None:
+    """Give a written file the mode every other file gets (0666 less the umask): safetensors
+    writes 0600, which a teammate or an upload tool running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str,

@@ -146,7 +146,7 @@ def test_manifest_bad_rows_are_dropped_and_counted_naming_file_line_field(tmp_pa
     m.write_text('{"path": "a.png"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: missing field 'caption'"):
         Manifest(m)
-    m.write_text('{"path": "a.png", "caption": "x", "label": "cat"}\n')
+    m.write_text('{"path": "a.png", "caption": "x", "label": 1.5}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'label'"):
         Manifest(m)
     m.write_text('{"path": "a.png", "caption": "x"\n')

@@ -40,7 +40,7 @@ def commands(run, data, out):
         "export": ["export", "--checkpoint", str(run), "--out", str(out / "vit.safetensors")],
         "eval": ["eval", "--checkpoint", str(run), "--task", "knn", "--dataset", f"folder:{data}", "--no-progress"],
         "resume": ["pretrain", "--resume", str(run), "--no-progress", "--steps", "3"],
-        "init-from": pretrain_args(out / "next", data, "train.steps=1", options=("--init-from", str(run))),
+        "init-from": pretrain_args(out / "next", data, "train.steps=1", "train.warmup_steps=0", options=("--init-from", str(run))),
     }
 
 

@@ -144,7 +144,7 @@ def _gather_worker(rank, out_dir):
 # -- end to end: `m3i pretrain` on 2 ranks, rank 0 writes, resume ------------------------------
 E2E = ["--recipe", "m3i", "--steps", "3", "--no-progress", "--device", "cpu", "backbone.name=vit_nano",
        "backbone.depth=2", "data.batch_size=8", "data.num_workers=0", "terms.2.target_encoder.tower=scratch",
-       "train.log_every=1", "train.ckpt_every=2"]
+       "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1"]
 
 
 def _pretrain_worker(rank, a, b):

@@ -1,4 +1,5 @@
-"""Image folders: class subfolders, or a flat folder of unlabelled images (spec ``folder:PATH``)."""
+"""Image folders: class subfolders, a flat folder of unlabelled images, or split folders holding
+either (spec ``folder:PATH``; the layouts are those of :mod:`m3i.data.layout`)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,45 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import IMAGE_EXTENSIONS, SPLITS, read_layout, split_folders
 from .source import Source, decode_image
 from .spec import Spec, register_source
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder"]
 
 
 class ImageFolder(Source):
-    """Images under ``root``, searched recursively (jpg, jpeg, png, webp, bmp; any case).
-
-    If ``root`` holds class subfolders and no loose images, each subfolder that contains images
-    is a class; classes are the sorted folder names. If images lie directly in ``root`` (a flat
-    folder), the source has no labels and every image below ``root`` is a sample.
+    """Images under ``root``, searched recursively (jpg, jpeg, png, webp, bmp; any case), in one of
+    the layouts of :mod:`m3i.data.layout`: class subfolders (each subfolder holding images is a
+    class; classes are the sorted folder names), a flat folder (no labels), or split folders
+    ``train/``, ``val/``, ``test/``, of which the source reads ``train/`` (``split``: another one).
     """
 
     def __init__(self, root: str | os.PathLike, labels: bool = True, captions: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, split: str = "train"):
         super().__init__(labels=labels, captions=captions, name=name or f"folder:{root}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"image folder {str(self.root)!r} not found: expected a directory of images "
-                f"({', '.join(IMAGE_EXTENSIONS)}), either flat or one subfolder per class"
+                f"({', '.join(IMAGE_EXTENSIONS)}), either flat, one subfolder per class, or split folders "
+                f"({', '.join(f'{s}/' for s in SPLITS)}) holding those"
             )
-        entries = sorted(os.scandir(self.root), key=lambda e: e.name)
-        loose = [e for e in entries if e.is_file() and _is_image(e.name)]
-        subdirs = [e for e in entries if e.is_dir()]
-        paths: list[str] = []
-        targets: list[int] = []
-        if loose or not subdirs:
-            paths = _walk_images(self.root)
-        else:
-            for d in subdirs:
-                found = _walk_images(Path(d.path))
-                if not found:
-                    continue
-                targets.extend([len(self._class_names)] * len(found))
-                self._class_names.append(d.name)
-                paths.extend(found)
-        self._require_samples(len(paths), f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        self.paths = paths
-        self.targets = np.asarray(targets, dtype=np.int64) if targets else None
+        folder = self.root
+        splits = split_folders(self.root)
+        if splits:
+            if split not in splits:
+                raise FileNotFoundError(f"image folder {str(self.root)!r} holds the split folders "
+                                        f"{', '.join(f'{s}/' for s in splits)} but no {split}/; name the one to read, "
+                                        f"e.g. folder:{splits[next(iter(splits))]}")
+            folder = splits[split]
+        layout = read_layout(folder)
+        self.layout = layout
+        self._class_names = list(layout.classes)
+        self.unlabelled_note = layout.note
+        self._require_samples(len(layout.paths), f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        self.paths = layout.paths
+        self.targets = np.asarray(layout.labels, dtype=np.int64) if layout.labels is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,18 +59,6 @@ class ImageFolder(Source):
 
     def locate(self, i):
         return self.paths[i]
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _walk_images(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return out
 
 
 @register_source("folder", "folder:PATH")

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
 import numpy as np
 
-from .source import Source, clean_caption, decode_image, parse_label
+from .source import Source, clean_caption, decode_image, label_space, warn_once
 from .spec import Spec, register_source
-
-log = logging.getLogger(__name__)
 
 
 class Manifest(Source):
     """Image-text (and optionally label) pairs listed in a JSONL or CSV file.
 
     Fields: ``path`` (relative to the manifest's folder, or absolute), ``caption``, and an
-    optional integer ``label`` (``-1`` or empty for none). JSONL is one object per line (blank
+    optional ``label``: integer ids (``-1`` or empty for none), or class names when the first
+    label is one (ids follow the sorted names, kept as ``class_names``). A byte-order mark (Excel's
+    "CSV UTF-8") is read past. JSONL is one object per line (blank
     lines ignored); CSV has a header row. The format follows the extension (``.jsonl``,
     ``.json``, ``.ndjson`` or ``.csv``), otherwise the first character (``{`` means JSONL).
 
-    A row with invalid JSON, a missing field or a bad label is dropped and counted in
+    A row with invalid JSON, a missing field or a bad label (neither an id, a name nor empty) is dropped and counted in
     ``num_dropped`` (the reasons name the file, line and field); a CSV header without ``path``
     and ``caption`` raises ``ValueError``. Rows whose caption is empty, huge or not UTF-8 are
     kept without a caption (``num_bad_captions``). Both counts are reported once as a warning.
@@ -49,7 +47,8 @@ class Manifest(Source):
         base = self.path.parent
         paths: list[str] = []
         caps: list[str | None] = []
-        labs: list[int] = []
+        cells: list[Any] = []  # label cells, then (label_space) ids
+        wheres: list[str] = []
         empty, bad_caps = 0, {}
         for line, row in self._rows():
             where = f"{self.path}:{line}"
@@ -64,11 +63,6 @@ class Manifest(Source):
             if not p:
                 self._drop(f"{where}: field 'path' is empty")
                 continue
-            lab = parse_label(row.get("label"))
-            if lab is None:
-                self._drop(f"{where}: field 'label' must be an integer >= 0 (or -1/empty for none), "
-                           f"got {row.get('label')!r}")
-                continue
             cap, why = clean_caption(row["caption"])
             if why == "empty":
                 empty += 1
@@ -76,29 +70,34 @@ class Manifest(Source):
                 bad_caps.setdefault(why, f"{where}")
             paths.append(p if os.path.isabs(p) else str(base / p))
             caps.append(cap)
-            labs.append(lab)
+            cells.append(row.get("label"))
+            wheres.append(where)
+        labs, self._class_names = label_space(cells)
+        if None in labs:  # a cell neither an id, a name nor empty
+            keep = [i for i, lab in enumerate(labs) if lab is not None]
+            kind = "an integer id >= 0" if all(c.isdigit() for c in self._class_names) else "a class name"
+            for i in (i for i, lab in enumerate(labs) if lab is None):
+                self._drop(f"{wheres[i]}: field 'label' must be {kind}, as the file's first label is (or -1/empty "
+                           f"for none); got {cells[i]!r}")
+            paths, caps, labs = [paths[i] for i in keep], [caps[i] for i in keep], [labs[i] for i in keep]
         self._require_samples(len(paths), f"{self.path} lists no usable row")
         self.num_bad_captions = sum(c is None for c in caps)  # empty, huge or not UTF-8
         if empty and self.captions:
             msg = (f"{self.path}: {empty} of {len(paths)} rows have an empty caption; "
                    "they are used without a caption")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            warn_once(msg)
         if bad_caps and self.captions:
             msg = (f"{self.path}: {self.num_bad_captions - empty} captions are dropped ("
                    + ", ".join(f"{why}, first at {w}" for why, w in bad_caps.items()) + "); those images are used without a caption")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            warn_once(msg)
         if self.num_dropped:
             msg = (f"{self.path}: {self.num_dropped} of {self.num_dropped + len(paths)} rows dropped "
                    f"(first: {self.dropped[0]})")
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            warn_once(msg)
         self.paths = paths
         self._captions = caps
         self.targets = np.asarray(labs, dtype=np.int64)
-        top = int(self.targets.max())
-        self._class_names = [str(c) for c in range(top + 1)] if top >= 0 else []
+        self.provides_captions = any(c is not None for c in caps)
         self.num_empty_captions = empty
 
     def _format(self) -> str:
@@ -107,7 +106,7 @@ class Manifest(Source):
             return "jsonl"
         if ext in (".csv",):
             return "csv"
-        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as f:
             head = f.read(1024).lstrip()
         return "jsonl" if head.startswith("{") else "csv"
 
@@ -115,7 +114,7 @@ class Manifest(Source):
         """(line, row) pairs; the row is a string saying what is wrong when it cannot be parsed.
         Bytes that are not UTF-8 come through as surrogates (see :func:`clean_caption`)."""
         if self._format() == "jsonl":
-            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+            with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as f:
                 for line, text in enumerate(f, start=1):
                     if not text.strip():
                         continue
@@ -129,7 +128,7 @@ class Manifest(Source):
                         continue
                     yield line, row
         else:
-            with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
                 reader = csv.DictReader(f)
                 header = reader.fieldnames or []
                 for field in ("path", "caption"):

@@ -7,8 +7,6 @@ import bisect
 import glob
 import os
 import re
-import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -16,10 +14,8 @@ from typing import Any
 import numpy as np
 
 from .index import IMAGE_EXTENSIONS, open_index
-from .source import ReadFailed, Source, clean_caption, decode_image, parse_label
+from .source import ReadFailed, Source, clean_caption, decode_image, label_space, parse_label, warn_once
 from .spec import Spec, register_source
-
-log = logging.getLogger(__name__)
 
 SHARD_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS  # preference order inside one sample
 
@@ -59,7 +55,8 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 class Shards(Source):
     """WebDataset tar shards in the LAION layout: ``KEY.jpg|png|jpeg|webp`` + ``KEY.txt``
-    (+ optional ``KEY.cls`` holding an integer label).
+    (+ optional ``KEY.cls`` holding a label: integer ids, or class names when the first label is
+    one: ids follow the sorted names, kept as ``class_names``).
 
     ``urls``: a path, a brace pattern (``/data/{000000..000099}.tar``), a glob, or a list of
     those. Random access through the set's index (:mod:`m3i.data.index`): built once, in
@@ -87,24 +84,26 @@ class Shards(Source):
                 self._drop(f"{s['path']}: truncated; its samples up to the cut are used")
                 msg = (f"shard {s['path']!r} is truncated; its {s['samples']} whole samples are used, "
                        "the rest is lost")
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
+                warn_once(msg)
         self._require_samples(len(self.index), f"no KEY.jpg|png|jpeg|webp members in {len(self.urls)} shard(s)")
+        self.provides_captions = bool(np.count_nonzero(np.asarray(self.index.text_size)))
         self._label_of = self._label_table()  # code of a raw .cls value -> label; the last entry: none
-        self._class_names = [str(c) for c in range(int(self._label_of.max()) + 1)]
         self._key_pos: dict[str, int] | None = None
         self._fds: OrderedDict[int, int] = OrderedDict()
 
     def _label_table(self) -> np.ndarray:
-        table = np.full(len(self.index.labels) + 1, -1, dtype=np.int64)
-        for code, raw in enumerate(self.index.labels):
-            lab = parse_label(raw)
-            if lab is None:
-                i = int(np.flatnonzero(np.asarray(self.index.label) == code)[0])
-                raise ValueError(f"shard {self._where(i)[0]!r}: {self.index.key(i)}.cls must hold an integer, "
-                                 f"got {raw!r}")
-            table[code] = lab
-        return table
+        """Code of each raw ``.cls`` value (the index's table) -> label id, the last entry meaning none:
+        integer ids, or class names when the first label is a name (ids follow the sorted names)."""
+        labels, self._class_names = label_space(self.index.labels)
+        if None in labels:
+            code = labels.index(None)
+            i = int(np.flatnonzero(np.asarray(self.index.label) == code)[0])
+            raise ValueError(f"shard {self._where(i)[0]!r}: {self.index.key(i)}.cls holds {self.index.labels[code]!r}, but "
+                             f"the first label of the shards is an integer id; give every sample an id, or every "
+                             f"sample a class name")
+        self._label_ids = None if all(c.isdigit() for c in self._class_names) else \
+            {n: i for i, n in enumerate(self._class_names)}
+        return np.asarray(labels + [-1], dtype=np.int64)
 
     def __len__(self):
         return len(self.index)
@@ -208,7 +207,8 @@ class Shards(Source):
             return None
         label, caption = -1, None
         if self.has_labels and "cls" in sample:
-            parsed = parse_label(sample["cls"].decode("utf-8", "replace"))
+            raw = sample["cls"].decode("utf-8", "replace").strip()
+            parsed = self._label_ids.get(raw, -1) if self._label_ids is not None else parse_label(raw)
             label = -1 if parsed is None else parsed
         if self.has_captions and "txt" in sample:
             caption = sample["txt"].decode("utf-8", "replace").strip() or None

@@ -32,7 +32,7 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -104,6 +104,13 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise
     except OSError as e:
         raise ReadFailed(f"{path}: {e}") from e
+
+
+def warn_once(msg: str) -> None:
+    """A warning about the data, shown once per process (Python's default filter), by rank 0 alone
+    under torchrun (every rank reads the same data)."""
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 class Source:
@@ -231,6 +238,22 @@ def clean_caption(text: Any) -> tuple[str | None, str | None]:
     if len(text) > MAX_CAPTION_CHARS:
         return None, f"longer than {MAX_CAPTION_CHARS} characters"
     return text, None
+
+
+def label_space(cells: Sequence[Any]) -> tuple[list[int | None], list[str]]:
+    """Label cells of a manifest or shards -> (the label of each cell, ``None`` where invalid; the
+    class names). The first label decides what all are: an integer, and they are the ids
+    themselves (classes ``"0"`` … ``"max"``; a name among them is invalid); a class name, and every
+    label is a name, the ids following the sorted names. ``-1``, empty and null mean no label."""
+    parsed = [parse_label(c) for c in cells]
+    first = next((c for c, p in zip(cells, parsed) if p != -1), None)
+    if first is None or parse_label(first) is not None or not isinstance(first, str):
+        return parsed, [str(c) for c in range(max([p for p in parsed if p is not None] + [-1]) + 1)]
+    names = [None if p == -1 else str(c).strip() if isinstance(c, (str, int)) and not isinstance(c, bool) else False
+             for c, p in zip(cells, parsed)]
+    classes = sorted({n for n in names if n})
+    ids = {n: i for i, n in enumerate(classes)}
+    return [-1 if n is None else None if n is False else ids[n] for n in names], classes
 
 
 def parse_label(raw: Any) -> int | None:

@@ -27,6 +27,7 @@ A new format is one module that registers a builder for its kind::
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from typing import Any, TypeVar
 
 from .source import Source
 
-__all__ = ["SPEC_FORMS", "Spec", "build_source", "parse_spec", "register_source"]
+__all__ = ["SPEC_FORMS", "Spec", "absolute_spec", "build_source", "parse_spec", "register_source"]
 
 _OPTIONS = re.compile(r"\?((?:labels|captions)=(?:true|false|1|0|yes|no)(?:&(?:labels|captions)=(?:true|false|1|0|yes|no))*)$",
                       re.IGNORECASE)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*:")
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,21 @@ def module_of_spec(spec: str) -> str | None:
     except ValueError:
         return None
     return entry.build.__module__ if entry else None
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a relative path argument made absolute from the working directory (options
+    kept); specs of kinds without a path (``KIND:PATH`` / ``KIND:PATTERN`` forms), URLs and
+    absolute paths are returned as they are."""
+    kind, arg, _ = parse_spec(spec)
+    entry = _KINDS.get(kind)
+    if entry is None or not arg or not re.search(r":(PATH|PATTERN)$", entry.form) or _URL.match(arg):
+        return spec
+    m = _OPTIONS.search(spec.strip())
+    body, options = (spec.strip()[: m.start()], m.group(0)) if m else (spec.strip(), "")
+    head, _, path = body.partition(":")
+    path = os.path.expanduser(path)
+    return spec if os.path.isabs(path) else f"{head}:{os.path.abspath(path)}{options}"
 
 
 def build_source(spec: str, *, labels: bool = True, captions: bool = True,

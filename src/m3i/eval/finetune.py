@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import Backbone
+from ..device import resolve_device
 from ..layers import DropPath, no_weight_decay
 from ..config import ConfigError, Strict, apply_override, load_recipe, validate
 from ..objective import Objective
@@ -236,12 +237,12 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
     mixing, and a scratch backbone's initialisation."""
     t0 = time.perf_counter()
     cfg, backbone_overrides = load_config(overrides, steps=steps, seed=seed)
+    dev = resolve_device(device)
     tr_src, tr_idx, te_src, te_idx, classes = splits(dataset, split)
     num_classes = len(classes)
     if num_classes < 2:
         raise ValueError(f"--dataset {dataset}: fine-tuning needs at least two classes, got {num_classes}")
     obj = initial_model(checkpoint, num_classes, recipe, backbone_overrides, cfg.seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = obj.backbone
     size = backbone.img_size
 

@@ -8,13 +8,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data import build_source
+from ..data import ImageFolder, build_source
+from ..data.layout import split_folders
 from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
+from .. import memory
+from ..device import resolve_device
 from ..objective import Objective
 from ..train import runs
-from . import metrics
+from . import DATASETS, metrics
 
 TASKS = ("knn", "linear", "zeroshot", "retrieval")
+
+
+LABEL_TASKS = ("knn", "linear", "zeroshot")
+LINEAR_MIN = 10  # train images the linear probe needs: it holds out a tenth to choose its weight decay
 
 
 def splits(spec: str, split: str = "test"):
@@ -22,34 +29,69 @@ def splits(spec: str, split: str = "test"):
 
     ``split="test"`` trains the probe on the train part and scores the test part;
     ``split="val"`` trains on ``fit`` and scores ``val`` (for choices), never touching test.
-    The parts are those of :mod:`m3i.data.splits`, the same the pre-training sources use."""
+    The parts are those of :mod:`m3i.data.splits`, the same the pre-training sources use; a
+    folder's are those of its layout (:func:`folder_splits`)."""
     if split not in ("test", "val"):
         raise ValueError(f"--split {split!r}: expected test or val")
     fit, held = ("train", "test") if split == "test" else ("fit", "val")
     kind, _, arg = spec.partition(":")
+    if kind in ("fashion-mnist", "digits") and arg:
+        raise ValueError(f"--dataset {spec}: {kind} takes no suffix (evaluation picks its parts itself; --split val "
+                         f"scores the val part); expected {kind}")
+    if kind == "emoji" and arg not in ("", "category", "subcategory", "none"):
+        raise ValueError(f"--dataset {spec}: expected emoji:category, emoji:subcategory or emoji:none")
     if kind in ("fashion-mnist", "emoji", "digits"):
         field = f"{arg or 'category'}:" if kind == "emoji" else ""
         tr, te = build_source(f"{kind}:{field}{fit}"), build_source(f"{kind}:{field}{held}")
         return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
-    if kind == "folder":
-        root = Path(arg)
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            tr = build_source(f"folder:{root / 'train'}")
-            if split == "val":  # an inner split of train/
-                idx_fit, idx_val = (grouped_split(range(len(tr)), s, test_fraction=VAL_FRACTION) for s in
-                                    ("train", "test"))
-                return tr, idx_fit, tr, idx_val, tr.class_names
-            te = build_source(f"folder:{root / 'test'}")
-            if tr.class_names != te.class_names:
-                raise ValueError(f"{root}: train/ and test/ have different class folders")
-            return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
-        src = build_source(f"folder:{root}")
-        if not src.has_labels:
-            raise ValueError(f"{root}: expected one subfolder per class (or train/ and test/ holding them)")
-        keys = range(len(src))
-        return (src, grouped_split(keys, fit), src, grouped_split(keys, held), src.class_names)
-    raise ValueError(f"--dataset {spec!r}: expected fashion-mnist, emoji:category, emoji:subcategory, digits "
-                     f"or folder:PATH")
+    if kind == "folder" and arg:
+        return folder_splits(spec, Path(arg), split)
+    raise ValueError(f"--dataset {spec!r}: expected one of {', '.join(DATASETS)}")
+
+
+def folder_splits(spec: str, root: Path, split: str):
+    """The parts of an image folder (layouts of :mod:`m3i.data.layout`). Split folders: the probe
+    trains on ``train/`` and scores ``test/`` (``val/`` where there is no ``test/``, as ImageNet);
+    ``--split val`` scores ``val/`` beside a ``test/``, else a seeded part carved from ``train/``.
+    Class folders: seeded train / test (fit / val) parts of the one folder."""
+    parts = split_folders(root)
+    if parts:
+        if "train" not in parts:
+            raise ValueError(f"--dataset {spec}: the split folders ({', '.join(parts)}) have no train/ to fit on")
+        tr = ImageFolder(parts["train"], name=f"folder:{parts['train']}")
+        scored = (parts.get("test") or parts.get("val")) if split == "test" else \
+            (parts.get("val") if "test" in parts else None)
+        if scored is None and split == "test":
+            raise ValueError(f"--dataset {spec}: the split folders have no test/ or val/ to score")
+        if scored is None:  # an inner split of train/
+            idx_fit, idx_val = (grouped_split(range(len(tr)), s, test_fraction=VAL_FRACTION) for s in ("train", "test"))
+            return tr, idx_fit, tr, idx_val, tr.class_names
+        te = ImageFolder(scored, name=f"folder:{scored}")
+        if tr.class_names != te.class_names:
+            raise ValueError(f"--dataset {spec}: train/ and {scored.name}/ have different class folders "
+                             f"({tr.class_names[:5]} against {te.class_names[:5]})")
+        return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
+    src = build_source(f"folder:{root}")
+    if not src.has_labels:
+        raise ValueError(f"--dataset {spec}: " + (src.unlabelled_note or "expected one subfolder per class, or split "
+                                                  "folders (train/, val/, test/) holding them"))
+    keys = range(len(src))
+    fit, held = ("train", "test") if split == "test" else ("fit", "val")
+    return src, grouped_split(keys, fit), src, grouped_split(keys, held), src.class_names
+
+
+def check_scorable(task: str, dataset: str, classes: list[str], n_train: int, limit: int | None) -> None:
+    """Refuse, before any image is read, a set the task cannot score."""
+    if task in LABEL_TASKS:
+        if not classes:
+            raise ValueError(f"--dataset {dataset}: has no labels; {task} needs labelled images "
+                             f"(retrieval scores images against their captions)")
+        if len(classes) < 2:
+            raise ValueError(f"--dataset {dataset}: holds one class ({classes[0]}); {task} needs at least two")
+    if task == "linear" and n_train < LINEAR_MIN:
+        given = f"--limit {limit}" if limit is not None else f"--dataset {dataset}"
+        raise ValueError(f"{given}: the linear probe needs at least {LINEAR_MIN} train images (it holds out a tenth "
+                         f"to choose its weight decay), got {n_train}")
 
 
 def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -125,12 +167,23 @@ class EvalSet:
 
 
 def load_evalset(dataset: str, size: int, with_train: bool = True, limit: int | None = None,
-                 progress: bool = True, split: str = "test") -> EvalSet:
+                 progress: bool = True, split: str = "test", task: str | None = None, pixels: bool = False) -> EvalSet:
+    """Both parts of ``dataset`` as uint8 images of ``size``; ``task`` (and ``pixels``: raw pixels
+    are scored, each kept as floats too) checks, before any image is read, that the set can be
+    scored and fits in memory."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: expected a number of images >= 1")
     tr_src, tr_idx, te_src, te_idx, classes = splits(dataset, split)
     if limit:  # a seeded subset, for quick comparisons
         rng = np.random.default_rng(SPLIT_SEED)
         tr_idx = np.sort(rng.choice(tr_idx, min(limit, len(tr_idx)), replace=False))
         te_idx = np.sort(rng.choice(te_idx, min(max(limit // 4, 1), len(te_idx)), replace=False))
+    if task is not None:
+        check_scorable(task, dataset, list(classes), len(tr_idx) if with_train else 0, limit)
+    n = len(te_idx) + (len(tr_idx) if with_train else 0)
+    memory.require(n * 3 * size * size * (9 if pixels else 1), "cpu",
+                   f"--dataset {dataset} at {size}×{size} px ({n:,} images" +
+                   (", as raw pixels of --image-size)" if pixels else ")"))
     test = load_images(te_src, te_idx, size, progress)
     train = load_images(tr_src, tr_idx, size, progress) if with_train else None
     return EvalSet(dataset, list(classes), test, train)
@@ -148,6 +201,9 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
     if task in ("knn", "linear"):
         tr_img, tr_y, _ = data.train
         n_train = len(tr_y)
+        if len(torch.unique(tr_y)) < 2:
+            raise ValueError(f"--dataset {data.dataset}: the {n_train} train images hold one class; {task} needs "
+                             f"two or more (a larger --limit)")
         features = {} if features is None else features
         key = (data.dataset, len(tr_y), len(te_y))
         if key not in features:
@@ -182,7 +238,7 @@ def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None
     backbone's own size)."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if is_pixels(checkpoint):
         if task not in ("knn", "linear"):
             raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
@@ -193,7 +249,7 @@ def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None
     if task in ("zeroshot", "retrieval"):
         check_text(obj, task)  # fail before loading any data
     data = load_evalset(dataset, size, with_train=task in ("knn", "linear"), limit=limit,
-                        progress=progress, split=split)
+                        progress=progress, split=split, task=task, pixels=is_pixels(obj))
     out = score(obj, task, data, progress)
     out["checkpoint"], out["split"] = str(checkpoint), split
     if verbose:
@@ -206,7 +262,7 @@ def evaluate(checkpoint: str | Path, task: str, dataset: str, device: str | None
 def quality_line(checkpoint: str | Path, limit: int = 10000, device: str | None = None) -> str:
     """One line that says what a pre-training produced: Fashion-MNIST k-NN top-1 of its
     backbone next to raw pixels, on a seeded subset (LIMIT train, LIMIT/4 test images)."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     obj = runs.load_run(checkpoint, dev)
     data = load_evalset("fashion-mnist", obj.backbone.img_size, limit=limit, progress=False)
     ours = score(obj, "knn", data, progress=False)["metrics"]["top1"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..device import resolve_device
 from ..data.scenes import SCENE_DATASETS, make_scenes
 from .metrics import _fit_softmax
 
@@ -188,7 +189,7 @@ def segmentation_score(model, dataset: str, split: str = "test", device: str | N
     if split not in ("test", "val"):
         raise ValueError(f"--split {split!r}: expected test or val")
     t0 = time.perf_counter()
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     fit, held = ("train", "test") if split == "test" else ("fit", "val")
     n_fit, n_held = (limit, max(1, limit // 4)) if limit else (None, None)
     tr, te = make_scenes(dataset, fit, n_fit), make_scenes(dataset, held, n_held)

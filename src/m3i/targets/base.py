@@ -34,6 +34,17 @@ class Target:
     form: ClassVar[str]
     encoders: ClassVar[tuple[str, ...]]
     image: ClassVar[bool] = False  # the target is an image view (``target.view`` names it)
+    needs: ClassVar[str | None] = None  # the annotation the target is read from: "labels", "captions" or none
+
+    @classmethod
+    def check_data(cls, term, sources) -> None:
+        """Raise ValueError when no source of the data (``Source`` objects) carries what this
+        target is read from: the term would train on nothing at every step."""
+        if cls.needs is None or any(getattr(s, f"has_{cls.needs}") for s in sources):
+            return
+        why = "; ".join(f"{s.name}: {_lacks(s, cls.needs)}" for s in sources)
+        raise ValueError(f"a {cls.kind!r} target is read from {cls.needs}, and no source of data.sources has "
+                         f"{cls.needs} ({why}); add a source with {cls.needs} or leave the term out")
 
     @classmethod
     def check(cls, term) -> None:
@@ -88,8 +99,9 @@ class Target:
         them; ``cfg``: the term's settings, ``width``: the width of the decoder's predictions."""
         return {}
 
-    def prepare(self, term: Term, data) -> None:
-        """Work done once before training (a frozen text tower embeds every caption of ``data``)."""
+    def prepare(self, term: Term, data, progress: bool = True) -> None:
+        """Work done once before training (a frozen text tower embeds every caption of ``data``),
+        with a progress bar where ``progress``."""
 
     def loss(self, term: Term, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
         """-> (the term's loss, the number of samples that carried this target)."""
@@ -97,6 +109,13 @@ class Target:
 
 
 TARGETS: Registry[type[Target]] = Registry("target kind")
+
+
+def _lacks(source, needs: str) -> str:
+    """Why ``source`` has no ``needs`` (labels or captions), for a message."""
+    if not getattr(source, needs, True):
+        return f"{needs} hidden ({needs}=false)"
+    return (getattr(source, "unlabelled_note", None) if needs == "labels" else None) or f"no {needs}"
 
 
 class DenseTarget(Target):

@@ -21,6 +21,7 @@ class Caption(Target):
     Config = CaptionCfg
     form = "paired"
     encoders = ("text",)
+    needs = "captions"
 
     @classmethod
     def check(cls, term) -> None:
@@ -36,10 +37,10 @@ class Caption(Target):
         tower = cfg.target_encoder.build()
         return {"text": tower, "text_proj": nn.Linear(tower.out_dim, width)}
 
-    def prepare(self, term, data) -> None:
+    def prepare(self, term, data, progress: bool = True) -> None:
         """A frozen tower embeds every caption of the data once, up front."""
         if term.cfg.target_encoder.frozen:
-            term.text.precompute(data.captions())
+            term.text.precompute(data.captions(), progress=progress)
 
     @staticmethod
     def encode(term, captions: Sequence[str | None]) -> Tensor:

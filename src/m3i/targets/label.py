@@ -20,6 +20,7 @@ class Label(Target):
     Config = LabelCfg
     form = "classes"
     encoders = ("class_table",)
+    needs = "labels"
 
     @classmethod
     def describe(cls, term) -> str:

@@ -36,6 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..weights import shared_mode
+
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 SHARDED_DIR = "optimizer"
@@ -143,6 +145,8 @@ def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict
         tensors: dict[str, torch.Tensor] = {}
         doc = to_json(state, tensors)
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt", "step": str(step)})
+        for f in (MODEL_FILE, OPTIMIZER_FILE):
+            shared_mode(tmp / f)
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(doc, f)
         for sub, folder in (extra or {}).items():
@@ -256,9 +260,25 @@ def _check_sharded_index(index: Path) -> None:
         raise refuse(f"not readable ({' '.join(str(e).split())[:120]})") from None
 
 
-def find(path: Path) -> Path:
-    """A run directory or a checkpoint directory -> the checkpoint directory to load (verified)."""
+def as_folder(path: str | Path) -> Path:
+    """Any path a user may give for a checkpoint -> the run or checkpoint folder it stands for: a
+    file of a checkpoint (``model.safetensors``), the ``checkpoints/latest`` pointer and the
+    ``checkpoints/`` folder name their checkpoint or run; anything else is returned as it is."""
     path = Path(path)
+    if path.is_file() and path.name in CHECKPOINT_FILES:
+        return path.parent
+    if path.is_file() and path.name == "latest" and path.parent.name == "checkpoints":
+        return path.parent.parent
+    if path.is_dir() and path.name == "checkpoints" and not (path / MODEL_FILE).exists() and (
+            (path / "latest").is_file() or any(_NAME.fullmatch(p.name) for p in path.iterdir())):
+        return path.parent
+    return path
+
+
+def find(path: Path) -> Path:
+    """A run directory or a checkpoint directory (or any path :func:`as_folder` takes) -> the
+    checkpoint directory to load (verified)."""
+    path = as_folder(path)
     if (path / MODEL_FILE).is_file():
         return verify(path)
     root = path / "checkpoints"

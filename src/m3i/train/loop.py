@@ -18,10 +18,11 @@ from tqdm import tqdm
 from .. import distributed as dist
 from ..config import Recipe
 from ..data import Mixture, build_source
+from ..device import resolve_device
 from ..objective import Objective
 from ..weights import load_weights_into
 from . import checkpoint as ckpt
-from . import runs, strategy
+from . import preflight, runs, strategy
 from .runlock import RunLock
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
 from .strategy import compile_backbones
@@ -120,13 +121,9 @@ class Preemption:
 
 
 def setup_device(device: str | None) -> torch.device:
+    dev = resolve_device(device)
     if "RANK" in os.environ and not dist.is_dist():
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    if device:
-        dev = torch.device(device)
-    else:
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -159,6 +156,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     checkpoint and returns (the run continues with ``resume=out``).
     """
     out = Path(out)
+    recipe = preflight.with_absolute_paths(recipe)
     main = int(os.environ.get("RANK", 0)) == 0
     with RunLock(out) if main else nullcontext(), Preemption() as stop:
         dev = setup_device(device)
@@ -171,11 +169,15 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     rank, world = dist.rank(), dist.world_size()
     tr = recipe.train
     torch.manual_seed(tr.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
+    preflight.check_memory(recipe, dev, world)
     mixture = build_mixture(recipe, rank, world)
+    preflight.check_targets(recipe, mixture.sources)
+    if rank == 0 and (note := preflight.size_note(recipe)):
+        print(note)
     objective = Objective(recipe, mixture.num_classes).to(dev)
     if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
         torch.manual_seed(tr.seed + rank)
-    objective.prepare(mixture)  # e.g. a frozen text tower embeds every caption once, up front
+    objective.prepare(mixture, progress=progress and rank == 0)  # e.g. a frozen text tower embeds every caption once
     if init_from:
         start_from(objective, init_from)
     start, state = restore(objective, recipe, resume) if resume else (0, None)
@@ -190,6 +192,7 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     opt, sched = make_schedule(objective, tr, state, resume)
     if rank == 0:
         runs.write_recipe(out, recipe)
+        preflight.write_classes(out, recipe, mixture)
     return train(recipe, objective, model, opt, sched, mixture, out, dev, start, state or {}, stop, progress)
 
 
@@ -250,9 +253,11 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     objective.train()
     bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)))
     train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
-    bad_seen, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0))
+    # skipped images: this rank's since the start, summed over ranks where they are reported
+    bad_seen, skipped_before, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0)), 0
     read_at = start
-    last_good: Path | None = None
+    last_good: Path | None = None  # on rank 0
+    saved = False
     t0, seen = time.perf_counter(), 0
     step = start
     try:
@@ -282,13 +287,17 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                     f"the loss or its gradients were not finite for {worst} steps in a row (by step {step}); "
                     f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
                     f"check the data.")
+            # the counts of every rank (a collective: every rank reads the counters at the same steps)
+            n_skipped, *n_terms = dist.sum_over_ranks([skipped] + [int(outputs["n_" + t.name]) for t in objective.terms],
+                                                      dev)
             if logged and main:
                 rate = seen / (time.perf_counter() - t0)
-                log_step(log, bar, objective, outputs, step, sched, rate, skipped, bad_total, train_step.momentum)
+                log_step(log, bar, objective, outputs, step, sched, rate, skipped_before + n_skipped, bad_total, n_terms,
+                         train_step.momentum)
             stopping = stopping or (world > 1 and stop.agreed(dev))
-            counters = {"skipped_images": skipped, "bad_steps": bad_total}
+            counters = {"skipped_images": skipped_before + n_skipped, "bad_steps": bad_total}
             if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
-                last_good = _save(out, step, objective, opt, sched, recipe, main, counters)
+                last_good, saved = _save(out, step, objective, opt, sched, recipe, main, counters), True
             if stopping:
                 if main:
                     print(f"SIGTERM at step {step}: saved {last_good}; continue with `m3i pretrain --resume {out}`")
@@ -297,20 +306,26 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
         bar.close()
         if log:
             log.close()
+    skipped = skipped_before + dist.sum_over_ranks([skipped], dev)[0]
     dist.barrier()  # the last checkpoint is whole when pretrain returns on any rank
+    if main and skipped:
+        print(f"skipped {skipped} unreadable images (counted in {runs.METRICS}: skipped_images)")
+    if not saved and step > start:  # every step that would have been saved was skipped
+        raise TrainingError(f"no checkpoint was written: {bad_seen - int(counted.get('bad_steps', 0))} of the "
+                            f"{step - start} steps had a loss or gradients that were not finite, the last one included; "
+                            f"lower train.lr or check the data")
     if main:
-        if skipped:
-            print(f"skipped {skipped} unreadable images (counted in {runs.METRICS}: skipped_images)")
         print(f"checkpoint: {last_good}\nmetrics:    {out / runs.METRICS}\ntensorboard: {out / runs.TENSORBOARD}")
     return last_good
 
 
 def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int, sched, rate: float,
-             skipped: int, bad_total: int, momentum: float | None = None) -> None:
+             skipped: int, bad_total: int, counts: list[int], momentum: float | None = None) -> None:
+    """One metrics row; ``skipped`` and ``counts`` (samples per term) are those of every rank."""
     names = [t.name for t in objective.terms]
     values = torch.stack([outputs["loss"].detach().float()] + [outputs[n].detach().float() for n in names]).tolist()
     terms = dict(zip(names, values[1:]))
-    rec = {"step": step, "loss": values[0], **terms, **{f"n_{n}": int(outputs["n_" + n]) for n in names},
+    rec = {"step": step, "loss": values[0], **terms, **{f"n_{n}": c for n, c in zip(names, counts)},
            "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped, "bad_steps": bad_total}
     if momentum is not None:
         rec["ema_momentum"] = momentum

@@ -2,7 +2,8 @@
 
 A POSIX record lock (``lockf``): the kernel drops it when its process ends in any way (SIGKILL
 included), and, unlike ``flock``, forked DataLoader workers do not hold it on, so a killed run
-never leaves a stale lock behind and ``--resume`` can take it at once.
+never leaves a stale lock behind and ``--resume`` can take it at once. A run that ends having
+written nothing (a failed start) removes the lock file, and the folder if it made it.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
+        self._made = False
 
     def __enter__(self) -> RunLock:
+        self._made = not self.path.parent.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,7 +49,16 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
+        if self._fd is None:
+            return
+        try:
+            if [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
+                self.path.unlink()
+                if self._made:
+                    self.path.parent.rmdir()
+        except OSError:
+            pass
+        finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

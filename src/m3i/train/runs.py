@@ -1,6 +1,7 @@
 """A run directory, the one place that knows its layout::
 
-    RUN/config.yaml          the resolved recipe the run trained with
+    RUN/config.yaml          the resolved recipe the run trained with (data paths absolute)
+    RUN/classes.json         its label space: every source's class names at its offset
     RUN/metrics.jsonl        one JSON object per logged step
     RUN/tensorboard/         the same, for TensorBoard
     RUN/checkpoints/step_N/  model.safetensors, optimizer.safetensors, state.json (see checkpoint.py)
@@ -17,13 +18,15 @@ from ..config import Recipe, load_recipe
 from . import checkpoint as ckpt
 
 CONFIG = "config.yaml"
+CLASSES = "classes.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
 
 def run_dir(path: str | Path) -> Path:
-    """A run directory, or a checkpoint directory inside one -> the run directory."""
-    path = Path(path)
+    """A run directory, or a checkpoint directory inside one (any path ``checkpoint.as_folder``
+    takes) -> the run directory."""
+    path = ckpt.as_folder(path)
     if (path / CONFIG).is_file() or not (path / ckpt.MODEL_FILE).is_file():
         return path
     return path.parent.parent
