@@ -274,16 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, its key=value overrides anywhere among the options (argparse's
-    intermixed parsing, which works per subcommand)."""
+    """The command line, its key=value overrides anywhere among a command's options (argparse's
+    intermixed parsing, which works per subcommand); the options before the command are m3i's own."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if argv and argv[0] in commands:
-        args = commands[argv[0]].parse_intermixed_args(argv[1:])
-        args.command = argv[0]
-        return args
-    return parser.parse_args(argv)
+    at = next((i for i, a in enumerate(argv) if a in commands and (i == 0 or argv[i - 1] != "--plugin")), None)
+    command = commands.get(argv[at]) if at is not None else None
+    if command is None or any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+        return parser.parse_args(argv)  # no command, or one with commands of its own (m3i data ...)
+    head = parser.parse_args(argv[:at] + ["recipes"])  # m3i's own options, checked by its parser
+    args = command.parse_intermixed_args(argv[at + 1:])
+    args.command, args.plugin = argv[at], head.plugin
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
