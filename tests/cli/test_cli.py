@@ -7,18 +7,17 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import stat
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
 from clikit import (FAST, TINY, class_root, error_line, images, labelled_rows, metrics, png, run_m3i, shard,
                     sources, split_root, write_csv, write_jsonl)
 from conftest import needs_data
+from ranks import run_ranks
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.data import Mixture, build_source
@@ -136,10 +135,7 @@ CAPTION_TERM = ("terms.2={name: caption, source: {view: 0}, target: {kind: capti
 TWO_RANKS_STEPS = 3
 
 
-def _rank_worker(rank, port, args, folder):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank_worker(rank, args, folder):
     import sys
 
     out, err = open(f"{folder}/rank{rank}.out", "w"), open(f"{folder}/rank{rank}.err", "w")
@@ -159,11 +155,11 @@ def _rank_worker(rank, port, args, folder):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp, classes):
-    """A 2-rank run (global batch 8, every sample labelled and captioned) on a manifest with 4
-    unreadable images of 20; progress bars on."""
+    """A 2-rank run (global batch 8, every sample labelled and captioned) on a manifest with 8
+    unreadable images of 24; progress bars on."""
     folder = tmp / "ranks"
     rows = labelled_rows(classes, {"a": 0, "b": 1})[:16]
-    for k, name in enumerate(("x", "y", "z", "w")):
+    for k, name in enumerate("stuvwxyz"):
         bad = classes.parent / "broken" / f"{name}.png"
         bad.parent.mkdir(exist_ok=True)
         bad.write_bytes(b"not an image" * (k + 1))
@@ -174,10 +170,7 @@ def two_ranks(tmp, classes):
     args = ["pretrain", "--recipe", TINY, "--out", str(run), "--steps", str(TWO_RANKS_STEPS), "--device", "cpu",
             "data.num_workers=0", "train.log_every=1", "data.max_lost=0.6", "data.batch_size=8", CAPTION_TERM,
             sources(f"manifest:{man}")]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(port, args, str(folder)), nprocs=2, join=True)
+    run_ranks(_rank_worker, args, str(folder), rendezvous="env")  # as torchrun starts them
     recipe = load_recipe(TINY, overrides=[sources(f"manifest:{man}"), "data.batch_size=8"])
     skipped = []  # what each rank's batches skip: the mixture is a pure function of (seed, rank, step)
     for rank in (0, 1):
