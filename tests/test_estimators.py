@@ -341,3 +341,51 @@ def test_fitted_bilinear_critic_is_still_a_lower_bound():
     for n in sizes:
         assert 0.3 < fitted[n] <= mi + 4 * se
         assert fitted[n] <= optimal[n] + 0.02  # no critic beats the true density ratio
+
+
+# ---------------------------------------------------------------------------- precision
+def _estimator_calls():
+    """(name, estimator, call(pred, target)) for every estimator and every form it scores."""
+    from m3i.estimators import ESTIMATORS
+
+    def make(kind, **kw):
+        cls = ESTIMATORS[kind]
+        return cls(cls.Config(kind=kind, **kw))
+
+    tau = torch.tensor(0.1)
+    avail = torch.arange(12) % 4 != 0
+    cand = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(12) % 7
+    yield "boltzmann classes", lambda p, t: make("boltzmann", candidates="classes").classes(
+        p, cand, None, labels, avail, tau)
+    for cands, directions in (("batch", 1), ("batch", 2), ("all", 1)):
+        est = make("boltzmann", candidates=cands, directions=directions)
+        yield f"boltzmann {cands}/{directions}", lambda p, t, est=est: est.paired(p, t, avail, tau)
+    for normalize in (False, True):
+        est = make("gaussian", normalize=normalize)
+        yield f"gaussian paired normalize={normalize}", lambda p, t, est=est: est.paired(p, t, avail, tau)
+        yield f"gaussian dense normalize={normalize}", lambda p, t, est=est: est.dense(p, t)
+    est = make("unigrad", lam=0.02)
+    yield "unigrad", lambda p, t: est.dense(p, t)
+
+
+def test_every_estimator_computes_in_fp32_under_bf16_autocast():
+    """Loss and gradients under bf16 autocast equal the fp32 computation to float32 rounding
+    (rtol 1e-5): autocast would otherwise run the logits' and the correlation's matmuls in bf16
+    (~1e-2 relative error)."""
+    g = torch.Generator().manual_seed(0)
+    pred0, target0 = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    for name, call in _estimator_calls():
+        results = []
+        for autocast in (False, True):
+            pred, target = pred0.clone().requires_grad_(), target0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = call(pred, target)
+            loss.backward()
+            results.append((loss.detach(), pred.grad, target.grad))
+        (l32, gp32, gt32), (l16, gp16, gt16) = results
+        assert l16.dtype == torch.float32, name
+        torch.testing.assert_close(l16, l32, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n} loss: {m}")
+        torch.testing.assert_close(gp16, gp32, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n} pred grad: {m}")
+        if gt32 is not None:
+            torch.testing.assert_close(gt16, gt32, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n} target grad: {m}")

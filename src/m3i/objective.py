@@ -24,9 +24,23 @@ from .estimators import ESTIMATORS
 from .layers import no_weight_decay
 from .targets import TARGETS
 from .targets.caption import Caption
-from .terms import Context, Term, Views
+from .terms import Context, Term, Views, draw_visible, visible_count
 from .views import ViewAugment
 from .weights import load_weights_into
+
+
+def to_device(tree, device: torch.device):
+    """The tensors of a nested dict / list on ``device``: pinned first when it is a GPU, then
+    copied without making the host wait (``non_blocking``)."""
+    if isinstance(tree, Tensor):
+        if device.type == "cuda" and tree.device.type == "cpu":
+            tree = tree.pin_memory()
+        return tree.to(device, non_blocking=True)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_device(v, device) for v in tree]
+    return tree
 
 
 class Objective(nn.Module):
@@ -66,11 +80,50 @@ class Objective(nn.Module):
         return obj
 
     # -- the loss ------------------------------------------------------------------------------
-    def make_views(self, images: Tensor) -> Views:
-        """uint8 (B, C, H, W) -> the recipe's augmented views with their crop boxes and flips."""
+    def masked_views(self) -> list[int]:
+        """The views the online encoder sees masked."""
+        views = set()
+        for t in self.recipe.terms:
+            if t.source.masked:
+                views |= {t.source.view} | ({1 - t.source.view} if t.swap_views else set())
+        return sorted(views)
+
+    def visible_count(self) -> int:
+        """Patches every mask of the recipe shows per row: half the grid in the mixed input."""
+        return visible_count(self.recipe.views, self.backbone.num_patches)
+
+    def draw(self, batch: dict, views: bool = True) -> dict:
+        """The host's share of a step, on the CPU: every random parameter of the views (crops,
+        flips, colour) and their masks (``views=False``: none of them), and what each target
+        makes of the batch's host data (a caption's tokens or cached embedding)."""
+        b, c, h, w = batch["image"].shape
+        drawn: dict = {"targets": {t.name: t.target.stage(t, batch) for t in self.terms}}
+        if views:
+            drawn["views"] = [aug.draw(b, c, h, w) for aug in self.augment]
+            drawn["visible"] = {v: draw_visible(self.recipe.views, b, self.backbone.grid_size)
+                                for v in self.masked_views()}
+        return drawn
+
+    def stage(self, batch: dict, device: torch.device, views: bool = True) -> dict:
+        """``batch`` with its tensors and everything :meth:`draw` makes of it on ``device``
+        (``batch["drawn"]``), copied pinned and ``non_blocking``: the step that follows reads
+        nothing back to the host."""
+        drawn = self.draw(batch, views)
+        staged = {**batch, "image": batch["image"], "label": batch["label"], "drawn": drawn}
+        return {**staged, **to_device({k: staged[k] for k in ("image", "label", "drawn")}, torch.device(device))}
+
+    def make_views(self, images: Tensor, drawn: dict | None = None) -> Views:
+        """uint8 (B, C, H, W) -> the recipe's augmented views with their crop boxes and flips, from
+        the parameters ``drawn`` by :meth:`stage` (drawn now, on the host, when not given)."""
+        if drawn is None:
+            b, c, h, w = images.shape
+            params = to_device([aug.draw(b, c, h, w) for aug in self.augment], images.device)
+            visible, count = {}, None
+        else:
+            params, visible, count = drawn["views"], drawn["visible"], self.visible_count()
         x = images.float() / 255.0
-        out = [aug(x) for aug in self.augment]
-        return Views([o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
+        out = [aug.apply(x, p) for aug, p in zip(self.augment, params)]
+        return Views([o[0] for o in out], [o[1] for o in out], [o[2] for o in out], visible, count)
 
     def context(self, batch: dict, views: Views) -> Context:
         """What the terms of one step share: the views, the online backbone, the copied encoders."""
@@ -78,8 +131,11 @@ class Objective(nn.Module):
         return Context(batch, views, self.backbone, self.recipe.views, copies, self.teacher_layers)
 
     def forward(self, batch: dict, views: Views | None = None) -> dict[str, Tensor]:
-        """-> {"loss": weighted total, <term>: value, "n_<term>": samples used}."""
-        views = views or self.make_views(batch["image"])
+        """-> {"loss": weighted total, <term>: value, "n_<term>": samples used}. ``batch`` as
+        :meth:`stage` made it (a batch that was not staged is staged here, on its images' device)."""
+        if "drawn" not in batch:
+            batch = self.stage(batch, batch["image"].device, views=views is None)
+        views = views or self.make_views(batch["image"], batch["drawn"])
         ctx = self.context(batch, views)
         out: dict[str, Tensor] = {}
         total = 0.0
@@ -90,7 +146,7 @@ class Objective(nn.Module):
                 loss_st, n_st = term(ctx, s, t)
                 loss, n = loss + loss_st, n + n_st
             out[term.name] = loss
-            out["n_" + term.name] = torch.tensor(n)
+            out["n_" + term.name] = n  # a number, or a device tensor (read when the step is logged)
             total = total + cfg.weight * loss
         out["loss"] = total
         return out
@@ -228,4 +284,4 @@ def load_frozen(cfg, backbone: Backbone, head: nn.Module | None) -> CopiedEncode
     return teacher
 
 
-__all__ = ["Objective", "Term", "Context", "Views"]
+__all__ = ["Objective", "Term", "Context", "Views", "to_device"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, Features
 from .encoders.copies import CopiedEncoder
-from .views import block_mask, mix_visible, random_mask
+from .views import block_mask, mix_visible, num_masked, random_mask
 
 
 @dataclass
@@ -35,6 +35,26 @@ class Views:
     boxes: list[Tensor]    # each (B, 4): crop (i, j, h, w) in source pixels
     flips: list[Tensor]    # each (B,) bool
     visible: dict[int, Tensor] = field(default_factory=dict)  # (B, N) bool per masked view; drawn when absent
+    # patches visible per row of the masks in ``visible``, when known (drawn from the recipe's mask):
+    # the backbone then reads nothing back; None: read from the masks (a wait for the device)
+    count: int | None = None
+
+
+def visible_count(views_cfg, num_patches: int) -> int:
+    """Patches every mask of the recipe's views (``views_cfg``) shows per row: half the grid in
+    the mixed input."""
+    if views_cfg.input_mode == "mix":
+        return num_patches // 2
+    return num_patches - num_masked(num_patches, views_cfg.mask.ratio)
+
+
+def draw_visible(views_cfg, batch_size: int, grid: tuple[int, int]) -> Tensor:
+    """A (B, N) bool visible set of the recipe's mask, drawn on the host (torch's CPU generator)."""
+    m = views_cfg.mask
+    if views_cfg.input_mode == "mix":
+        return mix_visible(batch_size, grid, kind=m.kind)
+    make = block_mask if m.kind == "block" else random_mask
+    return ~make(batch_size, grid, m.ratio)
 
 
 @dataclass(frozen=True)
@@ -70,15 +90,16 @@ class Context:
 
     def visible(self, view: int) -> Tensor:
         """(B, N) bool: the patches of ``view`` the online encoder sees."""
-        if view not in self._visible:
-            b, device, cfg = self.batch_size, self.views.images[view].device, self._views_cfg
-            if cfg.input_mode == "mix":
-                vis = mix_visible(b, self.grid_size, kind=cfg.mask.kind, device=device)
-            else:
-                make = block_mask if cfg.mask.kind == "block" else random_mask
-                vis = ~make(b, self.grid_size, cfg.mask.ratio, device=device)
-            self._visible[view] = vis
+        if view not in self._visible:  # not drawn with the batch (a direct call): drawn now, on the host
+            mask = draw_visible(self._views_cfg, self.batch_size, self.grid_size)
+            self._visible[view] = mask.to(self.views.images[view].device)
         return self._visible[view]
+
+    def visible_count(self, view: int) -> int | None:
+        """Patches visible per row of ``visible(view)`` (None: only the mask's values tell)."""
+        if view in self.views.visible:
+            return self.views.count
+        return visible_count(self._views_cfg, self.grid_size[0] * self.grid_size[1])
 
     def online(self, view: int, masked: bool) -> Features:
         """The online encoder's features of ``view``, of its visible patches when ``masked``."""
@@ -86,8 +107,8 @@ class Context:
         if key not in self._online:
             x = self.views.images[view]
             if masked:
-                self._online[key] = self._backbone.forward_features(x, self.visible(view),
-                                                                    mode=self._views_cfg.input_mode)
+                self._online[key] = self._backbone.forward_features(
+                    x, self.visible(view), mode=self._views_cfg.input_mode, count=self.visible_count(view))
             else:
                 self._online[key] = self._backbone.forward_features(x)
         return self._online[key]

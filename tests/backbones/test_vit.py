@@ -192,12 +192,15 @@ def test_mix_complementary_masks_equal_drop():
 def test_masked_tokens_never_computed():
     model = small()
     seen = []
+    masks = []
     model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    model.blocks[0].attn.register_forward_hook(lambda m, args, out: masks.append(args[1] if len(args) > 1 else None))
     b, k = 4, 3
     model.forward_features(images(b), random_visible(b, k), "drop")
     assert seen[-1] == (b, k + 1, DIM)
+    # the mixed input runs as drop: one sequence per image, no attention mask (the fused kernels apply)
     model.forward_features(images(b), paired_visible(b, k), "mix")
-    assert seen[-1] == (b // 2, 2 + N, DIM)
+    assert seen[-1] == (b, k + 1, DIM) and masks[-1] is None
     model.forward_features(images(b))
     assert seen[-1] == (b, 1 + N, DIM)
 

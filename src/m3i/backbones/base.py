@@ -10,6 +10,7 @@ import torch
 from pydantic import field_validator
 from torch import Tensor, nn
 
+from .. import debug
 from ..schema import Strict
 
 
@@ -45,8 +46,11 @@ class Backbone(nn.Module):
         return self.grid_size[0] * self.grid_size[1]
 
     def forward_features(
-        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
+        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0,
+        count: int | None = None,
     ) -> Features:
+        """``count``: the number of True per row of ``visible`` when the caller knows it (the
+        backbone then reads nothing back to the host: `visible_indices`)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, visible: Tensor | None = None, mode: str = "drop") -> Tensor:
@@ -54,6 +58,10 @@ class Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
+
+    def use_channels_last(self) -> None:
+        """Keep images and convolution weights in the channels-last memory format (what a GPU's
+        convolution kernels run fastest on); token backbones have nothing to change."""
 
     def stem_module(self) -> nn.Module:
         """The patch embedding: the layers that turn pixels into the first features."""
@@ -79,15 +87,28 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
-def visible_indices(visible: Tensor) -> Tensor:
-    """(B, N) bool with K True per row -> (B, K) long indices in ascending order."""
-    counts = visible.sum(1)
-    if visible.shape[0] and not bool((counts == counts[0]).all()):
-        raise ValueError(f"every row of `visible` must show the same number of patches, got {counts.tolist()}")
-    k = int(counts[0]) if visible.shape[0] else 0
+def reads_values(count: int | None) -> bool:
+    """Whether a backbone checks ``visible`` by its values: when the caller gave no ``count`` (the
+    values are read anyway) or in debug mode."""
+    return count is None or debug.enabled()
+
+
+def visible_indices(visible: Tensor, count: int | None = None) -> Tensor:
+    """(B, N) bool with K True per row -> (B, K) long indices in ascending order.
+
+    ``count``: K when the caller knows it (from the mask's configuration): nothing is read back
+    to the host (the rows are checked only in debug mode, :mod:`m3i.debug`). Without it K is
+    read from ``visible``, which waits for the device."""
+    if reads_values(count):
+        counts = visible.sum(1)
+        if visible.shape[0] and not bool((counts == (counts[0] if count is None else count)).all()):
+            want = "the same number of patches" if count is None else f"{count} patches"
+            raise ValueError(f"every row of `visible` must show {want}, got {counts.tolist()}")
+        if count is None:
+            count = int(counts[0]) if visible.shape[0] else 0
     # a stable sort puts the True positions first in their original order
     order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)
-    return order[:, :k]
+    return order[:, :count]
 
 
 class BackboneCfg(Strict):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, Features, register, visible_indices
+from .base import Backbone, Features, reads_values, register, visible_indices
 from ..layers import DropPath, Mlp
 
 _MODES = ("drop", "mix", "fill")
@@ -158,6 +158,7 @@ class ConvNeXt(Backbone):
         self.embed_dim = dims[-1]
         self.timm_conv_mlp = bool(timm_conv_mlp)
         self.grad_checkpointing = False
+        self.channels_last = False
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0], kernel_size=stem_stride, stride=stem_stride),
@@ -210,7 +211,8 @@ class ConvNeXt(Backbone):
         return self.num_layers
 
     def forward_features(
-        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
+        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0,
+        count: int | None = None,
     ) -> Features:
         if mode not in _MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(_MODES)}")
@@ -243,13 +245,13 @@ class ConvNeXt(Backbone):
             raise ValueError(
                 "a convolutional network cannot drop tokens (mode='drop'); use mode='mix' or mode='fill'"
             )
-        idx = visible_indices(visible)  # (B, K)
+        idx = visible_indices(visible, count)  # (B, K)
 
         if mode == "mix":
             if B % 2:
                 raise ValueError(f"mode='mix' pairs sample b with b + B/2 and needs an even batch, got B={B}")
             h = B // 2
-            if bool((visible[:h] & visible[h:]).any()):
+            if reads_values(count) and bool((visible[:h] & visible[h:]).any()):
                 raise ValueError("mode='mix' needs disjoint visible sets for samples b and b + B/2")
             keep = self._upsample_mask(visible[:h], gh, gw, p)  # (h, 1, H, W)
             canvas = torch.where(keep, x[:h], x[h:])
@@ -283,8 +285,14 @@ class ConvNeXt(Backbone):
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
+    def use_channels_last(self) -> None:
+        self.channels_last = True
+        self.to(memory_format=torch.channels_last)
+
     def _run(self, x: Tensor, return_layers: int, fill_visible=None) -> tuple[Tensor, list[Tensor]]:
         """Stem + stages; returns the final map (B, D, gh, gw) and the last maps of the final stage."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         if fill_visible is not None:
             visible, gh, gw = fill_visible

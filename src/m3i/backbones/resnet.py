@@ -83,6 +83,7 @@ class ResNet(ConvNeXt):
         self.grid_size = (img_size // stride, img_size // stride)
         self.embed_dim = dims[-1]
         self.grad_checkpointing = False
+        self.channels_last = False
 
         self.stem = conv_bn(in_chans, dims[0], stride=stem_stride, kernel=2 * stem_stride + 1)
         self.stages = build_stages(ResNetStage, dims, depths, drop_path_rate)

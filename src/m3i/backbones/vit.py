@@ -7,8 +7,10 @@ model with ``strict=True``.
 Three ways to run a partially visible image (``visible``: (B, N) bool, True = seen):
 
 - ``drop``: only the visible patch tokens (plus the class token) enter the blocks.
-- ``mix``:  samples b and b + B/2 share one canvas of N tokens; attention is restricted to tokens
-  of the same image, so every sample's output equals its ``drop`` output.
+- ``mix``:  samples b and b + B/2 share one canvas of N tokens, attention restricted to tokens of
+  the same image, so every sample's output equals its ``drop`` output; the ViT therefore runs it
+  as ``drop`` (separate sequences, no attention mask: the fused attention kernels apply, and no
+  attention is computed between the two images only to be masked away).
 - ``fill``: hidden patches are replaced by a learned mask token after the stem; every position
   is computed and the output is read at the visible positions.
 
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block
-from .base import Backbone, Features, register, visible_indices
+from .base import Backbone, Features, reads_values, register, visible_indices
 
 _MODES = ("drop", "mix", "fill")
 
@@ -260,9 +262,11 @@ class VisionTransformer(Backbone):
         return grid
 
     def forward_features(
-        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0
+        self, x: Tensor, visible: Tensor | None = None, mode: str = "drop", return_layers: int = 0,
+        count: int | None = None,
     ) -> Features:
-        """See the module docstring; ``visible=None`` runs every patch whatever the mode."""
+        """See the module docstring; ``visible=None`` runs every patch whatever the mode;
+        ``count``: the visible patches per row when the caller knows it (nothing read back)."""
         grid = self._check_inputs(x, visible, mode, return_layers)
         b = x.shape[0]
         patches = self.patch_embed(x)  # (B, N, D)
@@ -274,19 +278,18 @@ class VisionTransformer(Backbone):
             seq = torch.cat([cls, patches + pos[:, 1:]], dim=1)
             return self._finish(seq, None, return_layers)
 
+        if mode == "mix":
+            self._check_mix(visible, count)
+            mode = "drop"  # equal per image, so the two images of a canvas run as separate sequences
+        idx = visible_indices(visible, count)
         if mode == "drop":
-            idx = visible_indices(visible)
             seq = torch.cat([cls, _gather(patches + pos[:, 1:], idx)], dim=1)
             return self._finish(seq, None, return_layers)
 
-        if mode == "fill":
-            idx = visible_indices(visible)
-            keep = visible.unsqueeze(-1)
-            filled = torch.where(keep, patches, self.mask_token.to(patches.dtype).expand_as(patches))
-            seq = torch.cat([cls, filled + pos[:, 1:]], dim=1)
-            return self._finish(seq, idx, return_layers)
-
-        return self._forward_mix(patches + pos[:, 1:], cls, visible, return_layers)
+        keep = visible.unsqueeze(-1)
+        filled = torch.where(keep, patches, self.mask_token.to(patches.dtype).expand_as(patches))
+        seq = torch.cat([cls, filled + pos[:, 1:]], dim=1)
+        return self._finish(seq, idx, return_layers)
 
     def _finish(self, seq: Tensor, idx: Tensor | None, return_layers: int) -> Features:
         """Blocks + final norm on [cls, tokens]; read the patch tokens at ``idx`` (all if None)."""
@@ -299,38 +302,12 @@ class VisionTransformer(Backbone):
             layers = [_gather(h, idx) for h in layers]
         return Features(pooled=pooled, tokens=tokens, layers=layers)
 
-    def _forward_mix(self, tokens: Tensor, cls: Tensor, visible: Tensor, return_layers: int) -> Features:
-        """Two images per canvas: [cls_a, cls_b, N canvas tokens], attention within each image."""
-        b, n, _ = tokens.shape
+    @staticmethod
+    def _check_mix(visible: Tensor, count: int | None) -> None:
+        """The pairing of the mixed input: an even batch, and disjoint visible sets for samples b and
+        b + B/2 (checked when the mask's values are read: `reads_values`)."""
+        b = visible.shape[0]
         if b % 2:
             raise ValueError(f"mode='mix' needs an even batch size, got B={b}")
-        h = b // 2
-        idx = visible_indices(visible)  # also checks equal counts per row
-        vis_a, vis_b = visible[:h], visible[h:]
-        if bool((vis_a & vis_b).any()):
+        if reads_values(count) and bool((visible[: b // 2] & visible[b // 2:]).any()):
             raise ValueError("mode='mix' needs disjoint visible sets for samples b and b + B/2")
-
-        # positions seen by image a come from a, everything else (b's and nobody's) from b
-        canvas = torch.where(vis_a.unsqueeze(-1), tokens[:h], tokens[h:])
-        seq = torch.cat([cls[:h], cls[h:], canvas], dim=1)  # (B/2, 2 + N, D)
-
-        # group ids: 0 = image a, 1 = image b, 2 + p = an isolated position p visible to neither
-        lone = torch.arange(2, 2 + n, device=visible.device).expand(h, n)
-        group = torch.where(vis_a, 0, torch.where(vis_b, 1, lone))
-        heads = torch.tensor([0, 1], device=visible.device).expand(h, 2)
-        group = torch.cat([heads, group], dim=1)  # (B/2, 2 + N)
-        attn_mask = (group.unsqueeze(2) == group.unsqueeze(1)).unsqueeze(1)  # (B/2, 1, L, L)
-
-        seq, layers = self._run_blocks(seq, attn_mask, return_layers)
-        out = self.norm(seq)
-        pooled = torch.cat([out[:, 0], out[:, 1]], dim=0)
-        idx_a, idx_b = idx[:h], idx[h:]
-
-        def split(t: Tensor) -> Tensor:  # canvas (B/2, N, D) -> per-sample visible tokens (B, K, D)
-            return torch.cat([_gather(t, idx_a), _gather(t, idx_b)], dim=0)
-
-        return Features(
-            pooled=pooled,
-            tokens=split(out[:, 2:]),
-            layers=[split(layer[:, 2:]) for layer in layers],
-        )

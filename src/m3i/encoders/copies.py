@@ -112,8 +112,10 @@ class CopiedEncoder(nn.Module):
             o_params = [_local(p.detach()) for p in online.parameters()]
             if skip is None:
                 torch._foreach_lerp_(t_params, o_params, weight)
-            else:  # one weight tensor per parameter (a view): no read of the weight by the host
-                torch._foreach_lerp_(t_params, o_params, [weight.to(t.dtype).expand_as(t) for t in t_params])
+            else:  # φ += w·(θ − φ), w a 0-d device tensor: multi-tensor kernels, no read by the host
+                delta = torch._foreach_sub(o_params, t_params)
+                torch._foreach_mul_(delta, weight)
+                torch._foreach_add_(t_params, delta)
             for tb, ob in zip(mine.buffers(), online.buffers()):
                 tb.copy_(ob if skip is None else torch.where(skip, tb, ob))
 

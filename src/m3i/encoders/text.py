@@ -179,6 +179,15 @@ class TextTower(nn.Module):
         """(B, L) ids and mask on the tower's device -> (B, out_dim) float32 pooled embedding."""
         raise NotImplementedError
 
+    def host_inputs(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """The host's share of :meth:`forward`, on the CPU: the token ids and attention mask."""
+        ids, mask = self.tokenize(captions, device="cpu")
+        return {"ids": ids, "mask": mask}
+
+    def from_host(self, inputs: dict[str, Tensor]) -> Tensor:
+        """:meth:`host_inputs`, on the tower's device -> (B, out_dim) float32, as :meth:`forward`."""
+        return self.encode(inputs["ids"], inputs["mask"])
+
     def forward(self, captions: Sequence[str]) -> Tensor:
         captions = _check_captions(captions)
         if not captions:
@@ -270,6 +279,20 @@ class MiniLMTower(TextTower):
             return torch.zeros(0, self.out_dim, device=self.device)
         rows = torch.stack([self.cache[c] for c in captions])
         return rows.to(self.device, non_blocking=True)
+
+    def host_inputs(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """Cached: the embeddings themselves, looked up on the host (CPU rows)."""
+        if not self.use_cache:
+            return super().host_inputs(captions)
+        captions = _check_captions(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        if missing:
+            self._fill(missing)
+        rows = torch.stack([self.cache[c] for c in captions]) if captions else torch.zeros(0, self.out_dim)
+        return {"embedding": rows}
+
+    def from_host(self, inputs: dict[str, Tensor]) -> Tensor:
+        return inputs["embedding"] if "embedding" in inputs else super().from_host(inputs)
 
     def _fill(self, captions: list[str]) -> None:
         emb = self.encode(*self.tokenize(captions)).detach().float().cpu()

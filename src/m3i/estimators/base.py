@@ -1,8 +1,10 @@
 """What every estimator of a mutual-information term answers to."""
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..registry import Registry
@@ -14,6 +16,21 @@ FORMS = {
     "paired": "one global target per image",
     "dense": "a target per patch",
 }
+
+
+def in_fp32(fn):
+    """Run an estimator function in float32 with autocast off: its floating tensor arguments are
+    cast up, and no matmul inside is cast back down to bf16 (autocast casts a matmul's inputs
+    whatever ``.float()`` said), nor is an all-reduce of its statistics."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        up = lambda a: a.float() if isinstance(a, Tensor) and a.is_floating_point() else a  # noqa: E731
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapped
 
 
 class EstimatorCfg(Strict):
@@ -47,9 +64,9 @@ class Estimator:
                              f"{' or '.join(repr(k) for k in able)}, got {cls.kind!r}")
 
     def classes(self, pred: Tensor, cand: Tensor, bias: Tensor | None, positive: Tensor,
-                temperature: Tensor, count: int) -> Tensor:
-        """pred (R, D) of this rank's R labelled rows; cand (C, D); positive (R,); ``count``: labelled
-        rows over every rank."""
+                labelled: Tensor, temperature: Tensor) -> Tensor:
+        """pred (B, D); cand (C, D); positive (B,) class of each row (any valid class where the row
+        has none); labelled (B,) bool: the rows that carry a label, the only ones that count."""
         raise NotImplementedError
 
     def paired(self, pred: Tensor, target: Tensor, avail: Tensor | None, temperature: Tensor) -> Tensor:

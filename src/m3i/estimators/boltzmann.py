@@ -11,12 +11,13 @@ from pydantic import Field
 from torch import Tensor
 
 from .. import distributed as dist
-from .base import ESTIMATORS, Estimator, EstimatorCfg
+from .base import ESTIMATORS, Estimator, EstimatorCfg, in_fp32
 
 
+@in_fp32
 def boltzmann(pred: Tensor, cand: Tensor, positive: Tensor, temperature: Tensor | float = 1.0,
               bias: Tensor | None = None, exclude: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """Mean of −log p̂(z⁺ | ẑ) with p̂ a softmax over candidates.
+    """Mean of −log p̂(z⁺ | ẑ) with p̂ a softmax over candidates, in float32.
 
     pred: (B, D) predictions ẑ; cand: (M, D) candidate targets Z; positive: (B,) index of
     each row's own target in ``cand``; bias: optional (M,) log-prior per candidate (a linear
@@ -28,38 +29,43 @@ def boltzmann(pred: Tensor, cand: Tensor, positive: Tensor, temperature: Tensor 
         logits = logits + bias
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(logits.float(), positive, reduction=reduction)
+    return F.cross_entropy(logits, positive, reduction=reduction)
 
 
+@in_fp32
 def batch_boltzmann(pred: Tensor, target: Tensor, avail: Tensor, temperature: Tensor | float,
                     candidates: str = "batch", directions: int = 1) -> Tensor:
-    """Boltzmann over the global batch, this rank's share. ``candidates='batch'``: each prediction
-    against every target (``directions=2`` adds targets against predictions, CLIP); ``'all'``:
-    against every other prediction and target (NT-Xent). ``avail`` (B,) bool: the rows that carry
-    a target; only they are anchors and candidates."""
+    """Boltzmann over the global batch, this rank's share, in float32. ``candidates='batch'``: each
+    prediction against every target (``directions=2`` adds targets against predictions, CLIP);
+    ``'all'``: against every other prediction and target (NT-Xent). ``avail`` (B,) bool: the rows
+    that carry a target; only they are anchors and candidates. Shapes never depend on ``avail``:
+    a row without a target weighs 0 as an anchor and is left out of every denominator (but its
+    own, which keeps its loss finite), so nothing is read back to the host."""
     b = pred.shape[0]
     all_pred, all_target = dist.gather_with_grad(pred), dist.gather_with_grad(target)
     all_avail = dist.gather(avail)
-    cand = all_avail.nonzero().squeeze(1)
-    index = torch.cumsum(all_avail.long(), 0) - 1      # position of each global row among the candidates
-    rows = avail.nonzero().squeeze(1)
-    pos = index[dist.rank() * b + rows]
+    g = all_avail.shape[0]
+    pos = dist.rank() * b + torch.arange(b, device=pred.device)  # each row's own target in the global batch
+    weight = avail.to(pred.dtype)
     # this rank's sum over its anchors, over (global anchors / ranks): DDP's mean over ranks is the
-    # mean over the global batch, also when ranks hold different numbers of anchors, or none (a sum
-    # over no rows is 0 and still reaches the gathered tensors, whose backward is a collective)
-    scale = dist.world_size() / max(cand.numel(), 1)
+    # mean over the global batch, also when ranks hold different numbers of anchors, or none
+    scale = dist.world_size() / all_avail.sum().clamp(min=1)
     if candidates == "batch":
-        loss = boltzmann(pred[rows], all_target[cand], pos, temperature, reduction="sum")
+        cols = torch.arange(g, device=pred.device)
+        exclude = ~all_avail.unsqueeze(0) & (cols.unsqueeze(0) != pos.unsqueeze(1))
+        loss = (boltzmann(pred, all_target, pos, temperature, exclude=exclude, reduction="none") * weight).sum()
         if directions == 2:
-            loss = (loss + boltzmann(target[rows], all_pred[cand], pos, temperature, reduction="sum")) / 2
+            back = boltzmann(target, all_pred, pos, temperature, exclude=exclude, reduction="none")
+            loss = (loss + (back * weight).sum()) / 2
         return loss * scale
-    m = cand.numel()
-    z = torch.cat([all_pred[cand], all_target[cand]])
-    anchors = torch.cat([pred[rows], target[rows]])
-    self_idx = torch.cat([pos, pos + m])
-    exclude = torch.zeros(anchors.shape[0], 2 * m, dtype=torch.bool, device=z.device)
-    exclude[torch.arange(anchors.shape[0], device=z.device), self_idx] = True
-    return boltzmann(anchors, z, torch.cat([pos + m, pos]), temperature, exclude=exclude, reduction="sum") * scale / 2
+    z = torch.cat([all_pred, all_target])  # (2G, D): both views of the global batch
+    anchors = torch.cat([pred, target])
+    own, positive = torch.cat([pos, pos + g]), torch.cat([pos + g, pos])
+    cols = torch.arange(2 * g, device=pred.device).unsqueeze(0)
+    absent = ~torch.cat([all_avail, all_avail]).unsqueeze(0) & (cols != positive.unsqueeze(1))
+    exclude = (cols == own.unsqueeze(1)) | absent
+    loss = boltzmann(anchors, z, positive, temperature, exclude=exclude, reduction="none")
+    return (loss * torch.cat([weight, weight])).sum() * scale / 2
 
 
 class BoltzmannCfg(EstimatorCfg):
@@ -89,20 +95,21 @@ class Boltzmann(Estimator):
             raise ValueError(f"estimator.candidates: 'classes' needs a label target; a {target!r} target "
                              f"takes 'batch' or 'all'")
 
-    def classes(self, pred, cand, bias, positive, temperature, count):
+    def classes(self, pred, cand, bias, positive, labelled, temperature):
         if self.cfg.normalize:  # the class table normalises its own rows (target_encoder.normalize)
-            pred = F.normalize(pred, dim=-1)
-        loss = boltzmann(pred, cand, positive, temperature, bias=bias, reduction="sum")
+            pred = F.normalize(pred.float(), dim=-1)
+        loss = boltzmann(pred, cand, positive, temperature, bias=bias, reduction="none")
         # this rank's sum over (all labelled rows / ranks): DDP's mean over ranks is then the mean
-        # over the global batch, whatever each rank drew
-        return loss * dist.world_size() / count
+        # over the global batch, whatever each rank drew (a count on the device, never read back)
+        count = dist.gather(labelled.long()).sum().clamp(min=1)
+        return (loss * labelled.to(loss.dtype)).sum() * dist.world_size() / count
 
     def paired(self, pred, target, avail, temperature):
         if avail is None:
             avail = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
         if self.cfg.normalize:
-            pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
-        return batch_boltzmann(pred.float(), target.float(), avail, temperature,
+            pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+        return batch_boltzmann(pred, target, avail, temperature,
                                self.cfg.candidates, self.cfg.directions)
 
     @classmethod

@@ -6,21 +6,25 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ESTIMATORS, Estimator, EstimatorCfg
+from .base import ESTIMATORS, Estimator, EstimatorCfg, in_fp32
 
 
-def gaussian(pred: Tensor, target: Tensor, normalize: bool = False, reduce: str = "mean") -> Tensor:
-    """Squared error −log p̂ of a Gaussian p̂ (up to constants), averaged over rows.
+@in_fp32
+def gaussian(pred: Tensor, target: Tensor, normalize: bool = False, reduce: str = "mean",
+             weight: Tensor | None = None) -> Tensor:
+    """Squared error −log p̂ of a Gaussian p̂ (up to constants), averaged over rows, in float32.
 
     pred, target: (..., D). normalize: compare unit vectors (‖a − b‖² = 2 − 2cos, BYOL).
-    reduce: "mean" averages over D (MSE), "sum" sums over D.
+    reduce: "mean" averages over D (MSE), "sum" sums over D. weight: optional (...,) weight of
+    each row (0: a row without a target); the mean is then over the weight.
     """
-    pred, target = pred.float(), target.float()
     if normalize:
         pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
     err = (pred - target).pow(2)
     err = err.mean(-1) if reduce == "mean" else err.sum(-1)
-    return err.mean()
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / weight.sum().clamp(min=1)
 
 
 class GaussianCfg(EstimatorCfg):
@@ -49,9 +53,8 @@ class Gaussian(Estimator):
                              "stopped; set target_encoder.stop_gradient: true, or use an 'ema' target encoder")
 
     def paired(self, pred, target, avail, temperature):
-        if avail is not None:
-            pred, target = pred[avail], target[avail]
-        return gaussian(pred, target, self.cfg.normalize, self.cfg.reduce)
+        weight = None if avail is None else avail.float()  # fixed shapes: no selection of the rows
+        return gaussian(pred, target, self.cfg.normalize, self.cfg.reduce, weight)
 
     def dense(self, pred, target):
         return gaussian(pred, target, self.cfg.normalize, self.cfg.reduce)

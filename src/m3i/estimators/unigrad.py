@@ -7,17 +7,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import ESTIMATORS, Estimator, EstimatorCfg
+from .base import ESTIMATORS, Estimator, EstimatorCfg, in_fp32
 
 
+@in_fp32
 def unigrad(pred: Tensor, target: Tensor, lam: float = 0.02, correlation: Tensor | None = None) -> Tensor:
-    """SIM's UniGrad dense loss over N target tokens.
+    """SIM's UniGrad dense loss over N target tokens, in float32.
 
     pred, target: (N, D). correlation: (D, D) = mean(t tᵀ) over the tokens of every rank;
     computed from ``target`` when not given.
     L = (mean‖p − t‖² + λ · mean(pᵀ C p)) / D
     """
-    pred, target = pred.float(), target.float()
     if correlation is None:
         correlation = target.t() @ target / max(target.shape[0], 1)
     pos = (pred - target).pow(2).sum(-1).mean()
@@ -25,11 +25,12 @@ def unigrad(pred: Tensor, target: Tensor, lam: float = 0.02, correlation: Tensor
     return (pos + lam * neg) / pred.shape[-1]
 
 
+@in_fp32
 def target_correlation(target: Tensor) -> Tensor:
-    """mean(t tᵀ) over tokens, averaged across ranks when torch.distributed is running. target: (N, D)."""
-    target = target.float()
+    """mean(t tᵀ) over tokens, averaged across ranks when torch.distributed is running, in float32
+    (the all-reduce too). target: (N, D)."""
     total = target.t() @ target
-    count = torch.tensor(float(target.shape[0]), device=target.device)
+    count = torch.full((), float(target.shape[0]), device=target.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)

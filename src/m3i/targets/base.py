@@ -103,8 +103,14 @@ class Target:
         """Work done once before training (a frozen text tower embeds every caption of ``data``),
         with a progress bar where ``progress``."""
 
-    def loss(self, term: Term, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
-        """-> (the term's loss, the number of samples that carried this target)."""
+    def stage(self, term: Term, batch: dict) -> dict[str, Tensor]:
+        """What this target makes of a batch's host data on the CPU before the step (a caption's
+        tokens); the step finds it on the device in ``ctx.batch["drawn"]["targets"][term.name]``."""
+        return {}
+
+    def loss(self, term: Term, ctx: Context, s: int, t: int) -> tuple[Tensor, int | Tensor]:
+        """-> (the term's loss, the number of samples that carried this target: a number, or a
+        device tensor when it depends on the data)."""
         raise NotImplementedError
 
 
@@ -148,8 +154,8 @@ class DenseTarget(Target):
     def loss(self, term, ctx, s, t):
         grid, decoder = ctx.grid_size, term.decoder
         feats = ctx.online(s, True)
-        vis = ctx.visible(s)
-        vis_idx, hid_idx = visible_indices(vis), visible_indices(~vis)
+        vis, k = ctx.visible(s), ctx.visible_count(s)
+        vis_idx, hid_idx = visible_indices(vis, k), visible_indices(~vis, None if k is None else vis.shape[1] - k)
         abs_pos = absolute_positions(grid, device=vis.device)            # (N, 4)
         cls = feats.pooled if decoder.cls_token else None
         context = decoder.project(feats.tokens, abs_pos[vis_idx], cls=cls)

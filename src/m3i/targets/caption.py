@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist
-from .base import TARGETS, Target, TargetCfg, zero_loss
+from .base import TARGETS, Target, TargetCfg
 
 
 class CaptionCfg(TargetCfg):
@@ -48,13 +47,16 @@ class Caption(Target):
         text = term.text([c if c is not None else "" for c in captions])
         return term.text_proj(text.to(term.text_proj.weight.dtype))
 
+    def stage(self, term, batch):
+        """On the host: which rows carry a caption, and the tower's input for every row (the empty
+        text where there is none)."""
+        captions = batch["caption"]
+        avail = torch.tensor([c is not None for c in captions], dtype=torch.bool)
+        return {"avail": avail, **term.text.host_inputs([c if c is not None else "" for c in captions])}
+
     def loss(self, term, ctx, s, t):
-        captions = ctx.batch["caption"]
-        avail = torch.tensor([c is not None for c in captions], device=ctx.views.images[s].device)
-        pooled = ctx.online(s, term.cfg.source.masked).pooled
-        n = int(dist.gather(avail.long()).sum())
-        if n == 0:
-            return zero_loss(term, pooled), 0
-        pred = term.predict(pooled)
-        target = self.encode(term, captions)
-        return term.estimator.paired(pred, target, avail, term.temperature), int(avail.sum())
+        staged = ctx.batch["drawn"]["targets"][term.name]
+        avail = staged["avail"]  # rows without a caption are neither anchors nor candidates (fixed shapes)
+        pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
+        target = term.text_proj(term.text.from_host(staged).to(term.text_proj.weight.dtype))
+        return term.estimator.paired(pred, target, avail, term.temperature), avail.sum()

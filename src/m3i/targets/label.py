@@ -3,11 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
-from .. import distributed as dist
 from ..encoders.class_table import ClassTable
-from .base import TARGETS, Target, TargetCfg, zero_loss
+from .base import TARGETS, Target, TargetCfg
 
 
 class LabelCfg(TargetCfg):
@@ -37,12 +34,8 @@ class Label(Target):
 
     def loss(self, term, ctx, s, t):
         label = ctx.batch["label"]
-        rows = (label >= 0).nonzero().squeeze(1)
-        pooled = ctx.online(s, term.cfg.source.masked).pooled
-        # every rank counts the labelled rows of all ranks (a collective, so before any early return)
-        n_all = int(dist.gather(torch.tensor([rows.numel()], device=label.device)).sum())
-        if rows.numel() == 0:
-            return zero_loss(term, pooled), 0
-        pred = term.predict(pooled[rows])
+        labelled = label >= 0  # every row is predicted; those without a label weigh 0 (fixed shapes)
+        pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
         cand, bias = term.classes()
-        return term.estimator.classes(pred, cand, bias, label[rows], term.temperature, n_all), int(rows.numel())
+        loss = term.estimator.classes(pred, cand, bias, label.clamp(min=0), labelled, term.temperature)
+        return loss, labelled.sum()

@@ -175,6 +175,9 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     if rank == 0 and (note := preflight.size_note(recipe)):
         print(note)
     objective = Objective(recipe, mixture.num_classes).to(dev)
+    if dev.type == "cuda":  # convolutional backbones run channels-last there
+        for net in objective.encoders():
+            net.use_channels_last()
     if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
         torch.manual_seed(tr.seed + rank)
     objective.prepare(mixture, progress=progress and rank == 0)  # e.g. a frozen text tower embeds every caption once
@@ -247,6 +250,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     # augmentations and masks use, so a resumed run continues the same random stream
     loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
                                          prefetch_factor=4 if recipe.data.num_workers else None,
+                                         pin_memory=dev.type == "cuda",
                                          generator=torch.Generator().manual_seed(tr.seed))
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
@@ -265,8 +269,8 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             if step >= tr.steps:
                 break
             skipped += int(batch["n_skipped"])
-            batch["image"] = batch["image"].to(dev, non_blocking=True)
-            batch["label"] = batch["label"].to(dev, non_blocking=True)
+            # the host's share (view parameters, masks, caption inputs), copied pinned and non_blocking
+            batch = objective.stage(batch, dev)
             outputs = train_step(batch, step)  # queued on the device: nothing read back here
             step += 1
             seen += batch["image"].shape[0] * world

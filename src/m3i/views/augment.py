@@ -10,8 +10,14 @@ so its centre is at ``x + 0.5``. A crop box spans ``[j, j + w) × [i, i + h)``. 
 ``u = (k + 0.5) / S`` (``1 − u`` when flipped), i.e. at source coordinate ``j + w·u``.
 The crop is resampled with one batched bilinear ``grid_sample`` that follows this convention
 exactly (border values repeat where an up-scaled crop touches the image edge), so the recorded
-boxes describe the views without rounding. Crop and flip parameters are drawn by kornia's
-batched samplers; colour operations are kornia's batched modules.
+boxes describe the views without rounding.
+
+Every random parameter of a view (crop box, flip, colour-jitter factors and order, grayscale,
+blur sigma, solarize) is drawn on the host by :meth:`ViewAugment.draw`; :meth:`ViewAugment.apply`
+runs the view on the device at fixed shapes: a sample that skips an operation gets its neutral
+parameter or keeps its input, so no operation selects a subset of the batch and the device never
+waits for the host. Crop boxes come from kornia's sampler, the colour steps are kornia's
+functions (torchvision's formulas).
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import math
 from collections.abc import Sequence
 
 import kornia.augmentation as KA
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
+                            adjust_saturation_with_gray_subtraction)
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,12 +78,36 @@ def resized_crop(images: Tensor, boxes: Tensor, flips: Tensor | None, size: int 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _channel_stats(values: Sequence[float], channels: int, name: str) -> Tensor:
+def gaussian_blur(images: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+    """(B, C, H, W) images, each blurred with its own ``sigma`` (B,): a separable Gaussian of
+    ``kernel`` taps, reflect padding (as kornia's ``gaussian_blur2d``), one grouped convolution
+    per direction."""
+    b, c, h, w = images.shape
+    r = kernel // 2
+    t = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
+    g = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.to(images.dtype).view(-1, 1) ** 2))
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (B·C, kernel)
+    x = F.pad(images.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, g.view(b * c, 1, 1, kernel), groups=b * c)
+    x = F.conv2d(x, g.view(b * c, 1, kernel, 1), groups=b * c)
+    return x.view(b, c, h, w)
+
+
+def _hue(x: Tensor, turns: Tensor) -> Tensor:
+    return adjust_hue(x, turns * (2 * math.pi))
+
+
+# the jitter steps, in the index order of ``ViewAugment.draw``'s factors
+_JITTER = (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+           adjust_saturation_with_gray_subtraction, _hue)
+
+
+def _channel_stats(values: Sequence[float], channels: int, name: str) -> list[float]:
     v = [float(x) for x in values] if isinstance(values, Sequence) else [float(values)]
     if len(v) == channels:
-        return torch.tensor(v)
+        return v
     if len(v) == 1 or all(x == v[0] for x in v):
-        return torch.full((channels,), v[0])
+        return [v[0]] * channels
     raise ValueError(f"{name} has {len(v)} values but the images have {channels} channels")
 
 
@@ -137,19 +170,16 @@ class ViewAugment(nn.Module):
         # Only the parameter sampler of this module is used (forward_parameters); the crop itself
         # is resampled by `resized_crop`, whose geometry is exactly the recorded box.
         self.crop = KA.RandomResizedCrop(self.size, scale=(lo, hi), ratio=(rlo, rhi))
-        b, c, s, hue = (float(v) for v in jitter)
-        self.jitter_rgb = KA.ColorJitter(b, c, s, hue, p=jitter_p) if jitter_p > 0 and any(jitter) else None
-        self.jitter_gray = KA.ColorJitter(b, c, 0.0, 0.0, p=jitter_p) if jitter_p > 0 and (b or c) else None
-        self.gray = KA.RandomGrayscale(p=gray_p) if gray_p > 0 else None
-        if blur_p > 0:
-            smax = float(max(blur_sigma))
-            k = 2 * math.ceil(3 * smax) + 1  # covers ±3σ
-            k = max(3, min(k, (min(self.size) // 2) * 2 - 1))  # reflect padding needs radius < size
-            self.blur = KA.RandomGaussianBlur((k, k), tuple(float(v) for v in blur_sigma), p=blur_p)
-        else:
-            self.blur = None
-        # threshold fixed at 0.5 (PIL's 128 on [0, 1]), no additive shift
-        self.solarize = KA.RandomSolarize(0.0, 0.0, p=solarize_p) if solarize_p > 0 else None
+        self.jitter = tuple(float(v) for v in jitter)
+        self.jitter_p = float(jitter_p) if any(self.jitter) else 0.0
+        self.gray_p, self.blur_p, self.solarize_p = float(gray_p), float(blur_p), float(solarize_p)
+        self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (lo, hi) with 0 < lo <= hi, got {tuple(blur_sigma)}")
+        self._stats: dict = {}  # per-channel mean and std on a device, by (channels, device, dtype)
+        smax = max(self.blur_sigma)
+        k = 2 * math.ceil(3 * smax) + 1  # covers ±3σ
+        self.blur_kernel = max(3, min(k, (min(self.size) // 2) * 2 - 1))  # reflect padding needs radius < size
 
     def sample_geometry(self, batch: int, height: int, width: int) -> tuple[Tensor, Tensor]:
         """Draw crop boxes (B, 4) float ``(i, j, h, w)`` and flips (B,) bool, on the CPU."""
@@ -164,42 +194,88 @@ class ViewAugment(nn.Module):
             flips = torch.zeros(batch, dtype=torch.bool)
         return boxes, flips
 
-    def colour(self, views01: Tensor) -> Tensor:
-        """Apply the colour operations to (B, C, Sh, Sw) views in [0, 1]; returns the same shape."""
-        rgb = views01.shape[1] == 3
-        jitter = self.jitter_rgb if rgb else self.jitter_gray
-        if jitter is not None:
-            views01 = jitter(views01)
-        if rgb and self.gray is not None:
-            views01 = self.gray(views01)
-        if self.blur is not None:
-            views01 = self.blur(views01)
-        if self.solarize is not None:
-            views01 = self.solarize(views01)
-        return views01.clamp_(0.0, 1.0)
+    def _jitter_steps(self, channels: int) -> list[int]:
+        """The jitter steps that can change an image of ``channels`` channels: 0 brightness,
+        1 contrast, 2 saturation, 3 hue (the last two need three channels)."""
+        return [k for k in range(4) if self.jitter[k] and (channels == 3 or k < 2)] if self.jitter_p else []
+
+    def draw(self, batch: int, channels: int, height: int, width: int) -> dict:
+        """Every random parameter of ``batch`` views of (channels, height, width) images, drawn on
+        the CPU from torch's global generator: ``box`` (B, 4), ``flip`` (B,), and those of the
+        colour operations in use: ``jitter`` (B, 4) factors (brightness, contrast, saturation
+        multipliers, hue in turns; neutral 1, 1, 1, 0 where a sample is not jittered) with
+        ``jitter_on`` (B,) and ``order`` (the steps' order for the batch, a tuple), ``gray`` (B,),
+        ``blur_sigma`` (B,) with ``blur_on`` (B,), ``solarize`` (B,)."""
+        boxes, flips = self.sample_geometry(batch, height, width)
+        p: dict = {"box": boxes, "flip": flips}
+        steps = self._jitter_steps(channels)
+        if steps:
+            on = torch.rand(batch) < self.jitter_p
+            factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(batch, 1)
+            for k in steps:
+                r = self.jitter[k]
+                lo, hi = (-r, r) if k == 3 else (max(0.0, 1.0 - r), 1.0 + r)
+                factors[:, k] = torch.where(on, lo + (hi - lo) * torch.rand(batch), factors[:, k])
+            p.update(jitter=factors, jitter_on=on, order=tuple(k for k in torch.randperm(4).tolist() if k in steps))
+        if self.gray_p and channels == 3:
+            p["gray"] = torch.rand(batch) < self.gray_p
+        if self.blur_p:
+            p["blur_on"] = torch.rand(batch) < self.blur_p
+            lo, hi = self.blur_sigma
+            p["blur_sigma"] = lo + (hi - lo) * torch.rand(batch)
+        if self.solarize_p:
+            p["solarize"] = torch.rand(batch) < self.solarize_p
+        return p
+
+    def colour(self, views01: Tensor, params: dict) -> Tensor:
+        """Apply the colour operations of ``params`` (:meth:`draw`, on the views' device) to
+        (B, C, Sh, Sw) views in [0, 1]; returns the same shape, in [0, 1]."""
+        x = views01
+        if "jitter" in params:
+            f = params["jitter"].to(x.dtype)
+            y = x.clamp(0.0, 1.0)
+            for k in params["order"]:
+                y = _JITTER[k](y, f[:, k]).clamp(0.0, 1.0)
+            x = torch.where(params["jitter_on"].view(-1, 1, 1, 1), y, x)
+        if "gray" in params:
+            x = torch.where(params["gray"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+        if "blur_on" in params:
+            x = torch.where(params["blur_on"].view(-1, 1, 1, 1), gaussian_blur(x, params["blur_sigma"], self.blur_kernel), x)
+        if "solarize" in params:
+            x = torch.where(params["solarize"].view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+        return x.clamp(0.0, 1.0)
 
     def normalise(self, views01: Tensor) -> Tensor:
         """(B, C, Sh, Sw) in [0, 1] → normalised with ``mean``/``std`` (per channel)."""
         C = views01.shape[1]
-        mean = _channel_stats(self.mean, C, "mean").to(views01).view(1, C, 1, 1)
-        std = _channel_stats(self.std, C, "std").to(views01).view(1, C, 1, 1)
-        return (views01 - mean) / std
+        mean, std = _channel_stats(self.mean, C, "mean"), _channel_stats(self.std, C, "std")
+        if len(set(mean)) == 1 and len(set(std)) == 1:  # plain numbers: no tensor to copy to the device
+            return (views01 - mean[0]) / std[0]
+        key = (C, views01.device, views01.dtype)
+        if key not in self._stats:  # copied to the device once
+            self._stats[key] = tuple(torch.tensor(v, dtype=views01.dtype).view(1, C, 1, 1).to(views01.device)
+                                     for v in (mean, std))
+        m, s = self._stats[key]
+        return (views01 - m) / s
+
+    def apply(self, images01: Tensor, params: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """images01 (B, C, H, W) float in [0, 1] and ``params`` from :meth:`draw` (on the images'
+        device) -> views (B, C, Sh, Sw), boxes (B, 4), flips (B,). Fixed shapes, no host read."""
+        views = resized_crop(images01, params["box"], params["flip"], self.size)
+        return self.normalise(self.colour(views, params)), params["box"], params["flip"]
 
     def forward(self, images01: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """images01 (B, C, H, W) in [0, 1] → views (B, C, Sh, Sw), boxes (B, 4), flips (B,)."""
+        """images01 (B, C, H, W) in [0, 1] → views (B, C, Sh, Sw), boxes (B, 4), flips (B,);
+        draws the parameters on the host and copies them to the images' device."""
         if images01.ndim != 4:
             raise ValueError(f"images01 must be (B, C, H, W), got shape {tuple(images01.shape)}")
         if images01.dtype == torch.uint8:
             images01 = images01.float().div_(255.0)
         elif not images01.is_floating_point():
             raise TypeError(f"images01 must be float in [0, 1] or uint8, got {images01.dtype}")
-        B, C, H, W = images01.shape
-        boxes, flips = self.sample_geometry(B, H, W)
-        boxes = boxes.to(images01.device)
-        flips = flips.to(images01.device)
-        views = resized_crop(images01, boxes, flips, self.size)
-        views = self.colour(views)
-        return self.normalise(views), boxes, flips
+        params = self.draw(*images01.shape)
+        params = {k: v.to(images01.device) if isinstance(v, Tensor) else v for k, v in params.items()}
+        return self.apply(images01, params)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, flip_p={self.flip_p}, mean={self.mean}, std={self.std}"
