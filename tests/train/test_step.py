@@ -132,4 +132,5 @@ def test_compile_trains_like_eager(tmp_path):
     for e, c in zip(runs[False], runs[True]):
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-3, abs=1e-4), e["step"]
     assert counters["stats"]["unique_graphs"] >= 2  # the blocks really ran compiled (train and teacher)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])  # each unit one graph
     assert runs[True][0]["loss"] != runs[True][-1]["loss"]

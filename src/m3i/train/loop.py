@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import preflight, runs, strategy
 from .runlock import RunLock
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
-from .strategy import compile_backbones
+from .strategy import compile_blocks
 
 SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
 
@@ -189,7 +189,7 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
         return ckpt.find(out)
     mixture.start_step = start
     if tr.compile:
-        compile_backbones(objective)
+        compile_blocks(objective)
     # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
     model: nn.Module = strategy.wrap(objective, dev, tr)
     opt, sched = make_schedule(objective, tr, state, resume)

@@ -27,17 +27,18 @@ def backbone_units(backbone: nn.Module) -> list[nn.Module]:
     raise ValueError(f"{type(backbone).__name__}: no blocks or stages to compile or shard by")
 
 
-def compile_backbones(objective: nn.Module, **options) -> int:
-    """``torch.compile`` every unit of every backbone of ``objective`` in place (parameter names,
-    state dicts and the optimiser's view of the parameters do not change); returns the number
-    of units compiled. Call it after the objective is built and moved to its device, before any
-    DDP or FSDP wrapping."""
-    n = 0
-    for net in objective.encoders():
-        for unit in backbone_units(net):
-            unit.compile(**options)
-            n += 1
-    return n
+def compile_blocks(objective: nn.Module, **options) -> int:
+    """``torch.compile`` every unit of every backbone of ``objective`` and every transformer block of
+    its terms (dense decoders, text towers) in place (parameter names, state dicts and the
+    optimiser's view of the parameters do not change); returns the number of units compiled. Call
+    it after the objective is built and moved to its device, before any DDP or FSDP wrapping."""
+    from ..layers import Block
+
+    units = [unit for net in objective.encoders() for unit in backbone_units(net)]
+    units += [m for m in objective.terms.modules() if isinstance(m, Block)]
+    for unit in units:
+        unit.compile(**options)
+    return len(units)
 
 
 # -- data parallel (DDP) or fully sharded (FSDP2) -----------------------------------------------------
