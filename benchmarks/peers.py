@@ -1,11 +1,12 @@
 """Each recipe's training step next to its peer's implementation of the same method, on the CPU.
 
-    PYTHONPATH=src python benchmarks/peers.py [--recipes supervised simclr mae clip] [--rounds 3]
+    PYTHONPATH=src python benchmarks/peers.py [--recipes supervised simclr mae clip] [--pairs 12]
 
 Needs timm, lightly and open_clip (with torchvision). One config for both sides: a ViT of width
 192, depth 6, 3 heads, at 32 px with 4-px patches (65 tokens), batch 128, bf16 autocast, fused
-AdamW, gradient clipping at 1.0. The two steps run in one process, alternating round by round,
-so a busy machine slows both alike; each round prints m3i's images/s over the peer's.
+AdamW, gradient clipping at 1.0. The two steps run in one process, alternating step by step (the
+first of each pair alternating too), so a busy machine slows both alike; it prints the images/s
+of each side and the median, over the pairs, of m3i's speed over the peer's.
 
 - supervised: timm's ``VisionTransformer`` with its own head and ``F.cross_entropy``;
 - simclr: a timm ViT, lightly's ``SimCLRProjectionHead`` (192-512-128, batch norm) and
@@ -159,18 +160,16 @@ def views_of(obj):
     return make
 
 
-def timed(step, n: int) -> float:
+def one(step) -> float:
     t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return n * BATCH / (time.perf_counter() - t0)
+    step()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=["supervised", "simclr", "mae", "clip"])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4, help="steps per side per round")
+    p.add_argument("--pairs", type=int, default=12, help="steps per side, alternating")
     a = p.parse_args()
     print(f"ViT {WIDTH}x{DEPTH} ({HEADS} heads), {SIZE} px / {PATCH} px patches, batch {BATCH}, bf16 autocast, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -180,14 +179,19 @@ def main() -> None:
         for step in (ours, peer):  # warm-up (allocations, optimiser state)
             step()
             step()
-        ratios = []
-        for r in range(a.rounds):
-            mine, theirs = timed(ours, a.steps), timed(peer, a.steps)
-            ratios.append(mine / theirs)
-            print(f"{name:<11} round {r + 1}: m3i {mine:6.1f} img/s, peer {theirs:6.1f} img/s, ratio {mine / theirs:.2f}",
-                  flush=True)
-        print(f"{name:<11} ratio m3i/peer: median {statistics.median(ratios):.2f} "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+        mine, theirs = [], []
+        for i in range(a.pairs):
+            if i % 2:
+                theirs.append(one(peer))
+                mine.append(one(ours))
+            else:
+                mine.append(one(ours))
+                theirs.append(one(peer))
+        ratios = [t / m for m, t in zip(mine, theirs)]
+        q = statistics.quantiles(ratios, n=4)
+        print(f"{name:<11} m3i {a.pairs * BATCH / sum(mine):6.1f} img/s, peer {a.pairs * BATCH / sum(theirs):6.1f} img/s; "
+              f"m3i/peer median {statistics.median(ratios):.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}, {a.pairs} pairs)",
+              flush=True)
 
 
 if __name__ == "__main__":
