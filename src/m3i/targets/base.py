@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..backbones import Backbone, visible_indices
 from ..decoders import DECODERS
@@ -173,13 +173,3 @@ class DenseTarget(Target):
             target = torch.gather(target, 1, sel.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         pred, target = pred.flatten(0, 1), target.flatten(0, 1).detach()
         return term.estimator.dense(pred, target), ctx.batch_size
-
-
-def zero_loss(module: nn.Module, like: Tensor) -> Tensor:
-    """A loss of 0 that still touches every trainable parameter of ``module`` (no NaN, no unused
-    parameters under DDP) for a batch with no sample carrying the target."""
-    z = like.sum() * 0.0
-    for p in module.parameters():
-        if p.requires_grad:
-            z = z + p.sum() * 0.0
-    return z
