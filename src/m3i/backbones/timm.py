@@ -101,14 +101,14 @@ class TimmBackbone(Backbone):
 
     # -- the contract ----------------------------------------------------------------------------
     def forward_features(self, x: Tensor, visible: Tensor | None = None, mode: str = "drop",
-                         return_layers: int = 0) -> Features:
+                         return_layers: int = 0, count: int | None = None) -> Features:
         if visible is not None and mode not in self.input_modes:
             modes = " or ".join(repr(m) for m in self.input_modes) or "no masked input (plain views only)"
             raise ValueError(f"timm/{self.model_name} takes {modes}, not mode={mode!r}")
         if mode == "fill" and visible is not None and self.mask_token is None:
             raise ValueError(f"timm/{self.model_name}: mode='fill' needs the backbone built with fill=True")
         if self.family == VIT_MODULE:
-            return self._vit(x, visible, mode, return_layers)
+            return self._vit(x, visible, mode, return_layers, count)
         if return_layers:
             raise ValueError(f"return_layers: timm/{self.model_name} returns no block outputs (only timm's ViTs do)")
         if visible is not None:  # fill after the stem
@@ -123,11 +123,11 @@ class TimmBackbone(Backbone):
         pooled = self.model.forward_head(fm, pre_logits=True)
         tokens = fm.flatten(2).transpose(1, 2)
         if visible is not None:
-            idx = visible_indices(visible)
+            idx = visible_indices(visible, count)
             tokens = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return Features(pooled, tokens)
 
-    def _vit(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int) -> Features:
+    def _vit(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int, count: int | None) -> Features:
         m = self.model
         depth = len(m.blocks)
         if not 0 <= return_layers <= depth:
@@ -138,7 +138,7 @@ class TimmBackbone(Backbone):
         h = m._pos_embed(h)                                                   # class / register tokens first
         keep = None
         if visible is not None:
-            keep = visible_indices(visible)
+            keep = visible_indices(visible, count)
             if mode == "drop":  # the masked tokens are never computed
                 prefix = torch.arange(self.prefix, device=h.device).expand(h.shape[0], -1)
                 rows = torch.cat([prefix, keep + self.prefix], dim=1)

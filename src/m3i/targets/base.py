@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..backbones import Backbone, visible_indices
 from ..decoders import DECODERS

@@ -212,7 +212,8 @@ def replicate(objective: nn.Module, device: torch.device) -> nn.Module:
     teacher, frozen towers) take no part in DDP's gradient sync, but DDP's initial broadcast
     copies every parameter and buffer of rank 0 (teacher included) so all ranks start equal;
     buffers are re-broadcast from rank 0 every step. Every trainable parameter must get a
-    gradient on every rank each step (``m3i.targets.base.zero_loss`` ensures it), hence no
+    gradient on every rank each step (every target keeps its fixed shapes, so a batch without
+    its target still reaches every parameter, with weight 0), hence no
     ``find_unused_parameters`` and its per-step graph walk."""
     if not dist.is_dist():
         return objective
