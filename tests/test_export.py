@@ -56,7 +56,15 @@ def test_vit_export_folder_rebuilds_the_backbone(tmp_path):
         assert f.metadata()["m3i_backbone"] == "vit_nano"
     assert "local-dir:" in (out / "README.md").read_text()
 
-    assert export(tmp_path / "run", out) == 0  # a second export replaces the first
+    # a second export into the folder is refused; with --overwrite the first is moved aside, whole
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert export(tmp_path / "run", out) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "timm-dir", "--out", str(out),
+                 "--overwrite"]) == 0
+    aside = list(tmp_path.glob("vit.old-*"))
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == first
+    assert sorted(p.name for p in out.iterdir()) == sorted(first)
 
 
 def test_convnext_export_folder_has_timm_conv_mlp_kernels(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _recipes(args) -> int:
 
 def _pretrain(args) -> int:
     from .config import load_recipe
+    from .train import runs
     from .train.loop import pretrain
 
     demo = args.recipe is None and args.resume is None
@@ -49,17 +51,32 @@ def _pretrain(args) -> int:
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     out = args.out or (DEMO_OUT if demo else f"runs/{recipe_name}")
-    if args.resume and not args.recipe:  # continue with the run's own resolved config
-        from .train import runs
+    resume = args.resume
+    main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 checks and moves folders
+    if demo and args.out is None and not args.overwrite and (held := runs.describe(out)):
+        if runs.finished(out, args.steps):  # the demo ran before: its result, and how to train again
+            from .eval.run import quality_line
 
-        recipe = runs.read_recipe(args.resume, args.config, overrides)
-        out = args.out or str(runs.run_dir(args.resume))
+            print(quality_line(out, device=args.device))
+            print(f"m3i demo: {out} holds {held}; to train again: `m3i pretrain --overwrite` (moves it aside) "
+                  f"or `m3i pretrain --out OTHER`")
+            return 0
+        if runs.newest(out) is not None:  # an interrupted demo: go on with it
+            print(f"m3i demo: {out} holds {held}; continuing it (a fresh start: `m3i pretrain --overwrite`)")
+            resume = out
+    if resume and not args.recipe:  # continue with the run's own resolved config
+        recipe = runs.read_recipe(resume, args.config, overrides)
+        out = args.out or str(runs.run_dir(resume))
     else:
         recipe = load_recipe(recipe_name, args.config, overrides)
-    if demo:
+    if main_rank and resume:  # before any work: nothing of an earlier run is written over (runs.py)
+        runs.resume_into(resume, out, args.overwrite)
+    elif main_rank:
+        runs.claim(out, args.overwrite)
+    if demo and not resume:
         print(f"m3i demo: recipe 'm3i' on the built-in mix (Fashion-MNIST with labels, emoji with captions, "
               f"both also unlabelled), {recipe.train.steps} steps -> {out}")
-    pretrain(recipe, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+    pretrain(recipe, out, resume=resume, device=args.device, progress=not args.no_progress,
              init_from=args.init_from)
     if demo:
         from .eval.run import quality_line
@@ -69,10 +86,14 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_program, export_timm, export_timm_dir
+    from .export import export_program, export_timm, export_timm_dir, holds_export
+    from .train import runs
 
+    out = Path(args.out)
+    runs.claim(out, args.overwrite, held="an earlier export" if holds_export(out, args.format) else None,
+               choices="choose another --out")
     write = {"timm": export_timm, "timm-dir": export_timm_dir, "pt2": export_program}[args.format]
-    path = write(args.checkpoint, args.out)
+    path = write(args.checkpoint, out)
     print(f"wrote {path}")
     return 0
 
@@ -97,12 +118,22 @@ def _eval(args) -> int:
 
 
 def _finetune(args) -> int:
-    from .eval.finetune import default_out, finetune
+    from .eval.finetune import SCRATCH, default_out, finetune, load_config
     from .export import writable_file
+    from .train import runs
 
     if args.json:
         writable_file(Path(args.json), "--json")  # before any work
-    out = args.out or default_out(args.checkpoint, args.dataset, args.recipe)
+    load_config(args.overrides, steps=args.steps)  # the settings' errors first
+    default = default_out(args.checkpoint, args.dataset, args.recipe)
+    out = Path(args.out) if args.out else default
+    if args.checkpoint != SCRATCH:  # a fine-tuning is a run of its own, never written into its source
+        source = runs.run_dir(args.checkpoint)
+        if runs.same_or_inside(out, source) or runs.same_or_inside(source, out):
+            raise ValueError(f"--out {out}: {'is' if runs.same_or_inside(out, source) else 'holds'} the run "
+                             f"fine-tuned from ({source}); a fine-tuning is a run of its own: give it another --out "
+                             f"(the default is {default})")
+    runs.claim(out, args.overwrite, choices="choose another --out")  # before any work
     result = finetune(args.checkpoint, args.dataset, steps=args.steps, overrides=args.overrides, recipe=args.recipe,
                       split=args.split, out=out, device=args.device, progress=not args.no_progress)
     print(f"fine-tuned weights: {result['out']}")
@@ -189,6 +220,9 @@ def _at_least_one(text: str) -> int:
     return n
 
 
+OVERWRITE = "an existing run (or export) at --out is moved aside to OUT.old-<time>, never deleted"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i", description="All-in-one, single-stage pre-training of vision backbones.")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -202,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("pretrain", help="pre-train a backbone; with no argument, the demo")
     t.add_argument("--recipe", help="recipe name (m3i recipes) or a .yaml file")
-    t.add_argument("--out", help="run directory (default runs/<recipe>)")
+    t.add_argument("--out", help="run directory (default runs/<recipe>); one that holds a run is refused")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     t.add_argument("--steps", type=_at_least_one, help="number of optimiser steps (train.steps)")
     t.add_argument("--config", help="a YAML file merged over the recipe")
     t.add_argument("--resume", help="continue a run from its latest checkpoint (a run or checkpoint directory)")
@@ -218,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm: one .safetensors file; timm-dir: a folder timm.create_model('local-dir:DIR') loads; "
                         "pt2: any backbone as a program torch.export.load(FILE).module() runs (images in [0, 1])")
     e.add_argument("--out", required=True, help="FILE.safetensors (timm), a folder (timm-dir) or FILE.pt2 (pt2)")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     e.set_defaults(func=_export)
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
@@ -247,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default="test", choices=["test", "val"],
                    help="test: train on train, score test; val: train on fit, score val (for choices)")
     f.add_argument("--out", help="run directory for the fine-tuned weights (default runs/finetune/<name>-<dataset>)")
+    f.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     f.add_argument("--json", help="write the result here")
     f.add_argument("--device")
     f.add_argument("--no-progress", action="store_true")

@@ -134,6 +134,14 @@ features = model.forward_features(images)  # images normalised with mean {mean},
 """
 
 
+def holds_export(out: Path, fmt: str) -> bool:
+    """Whether ``out`` holds an earlier export of format ``fmt`` ("timm", "timm-dir" or "pt2")."""
+    if fmt != "timm-dir":
+        return out.is_file()
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return bool(names) and names <= set(_FILES)
+
+
 def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``out/`` (config.json, model.safetensors, README.md); see the module docstring."""
     from .train.runs import load_run

@@ -140,11 +140,13 @@ def _pause(point: str, step: int, fd: int) -> None:
 
 class Child:
     """``m3i ARGS`` in a child process, paused at ``pause="POINT@STEP"`` if given (see the module's
-    docstring); ``wrapper``: more Python code run first in the child, as in :func:`m3i_cmd`.
+    docstring); ``wrapper``: more Python code run first in the child, as in :func:`m3i_cmd`;
+    ``session``: in a session (process group) of its own, for :meth:`signal_group`.
     stdout and stderr go to files (a chatty child never blocks on a full pipe). As a context
     manager, a child still running at the end is killed."""
 
-    def __init__(self, *args: str, pause: str | None = None, wrapper: str | None = None, env: dict | None = None):
+    def __init__(self, *args: str, pause: str | None = None, wrapper: str | None = None, env: dict | None = None,
+                 session: bool = False):
         self.pause = pause
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         code, fds, self._said = wrapper or "", (), None
@@ -158,7 +160,8 @@ class Child:
             code = (f"import sys\nsys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]\nimport faultkit\n"
                     f"faultkit._pause({point!r}, {int(step)}, {said})\n" + code)
         self.proc = subprocess.Popen(m3i_cmd(*args, wrapper=code or None), env=env or ENV, stdin=subprocess.PIPE,
-                                     stdout=self._out, stderr=self._err, text=True, pass_fds=fds)
+                                     stdout=self._out, stderr=self._err, text=True, pass_fds=fds,
+                                     start_new_session=session)
         if fds:
             os.close(fds[0])
 
@@ -187,6 +190,11 @@ class Child:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """To the child's whole process group (``session=True``), DataLoader workers included: what
+        ``kill -SIG -- -PGID``, SLURM and a terminal's Ctrl-C do."""
+        os.killpg(self.proc.pid, sig)
 
     def kill(self) -> int:
         """SIGKILL, and wait for it to end."""

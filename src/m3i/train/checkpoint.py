@@ -167,10 +167,18 @@ def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict
         raise CheckpointWriteError(
             f"{final}: the checkpoint could not be written ({why}); {prev}. Free some space (or fix the "
             f"folder's permissions), then continue with `m3i pretrain --resume {run_dir}`") from None
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    # the newest ``keep`` of the run's own line: the checkpoints before this one (any of a later
+    # step is not this line's, and is left alone)
+    line = sorted((p for p in root.glob("step_*") if _NAME.fullmatch(p.name) and p.is_dir() and step_of(p) < step),
+                  key=step_of)
+    for old in line[:len(line) - (keep - 1)]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of a checkpoint folder, from its name (step_000200 -> 200)."""
+    return int(checkpoint.name.removeprefix("step_"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +295,7 @@ def find(path: Path) -> Path:
         name = latest.read_text().strip()
         if _NAME.fullmatch(name) and (root / name / MODEL_FILE).is_file():
             return verify(root / name)
-    done = sorted(p for p in root.glob("step_*") if _NAME.fullmatch(p.name) and (p / MODEL_FILE).is_file()) \
+    done = sorted((p for p in root.glob("step_*") if _NAME.fullmatch(p.name) and (p / MODEL_FILE).is_file()), key=step_of) \
         if root.is_dir() else []
     if done:  # ``latest`` lost or stale: the newest whole checkpoint
         return verify(done[-1])

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -24,6 +22,7 @@ from ..weights import load_weights_into
 from . import checkpoint as ckpt
 from . import preflight, runs, strategy
 from .runlock import RunLock
+from .signals import Preemption, worker_init
 from .step import BadSteps, TrainStep, keep_fused, make_optimizer
 from .strategy import compile_blocks
 
@@ -92,34 +91,6 @@ class TrainingError(RuntimeError):
     pass
 
 
-class Preemption:
-    """SIGTERM (what schedulers send before they preempt a job) asks the loop to save a
-    checkpoint and return; installed for the run, the previous handler restored after it."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any rank was asked to stop (a collective with several ranks: every rank then
-        stops at the same step)."""
-        if dist.world_size() == 1:
-            return self.requested
-        return not bool(dist.all_ranks(torch.tensor(not self.requested, device=device)))
-
-
 def setup_device(device: str | None) -> torch.device:
     dev = resolve_device(device)
     if "RANK" in os.environ and not dist.is_dist():
@@ -152,8 +123,8 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     resume: a run or checkpoint directory to continue from (same recipe).
     init_from: start the backbone from another run's weights (a multi-stage pipeline's next stage).
 
-    ``out`` is locked for the run (a second run into it is refused), and SIGTERM saves a
-    checkpoint and returns (the run continues with ``resume=out``).
+    ``out`` is locked for the run (a second run into it is refused), and SIGTERM or Ctrl-C saves
+    a checkpoint and returns (the run continues with ``resume=out``; see signals.py).
     """
     out = Path(out)
     recipe = preflight.with_absolute_paths(recipe)
@@ -217,8 +188,9 @@ def restore(objective: Objective, recipe: Recipe, resume: str | Path) -> tuple[i
         ckpt.set_rng_state(rngs[rank])
     elif rank == 0:
         print(f"note: the checkpoint holds the random state of {len(rngs)} ranks, not {world}; not restored")
-    if rank == 0 and state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
-        print("note: resuming with a recipe that differs from the checkpoint's")
+    if rank == 0 and state.get("recipe"):
+        for line in runs.changes(state["recipe"], recipe, int(state["step"])):
+            print(line)
     return int(state["step"]), state
 
 
@@ -251,6 +223,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
                                          prefetch_factor=4 if recipe.data.num_workers else None,
                                          pin_memory=dev.type == "cuda",
+                                         worker_init_fn=worker_init,
                                          generator=torch.Generator().manual_seed(tr.seed))
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
@@ -277,8 +250,8 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             bar.update(1)
             logged = step % tr.log_every == 0 or step == tr.steps
             saving = step % tr.ckpt_every == 0 or step == tr.steps
-            # SIGTERM: one process sees it at once; ranks agree where they read the counters anyway
-            stopping = stop.requested and world == 1
+            # SIGTERM / Ctrl-C: one process sees it at once; ranks agree where they read the counters anyway
+            stopping = stop.requested is not None and world == 1
             if not (logged or saving or stopping or step % tr.max_bad_steps == 0):
                 continue
             bad_total, bad_in_row, worst = bad.read()  # waits for the device
@@ -304,7 +277,8 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                 last_good, saved = _save(out, step, objective, opt, sched, recipe, main, counters), True
             if stopping:
                 if main:
-                    print(f"SIGTERM at step {step}: saved {last_good}; continue with `m3i pretrain --resume {out}`")
+                    print(f"{stop.requested or 'a stop signal to another rank'} at step {step}: saved {last_good}; "
+                          f"continue with `m3i pretrain --resume {out}`")
                 break
     finally:
         bar.close()

@@ -19,6 +19,33 @@ class RunLockedError(RuntimeError):
     """Another process is writing into the run directory (the message names it)."""
 
 
+def locked(run_dir: Path, pid: str) -> RunLockedError:
+    return RunLockedError(f"{run_dir}: another m3i run (pid {pid}) is writing into this directory; "
+                          f"wait for it to end or choose another --out")
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def held_by(run_dir: str | Path) -> str | None:
+    """The pid of another live process that holds ``DIR/.lock``, or None; the file is left as it
+    is. (A POSIX lock is the process's: never ask this of a folder this process has locked.)"""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return _holder(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
@@ -39,10 +66,9 @@ class RunLock:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
                 raise ValueError(f"{self.path}: cannot be locked ({e.strerror})") from None
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent}: another m3i run (pid {holder}) is writing into this "
-                                 f"directory; wait for it to end or choose another --out") from None
+            raise locked(self.path.parent, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
