@@ -144,11 +144,11 @@ def test_a_resume_that_differs_says_what_differs_and_a_longer_run_is_a_continuat
 
 def test_changes_name_each_setting_of_a_nested_recipe():
     saved = load_recipe("m3i").model_dump(mode="json")
-    now = load_recipe("m3i", overrides=["terms.1.estimator.temperature=0.5", "train.steps=5"])
+    now = load_recipe("m3i", overrides=["terms.1.estimator.temperature=0.5", "train.steps=500"])
     assert runs.changes(saved, now, 3) == [
         "note: resuming with terms.1.estimator.temperature=0.5 (the run so far: 0.1)",
         "note: from step 3 on, the run trains with these changes: it is no longer the uninterrupted run"]
-    assert runs.changes(saved, load_recipe("m3i", overrides=["train.steps=5"]), 3) == []
+    assert runs.changes(saved, load_recipe("m3i", overrides=["train.steps=500"]), 3) == []
     # a term added on resume is one setting, shown whole
     fewer = {**saved, "terms": saved["terms"][:3]}
     assert runs.changes(fewer, load_recipe("m3i"), 3) == [
