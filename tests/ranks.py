@@ -72,12 +72,14 @@ def _exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def run_ranks(fn, *args, world: int = 2, rendezvous: str = "file", timeout: float = HANG) -> None:
-    """Run ``fn(rank, *args)`` on ``world`` gloo ranks (fresh processes; ``fn`` and ``args``
-    picklable); return when every rank has returned, else fail naming each rank's error."""
+def run_ranks(fn, *args, world: int = 2, rendezvous: str = "file", timeout: float = HANG,
+              start_method: str = "spawn") -> None:
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks; return when every rank has returned, else
+    fail naming each rank's error. ``start_method="spawn"``: fresh processes (``fn`` and ``args``
+    picklable); ``"fork"``: copies of the test process, which start without importing anything."""
     if rendezvous not in ("file", "env"):
         raise ValueError(f"rendezvous={rendezvous!r}: expected 'file' or 'env'")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     with tempfile.TemporaryDirectory(prefix="m3i-ranks-") as tmp:
         store = None
         if rendezvous == "file":

@@ -29,13 +29,14 @@ def test_loader_benchmark_prints_its_table(tmp_path):
     assert proc.stdout.count("| 96x64 |") == 4
 
 
+@pytest.mark.slow
 def test_loader_scale_benchmark_prints_its_comparison(tmp_path):
     out = tmp_path / "scale.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--samples", "300", "--shards", "3",
                            "--data", str(tmp_path / "set"), "--photo", "32x24", "--size", "16", "--batch", "16",
                            "--batches", "2", "--repeats", "1", "--workers", "1", "--ranks", "1", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["index"]["samples"] == 300 and res["index"]["bytes_per_sample"] < 64 * 4  # the shard table: 3 shards

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from m3i.config import load_recipe
 from m3i.train import loop
+from ranks import run_ranks
 
 GLOBAL_BATCH = 8
 PHASES = [(2, 0, 3), (1, 3, 5), (2, 5, 7), (4, 7, 9)]  # (ranks, first step, end step)
@@ -49,22 +50,18 @@ def read_steps(rank: int, world: int, root, start: int, stop: int) -> list[dict]
     return out
 
 
-def _phase(rank, world, init, root, start, stop, out):
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        mine = read_steps(rank, world, root, start, stop)
-        every = [None] * world
-        tdist.all_gather_object(every, mine)  # the global batch: the ranks' slices in rank order
-        if rank == 0:
-            steps = [{"step": parts[0]["step"], "ids": sum((p["ids"] for p in parts), []),
-                      "pixels": sum((p["pixels"] for p in parts), [])} for parts in zip(*every)]
-            with open(out, "w") as f:
-                json.dump(steps, f)
-    finally:
-        tdist.destroy_process_group()
+def _phase(rank, world, root, start, stop, out):
+    mine = read_steps(rank, world, root, start, stop)
+    every = [None] * world
+    tdist.all_gather_object(every, mine)  # the global batch: the ranks' slices in rank order
+    if rank == 0:
+        steps = [{"step": parts[0]["step"], "ids": sum((p["ids"] for p in parts), []),
+                  "pixels": sum((p["pixels"] for p in parts), [])} for parts in zip(*every)]
+        with open(out, "w") as f:
+            json.dump(steps, f)
 
 
+@pytest.mark.slow
 def test_resume_on_other_world_sizes_continues_the_global_stream(tmp_path):
     write_shards(tmp_path)
     one = read_steps(0, 1, tmp_path, 0, PHASES[-1][2])  # one rank, uninterrupted
@@ -72,8 +69,7 @@ def test_resume_on_other_world_sizes_continues_the_global_stream(tmp_path):
     for n, (world, start, stop) in enumerate(PHASES):
         out = tmp_path / f"phase{n}.json"
         # forked: the ranks start with m3i already imported (a spawned process spends seconds on it)
-        mp.start_processes(_phase, args=(world, str(tmp_path / f"init{n}"), tmp_path, start, stop, str(out)),
-                           nprocs=world, join=True, start_method="fork")
+        run_ranks(_phase, world, tmp_path, start, stop, str(out), world=world, start_method="fork")
         got += json.loads(out.read_text())
     assert [s["step"] for s in got] == [s["step"] for s in one] == list(range(PHASES[-1][2]))
     for a, b in zip(got, one):

@@ -9,16 +9,19 @@ of its run, says so, and waits for the test, which then kills it, signals it, or
         assert child.paused(), child.stderr()   # False: the run ended without reaching the point
         child.kill()                            # SIGKILL there; or child.signal(SIGTERM); child.release()
 
-The points (``STEP`` is the step the loop counts: the first update is step 1):
+The points (``STEP`` is the step the loop counts: the first update is step 1; a ``log`` point
+needs a step the run logs, the others but ``step`` one it checkpoints):
 
-- ``step``: before the update of step ``STEP`` runs; the newest checkpoint is ``STEP - 1``'s.
+- ``step``: before the update of step ``STEP`` runs (with ``train.ckpt_every=1`` the newest
+  checkpoint is then ``STEP - 1``'s).
 - ``log``: step ``STEP``'s line just appended to metrics.jsonl, its checkpoint not yet begun.
 - ``files``: inside step ``STEP``'s checkpoint write: the weights and optimizer files written
   into ``.step_NNNNNN.tmp``, ``state.json`` not yet, nothing renamed.
 - ``pointer``: inside that write: the folder renamed into place, ``latest`` not yet replaced.
 - ``saved``: step ``STEP``'s checkpoint whole and ``latest``, the next update not yet begun.
 
-The child pauses once. It tells the test through a pipe of its own and waits on its stdin; if
+The child pauses once. ``wrapper`` code of the test's own (see :func:`m3i_cmd`) runs after the
+pause is installed. The child tells the test through a pipe of its own and waits on its stdin; if
 the test goes away (stdin closed) the paused child exits, so none outlives a failed test.
 """
 from __future__ import annotations

@@ -117,11 +117,11 @@ def test_sigterm_saves_exits_0_and_the_run_resumes_bitwise(data, reference, tmp_
 @pytest.mark.slow
 def test_a_second_run_into_the_same_directory_is_refused(data, tmp_path):
     run = tmp_path / "run"
-    # the first run, paused at its step 3 (two steps logged), holds the directory
-    with Child(*pretrain_args(run, data, "train.steps=4", "train.ckpt_every=1000"), pause="step@3") as first:
+    # the first run, paused once its step 2 is logged and saved, holds the directory
+    with Child(*pretrain_args(run, data, "train.steps=4"), pause="saved@2") as first:
         assert first.paused(), first.stderr()
         written = (run / "metrics.jsonl").read_text()
-        assert [r["step"] for r in metrics(run)] == [1, 2]
+        assert [r["step"] for r in metrics(run)] == [1, 2] and latest_step(run) == 2
         second = run_m3i(*pretrain_args(run, data, "train.steps=5"))
         assert second.returncode == 1
         assert error_lines(second.stderr) == [
@@ -131,4 +131,4 @@ def test_a_second_run_into_the_same_directory_is_refused(data, tmp_path):
         assert first.poll() is None  # and it still runs, to its end
         first.release()
         assert first.wait() == 0, first.stderr()
-    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4] and latest_step(run) == 4
