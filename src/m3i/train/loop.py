@@ -237,8 +237,9 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     saved = False
     t0, seen = time.perf_counter(), 0
     step = start
+    batches = iter(loader)
     try:
-        for batch in loader:
+        for batch in batches:
             if step >= tr.steps:
                 break
             skipped += int(batch["n_skipped"])
@@ -281,6 +282,9 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                           f"continue with `m3i pretrain --resume {out}`")
                 break
     finally:
+        # the loader's workers end here, on an error too: they ignore SIGTERM (signals.py), so the
+        # interpreter's exit, which terminates its daemon processes with it, could not end them
+        getattr(batches, "_shutdown_workers", lambda: None)()
         bar.close()
         if log:
             log.close()
