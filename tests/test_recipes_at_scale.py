@@ -47,6 +47,16 @@ def test_learning_rate_per_256_images_scales_with_the_global_batch():
     assert load_recipe("mae-vitb16").train.lr == pytest.approx(1.5e-4 * 16)
 
 
+def test_min_lr_above_the_lr_blr_makes_is_refused():
+    from m3i.config import ConfigError
+
+    # supervised-vitb16: blr 2.5e-4 and min_lr 1e-5; at a batch of 8 the lr is 2.5e-4 · 8 / 256 = 7.8125e-6
+    with pytest.raises(ConfigError, match=r"train.min_lr: 1e-05 is above the lr 7.8125e-06 train.blr 0.00025 makes"):
+        load_recipe("supervised-vitb16", overrides=["data.batch_size=8"])
+    assert load_recipe("supervised-vitb16", overrides=["data.batch_size=8", "train.min_lr=0"]).train.lr == \
+        pytest.approx(2.5e-4 * 8 / 256)
+
+
 def test_lr_beside_a_different_blr_is_refused():
     from m3i.config import ConfigError
 
@@ -63,6 +73,7 @@ def test_lr_beside_a_different_blr_is_refused():
 TINY_RUN = ["backbone.img_size=32", "data.image_size=32", "backbone.depth=2", "data.batch_size=8",
             "data.num_workers=0", "train.steps=2", "train.warmup_steps=1", "train.log_every=1",
             "backbone.grad_checkpointing=true",
+            "train.min_lr=0",  # blr at a batch of 8 makes lr smaller than the recipes' min_lr, which is refused
             "data.sources=[{spec: 'fashion-mnist:train', captions: false}, {spec: 'emoji:train', labels: false}]"]
 M3I_SHRINK = ["terms.0.decoder.projector_depth=1", "terms.0.decoder.depth=1",
               # a small text tower trained from scratch: MiniLM's embedding of every caption takes longer
