@@ -53,7 +53,7 @@ def _pretrain(args) -> int:
     out = args.out or (DEMO_OUT if demo else f"runs/{recipe_name}")
     resume = args.resume
     main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 checks and moves folders
-    if demo and args.out is None and not args.overwrite and (held := runs.describe(out)):
+    if demo and args.out is None and not args.overwrite and not args.dry_run and (held := runs.describe(out)):
         if runs.finished(out, args.steps):  # the demo ran before: its result, and how to train again
             from .eval.run import quality_line
 
