@@ -29,3 +29,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def killed_and_resumed(monkeypatch, recipe, out, at_step: int, **kw):
+    """``pretrain`` killed right after its step-``at_step`` checkpoint is written, then resumed."""
+    from m3i.train import loop
+
+    real_save = loop._save
+
+    def crash_after_save(run, step, *a, **k):
+        path = real_save(run, step, *a, **k)
+        if step == at_step:
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(loop, "_save", crash_after_save)
+    with pytest.raises(KeyboardInterrupt):
+        loop.pretrain(recipe, out, progress=False, **kw)
+    monkeypatch.setattr(loop, "_save", real_save)
+    return loop.pretrain(recipe, out, resume=out, progress=False, **kw)

@@ -6,10 +6,11 @@ from m3i.cli import main
 from m3i.config import ConfigError, describe_term, load_recipe, recipe_names
 
 NINE = ["byol", "clip", "data2vec", "m3i", "mae", "mocov3", "sim", "simclr", "supervised"]
+SCALE = ["clip-vitb16", "m3i-vitb16", "m3i-vitl16", "mae-vitb16", "sim-vitb16", "supervised-vitb16"]
 
 
-def test_nine_recipes_ship():
-    assert recipe_names() == NINE
+def test_nine_recipes_ship_with_six_at_paper_scale():
+    assert recipe_names() == sorted(NINE + SCALE)
 
 
 @pytest.mark.parametrize("name", NINE)
@@ -21,7 +22,7 @@ def test_every_recipe_validates(name):
 def test_recipes_json_lists_table_from_files(capsys):
     assert main(["recipes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == NINE
+    assert [r["name"] for r in rows] == sorted(NINE + SCALE)
     for row in rows:
         for t in row["terms"]:
             assert set(t) == {"input", "target", "target_encoder", "estimator"}

@@ -53,7 +53,7 @@ def _pretrain(args) -> int:
     out = args.out or (DEMO_OUT if demo else f"runs/{recipe_name}")
     resume = args.resume
     main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 checks and moves folders
-    if demo and args.out is None and not args.overwrite and (held := runs.describe(out)):
+    if demo and args.out is None and not args.overwrite and not args.dry_run and (held := runs.describe(out)):
         if runs.finished(out, args.steps):  # the demo ran before: its result, and how to train again
             from .eval.run import quality_line
 
@@ -69,6 +69,11 @@ def _pretrain(args) -> int:
         out = args.out or str(runs.run_dir(resume))
     else:
         recipe = load_recipe(recipe_name, args.config, overrides)
+    if args.dry_run:  # trains nothing: no run folder is claimed
+        from .train.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(recipe, gpus=args.gpus)))
+        return 0
     if main_rank and resume:  # before any work: nothing of an earlier run is written over (runs.py)
         runs.resume_into(resume, out, args.overwrite)
     elif main_rank:
@@ -244,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", help="start the backbone from another run's checkpoint (multi-stage)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, parameters, FLOPs, images seen, epochs per source, steps and a "
+                        "wall-time estimate; train nothing")
+    t.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 8)),
+                   help="GPUs of the run, for --dry-run's wall time (default $WORLD_SIZE or 8)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
     t.set_defaults(func=_pretrain)
 

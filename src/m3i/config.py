@@ -44,11 +44,16 @@ class AugmentCfg(Strict):
     gray_p: float = 0.2
     blur_p: float = 0.0
     solarize_p: float = 0.0
+    # the normalisation of the backbone's input (ImageNet's for the recipes at 224 px)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 class MaskCfg(Strict):
     kind: Literal["block", "random"] = "block"
     ratio: float = Field(0.6, ge=0.0, lt=1.0)
+    # the smallest rectangle of a block mask, in patches (BEiT and SIM: 16 at 14 × 14)
+    min_block: int = Field(4, ge=1)
 
 
 class ViewsCfg(Strict):
@@ -75,6 +80,8 @@ class SourceCfg(Strict):
     weight: float = Field(1.0, gt=0)
     labels: bool = True
     captions: bool = True
+    # the number of samples, as published, for `m3i pretrain --dry-run` where the source is not at hand
+    size: int | None = Field(None, ge=1)
 
 
 def builtin_mix() -> list[SourceCfg]:
@@ -105,12 +112,16 @@ class DataCfg(Strict):
 class TrainCfg(Strict):
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # the learning rate per 256 images (MAE, SIM): lr = blr · data.batch_size / 256
+    blr: float | None = Field(None, gt=0)
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int | None = Field(None, ge=0)  # default: a tenth of the steps
     clip_grad: float = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # fp16: autocast to float16 with a gradient scaler (GPUs without bfloat16); the steps it skips
+    # (gradients that overflowed) count as skipped steps
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 0
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
@@ -119,6 +130,15 @@ class TrainCfg(Strict):
     compile: bool = False
     # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # monitors (m3i.eval.monitor): every eval_every steps (0: never) k-NN on the val split of
+    # eval_knn and retrieval on that of eval_retrieval (default: the built-in sources of the mix),
+    # at most eval_limit fit images and eval_limit / 4 val images
+    eval_every: int = Field(0, ge=0)
+    eval_knn: str | None = None
+    eval_retrieval: str | None = None
+    eval_limit: int = Field(2000, ge=4)
+    # experiment trackers beside metrics.jsonl (m3i.train.trackers); wandb and mlflow are extras
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -203,6 +223,16 @@ class Recipe(Strict):
                 self.backbone.img_size = self.data.image_size
             else:
                 self.data.image_size = self.backbone.img_size
+        tr = self.train
+        if tr.blr is not None:
+            lr = tr.blr * self.data.batch_size / 256
+            if "lr" in tr.model_fields_set and abs(tr.lr - lr) > 1e-9 * lr:
+                raise ValueError(f"train.lr: {tr.lr} is given beside train.blr {tr.blr}, which makes it {lr:g} at "
+                                 f"data.batch_size {self.data.batch_size}; give one of them")
+            if tr.min_lr > lr:
+                raise ValueError(f"train.min_lr: {tr.min_lr:g} is above the lr {lr:g} train.blr {tr.blr} makes at "
+                                 f"data.batch_size {self.data.batch_size}; the schedule decays from lr to min_lr")
+            tr.lr = lr
         return self
 
 

@@ -110,3 +110,8 @@ def no_weight_decay(module: nn.Module) -> set[str]:
         if callable(own):
             names |= {f"{prefix}.{k}" if prefix else k for k in own()}
     return names
+
+
+def running_stats(module: nn.Module) -> list[Tensor]:
+    """The batch-norm running statistics under ``module`` (what a forward pass in training moves)."""
+    return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]

@@ -53,8 +53,9 @@ def draw_visible(views_cfg, batch_size: int, grid: tuple[int, int]) -> Tensor:
     m = views_cfg.mask
     if views_cfg.input_mode == "mix":
         return mix_visible(batch_size, grid, kind=m.kind)
-    make = block_mask if m.kind == "block" else random_mask
-    return ~make(batch_size, grid, m.ratio)
+    if m.kind == "block":
+        return ~block_mask(batch_size, grid, m.ratio, min_patches=m.min_block)
+    return ~random_mask(batch_size, grid, m.ratio)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import loop
 from m3i.train.host_sync import HostSyncs
-from m3i.train.step import BadSteps, TrainStep, make_optimizer
+from m3i.train.step import BadSteps, TrainStep, autocast_for, make_optimizer, make_scaler
 from m3i.views import ViewAugment
 
 TINY = ["data.batch_size=8", "data.num_workers=0"]
@@ -60,6 +60,27 @@ def test_step_never_waits_for_the_device(case, one_thread):
         n = int(out["n_" + term.name])
         kind = term.cfg.target.kind
         assert n == {"label": 5, "caption": 4}.get(kind, n)
+
+
+@pytest.mark.parametrize("case", ["simclr", "mae"])
+def test_fp16_step_with_its_scaler_never_waits_for_the_device(case, one_thread):
+    """fp16: the scaled backward, the unscale and the scale's update stay on the device too."""
+    recipe = load_recipe(case, overrides=TINY + CASES[case] + ["train.precision=fp16"])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    obj = Objective(recipe, num_classes=10)
+    opt = make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda(recipe.train))
+    scaler = make_scaler(cpu, "fp16")
+    step = TrainStep(obj, obj, opt, sched, recipe.train, autocast_for(cpu, "fp16"), BadSteps(cpu), scaler)
+    step(obj.stage(batch(0), cpu), 0)
+    staged = obj.stage(batch(1), cpu)
+    with HostSyncs() as syncs:
+        out = step(staged, 1)
+    assert syncs.total == 0, dict(syncs.counts)
+    assert torch.isfinite(out["loss"]).item()
+    # the scale starts at 2^16 and halves at each step whose scaled gradients overflowed (skipped)
+    assert scaler.get_scale() == 2.0 ** (16 - step.bad.read()[0])
 
 
 def bad_free(step: TrainStep) -> bool:

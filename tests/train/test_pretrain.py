@@ -9,7 +9,7 @@ from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.train import checkpoint as ckpt
 from m3i.train import loop
-from conftest import needs_data
+from conftest import killed_and_resumed, needs_data
 
 pytestmark = needs_data
 
@@ -27,20 +27,7 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path, monkeypatch):
     loop.pretrain(recipe, tmp_path / "a", progress=False)
     full = read_metrics(tmp_path / "a")
 
-    # a crash right after the step-3 checkpoint is written
-    real_save = loop._save
-
-    def crash_after_save(out, step, *a, **k):
-        path = real_save(out, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return path
-
-    monkeypatch.setattr(loop, "_save", crash_after_save)
-    with pytest.raises(KeyboardInterrupt):
-        loop.pretrain(recipe, tmp_path / "b", progress=False)
-    monkeypatch.setattr(loop, "_save", real_save)
-    loop.pretrain(recipe, tmp_path / "b", resume=tmp_path / "b", progress=False)
+    killed_and_resumed(monkeypatch, recipe, tmp_path / "b", 3)  # a crash right after the step-3 checkpoint
     resumed = read_metrics(tmp_path / "b")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, resumed):

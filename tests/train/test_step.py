@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import loop
-from m3i.train.step import BadSteps, TrainStep, make_optimizer
+from m3i.train.step import BadSteps, TrainStep, autocast_for, make_optimizer, make_scaler
 from conftest import needs_data
 
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0"]
@@ -156,3 +156,56 @@ def test_compiled_units_have_no_graph_break(name, one_thread):
     step(obj.stage(batch(0), torch.device("cpu")), 0)
     assert counters["stats"]["unique_graphs"] >= 1
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_fp16_a_step_the_scaler_skips_is_counted_and_changes_no_weight():
+    recipe = load_recipe("simclr", overrides=TINY + ["train.precision=fp16", "train.steps=10", "train.warmup_steps=0"])
+    obj, opt, sched, bad, _ = setup(recipe)
+    cpu = torch.device("cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # the scaled gradients overflow float16
+    step = TrainStep(obj, obj, opt, sched, recipe.train, autocast_for(cpu, "fp16"), bad, scaler)
+    before = {n: p.detach().clone() for n, p in obj.named_parameters()}
+    torch.manual_seed(1)
+    out = step(batch(0), 0)
+    assert torch.isfinite(out["loss"])  # the loss was fine: the scale made the gradients overflow
+    assert bad.read()[0] == 1
+    assert all(torch.equal(p, before[n]) for n, p in obj.named_parameters())
+    assert scaler.get_scale() == 2.0 ** 99  # backed off
+    scaler.update(2.0 ** 10)  # a scale that fits: the next step trains, with the true (unscaled) gradients
+    torch.manual_seed(2)
+    step(batch(1), 1)
+    assert bad.read()[0] == 1
+    assert any(not torch.equal(p, before[n]) for n, p in obj.named_parameters() if p.requires_grad)
+    assert scaler.get_scale() == 2.0 ** 10
+
+
+def test_fp16_step_follows_the_fp32_step():
+    """Under fp16 autocast with a scaler, the step's gradients (unscaled) are fp32's to fp16's precision."""
+    recipe = load_recipe("mae", overrides=TINY + ["train.steps=10", "train.warmup_steps=0", "train.clip_grad=0"])
+    cpu = torch.device("cpu")
+    grads = []
+    for precision in ("fp32", "fp16"):
+        obj, opt, sched, bad, _ = setup(recipe)
+        step = TrainStep(obj, obj, opt, sched, recipe.train, autocast_for(cpu, precision), bad,
+                         make_scaler(cpu, precision))
+        torch.manual_seed(1)
+        step(batch(0), 0)
+        assert bad.read()[0] == 0
+        grads.append(torch.cat([p.grad.flatten() for p in obj.parameters() if p.grad is not None]))
+    fp32, fp16 = grads
+    assert float((fp16 - fp32).norm()) < 0.05 * float(fp32.norm())  # not off by the loss scale (65,536)
+
+
+@pytest.mark.slow
+@needs_data
+def test_fp16_run_saves_its_loss_scale_in_the_checkpoint(tmp_path):
+    from m3i.train import checkpoint as ckpt
+
+    recipe = load_recipe("mae", overrides=TINY + ["train.precision=fp16", "train.steps=2", "train.ckpt_every=1",
+                                                  "train.log_every=1", "data.sources=[{spec: fashion-mnist}]"])
+    loop.pretrain(recipe, tmp_path / "run", device="cpu", progress=False)
+    _, state = ckpt.load(tmp_path / "run")
+    bad = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["bad_steps"]
+    # the scale starts at 2^16, halves at each skipped step and grows only after 2,000 good ones
+    assert state["scaler"]["scale"] == 2.0 ** (16 - bad)
+    assert make_scaler(torch.device("cpu"), "fp16", state["scaler"]).get_scale() == 2.0 ** (16 - bad)

@@ -88,6 +88,8 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
 def _trunc_normal_(w: Tensor, std: float) -> Tensor:
     """Fill ``w`` with normal(0, std) cut at ±2σ by redrawing the outliers (much faster than erfinv)."""
     w.normal_(0.0, std)
+    if w.is_meta:  # shapes only (a recipe's size, counted without memory)
+        return w
     flat = w.view(-1)
     idx = (flat.abs() > 2 * std).nonzero().squeeze(1)
     while idx.numel():
@@ -169,7 +171,7 @@ class VisionTransformer(Backbone):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         else:
             self.register_parameter("mask_token", None)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also when built on the meta device
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.reset_parameters()

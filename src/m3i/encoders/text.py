@@ -37,6 +37,7 @@ from typing import Literal
 from collections.abc import Iterable, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..layers import Block
@@ -112,13 +113,16 @@ def _load_minilm_model(folder: Path) -> nn.Module:
     """The BERT encoder from local files only, without transformers' loading progress bar and
     without the pooler head (unused here: a parameter that never receives gradient would trouble
     DistributedDataParallel when the tower is fine-tuned)."""
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        if torch.empty(0).is_meta:  # built on the meta device (shapes only): the architecture, no weights
+            model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        else:
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -400,11 +404,12 @@ class TextEncoderCfg(TargetEncoderCfg):
     # the scratch tower's size
     width: int = 256
     depth: int = 4
+    heads: int = Field(4, ge=1)
 
     def build(self) -> TextTower:
         if self.tower == "minilm":
             return build_text_tower("minilm", trainable=self.trainable)
-        return build_text_tower("scratch", width=self.width, depth=self.depth)
+        return build_text_tower("scratch", width=self.width, depth=self.depth, heads=self.heads)
 
     @property
     def frozen(self) -> bool:

@@ -20,10 +20,10 @@ from ..device import resolve_device
 from ..objective import Objective
 from ..weights import load_weights_into
 from . import checkpoint as ckpt
-from . import preflight, runs, strategy
+from . import preflight, runs, strategy, trackers
 from .runlock import RunLock
 from .signals import Preemption, worker_init
-from .step import BadSteps, TrainStep, keep_fused, make_optimizer
+from .step import BadSteps, TrainStep, autocast_for, keep_fused, make_optimizer, make_scaler
 from .strategy import compile_blocks
 
 SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
@@ -57,9 +57,10 @@ def lr_lambda(train):
 
 
 class MetricLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard, written by rank 0."""
+    """metrics.jsonl (one object per logged step) and the trackers of ``train.report_to``
+    (TensorBoard, W&B, MLflow), written by rank 0."""
 
-    def __init__(self, run_dir: Path, resume_step: int):
+    def __init__(self, run_dir: Path, resume_step: int, recipe: Recipe | None = None):
         self.path = run_dir / runs.METRICS
         if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -67,24 +68,19 @@ class MetricLog:
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif not resume_step:
             self.path.write_text("")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / runs.TENSORBOARD), purge_step=resume_step or None)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            self.tb = None
+        report_to = recipe.train.report_to if recipe is not None else ["tensorboard"]
+        config = recipe.model_dump(mode="json") if recipe is not None else {}
+        self.trackers = trackers.open_trackers(report_to, run_dir, config, resume_step)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+        for t in self.trackers:
+            t.log(record, record["step"])
 
     def close(self) -> None:
-        if self.tb:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()
 
 
 class TrainingError(RuntimeError):
@@ -129,6 +125,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     out = Path(out)
     recipe = preflight.with_absolute_paths(recipe)
     main = int(os.environ.get("RANK", 0)) == 0
+    trackers.check_installed(recipe.train.report_to)  # before any work
     with RunLock(out) if main else nullcontext(), Preemption() as stop:
         dev = setup_device(device)
         with flush_subnormals(dev):
@@ -217,7 +214,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     """The steps from ``start`` to ``train.steps``: log, checkpoint, stop on SIGTERM or on too many
     bad steps in a row. ``counted``: skipped images and steps before the resumed checkpoint."""
     tr, world, main = recipe.train, dist.world_size(), dist.rank() == 0
-    log = MetricLog(out, start) if main else None
+    log = MetricLog(out, start, recipe) if main else None
     # the loader draws its worker seed from its own generator, never from the global RNG that
     # augmentations and masks use, so a resumed run continues the same random stream
     loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
@@ -225,11 +222,17 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                                          pin_memory=dev.type == "cuda",
                                          worker_init_fn=worker_init,
                                          generator=torch.Generator().manual_seed(tr.seed))
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "bf16" else nullcontext())
+    autocast = autocast_for(dev, tr.precision)
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
     bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)))
-    train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad)
+    scaler = make_scaler(dev, tr.precision, counted.get("scaler"))
+    train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad, scaler)
+    monitor = None
+    if tr.eval_every:  # on every rank: a sharded backbone embeds with all of them
+        from ..eval.monitor import Monitor
+
+        monitor = Monitor(recipe, objective.backbone.img_size)
     # skipped images: this rank's since the start, summed over ranks where they are reported
     bad_seen, skipped_before, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0)), 0
     read_at = start
@@ -249,7 +252,9 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             step += 1
             seen += batch["image"].shape[0] * world
             bar.update(1)
-            logged = step % tr.log_every == 0 or step == tr.steps
+            evaluating = monitor is not None and (step % tr.eval_every == 0 or step == tr.steps)
+            scores = monitor(objective) if evaluating else {}
+            logged = step % tr.log_every == 0 or step == tr.steps or evaluating
             saving = step % tr.ckpt_every == 0 or step == tr.steps
             # SIGTERM / Ctrl-C: one process sees it at once; ranks agree where they read the counters anyway
             stopping = stop.requested is not None and world == 1
@@ -271,9 +276,11 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             if logged and main:
                 rate = seen / (time.perf_counter() - t0)
                 log_step(log, bar, objective, outputs, step, sched, rate, skipped_before + n_skipped, bad_total, n_terms,
-                         train_step.momentum)
+                         train_step.momentum, scores)
             stopping = stopping or (world > 1 and stop.agreed(dev))
             counters = {"skipped_images": skipped_before + n_skipped, "bad_steps": bad_total}
+            if scaler is not None:  # fp16: the loss scale and its growth count, so a resumed run continues them
+                counters["scaler"] = scaler.state_dict()
             if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
                 last_good, saved = _save(out, step, objective, opt, sched, recipe, main, counters), True
             if stopping:
@@ -302,8 +309,10 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
 
 
 def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int, sched, rate: float,
-             skipped: int, bad_total: int, counts: list[int], momentum: float | None = None) -> None:
-    """One metrics row; ``skipped`` and ``counts`` (samples per term) are those of every rank."""
+             skipped: int, bad_total: int, counts: list[int], momentum: float | None = None,
+             scores: dict | None = None) -> None:
+    """One metrics row; ``skipped`` and ``counts`` (samples per term) are those of every rank;
+    ``scores``: the monitors' figures at this step."""
     names = [t.name for t in objective.terms]
     values = torch.stack([outputs["loss"].detach().float()] + [outputs[n].detach().float() for n in names]).tolist()
     terms = dict(zip(names, values[1:]))
@@ -311,7 +320,7 @@ def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int
            "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped, "bad_steps": bad_total}
     if momentum is not None:
         rec["ema_momentum"] = momentum
-    log.write(rec)
+    log.write(rec | (scores or {}))
     bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}},
                     refresh=False)
 

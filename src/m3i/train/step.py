@@ -9,12 +9,13 @@ metrics (every ``log_every`` steps, at checkpoints and every ``max_bad_steps`` s
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..layers import running_stats
 from . import strategy
 
 
@@ -40,18 +41,14 @@ class BadSteps:
         return total, in_row, worst
 
 
-def running_stats(module: nn.Module) -> list[Tensor]:
-    return [b for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-
-
 class TrainStep:
     """forward (``model``, DDP/FSDP or not) → backward → clip → AdamW → EMA teacher, with the
     skip of a non-finite step decided on the device. ``opt`` must be a fused AdamW."""
 
     def __init__(self, objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sched, train,
-                 autocast: AbstractContextManager, bad: BadSteps):
+                 autocast: AbstractContextManager, bad: BadSteps, scaler: torch.amp.GradScaler | None = None):
         self.objective, self.model, self.opt, self.sched, self.train = objective, model, opt, sched, train
-        self.autocast, self.bad = autocast, bad
+        self.autocast, self.bad, self.scaler = autocast, bad, scaler
         self.stats = running_stats(objective)
         self.momentum: float | None = None  # the EMA teacher's momentum at the last step (None: no teacher)
         self.params = [p for p in objective.parameters() if p.requires_grad]
@@ -65,19 +62,40 @@ class TrainStep:
         loss = outputs["loss"]
         finite = dist.all_ranks(torch.isfinite(loss.detach()))  # every rank takes, or skips, the step
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         strategy.sync_replicated_grads(self.objective)  # FSDP: the few parameters it leaves whole
+        if self.scaler is not None:  # the true gradients; a step whose scaled gradients overflowed is skipped below
+            self.scaler.unscale_(self.opt)
         # the norm of the (all-reduced) gradients; max_norm=inf only measures it
         norm = strategy.clip_grad_norm_(self.params, tr.clip_grad if tr.clip_grad > 0 else float("inf"))
         bad = ~(finite & torch.isfinite(norm))
         self.opt.found_inf = bad.float()
         self.opt.step()
+        if self.scaler is not None:  # halve the scale after an overflow, grow it after a run of good steps
+            self.scaler.update()
         self.sched.step()
         for b, k in zip(self.stats, kept):
             b.copy_(torch.where(bad, k, b))
         self.momentum = self.objective.update_teacher(step + 1, tr.steps, skip=bad)
         self.bad.add(bad)
         return outputs
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """The autocast of ``train.precision`` (fp32: none)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_scaler(device: torch.device, precision: str, state: dict | None = None) -> torch.amp.GradScaler | None:
+    """fp16's gradient scaler (none for bf16 and fp32), with its state when resuming."""
+    if precision != "fp16":
+        return None
+    scaler = torch.amp.GradScaler(device.type)
+    if state:
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:

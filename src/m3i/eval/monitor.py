@@ -1,0 +1,82 @@
+"""Monitors during pre-training (``train.eval_every=N``): every N steps the trainer scores its own
+backbone, in its own process, and logs the scores beside the losses.
+
+- k-NN (cosine, k = 20, temperature-weighted votes) on the ``val`` split of a labelled data set,
+  the probe fitted on its ``fit`` split (:mod:`m3i.data.splits`);
+- image→text and text→image retrieval on the captioned ``val`` images, through the caption
+  term's heads, where the recipe has a caption term and the data set has captions.
+
+Both splits lie inside ``train``: a run whose sources read ``:train`` sees the val images (and,
+with labels on, their labels) during pre-training; read ``:fit`` to keep them out (the README's
+monitor curve does). The data sets are loaded once; scoring runs in eval mode under
+``torch.no_grad`` and leaves every random generator as it found it, so a run with monitors trains
+and resumes exactly as one without.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from ..data.spec import parse_spec
+from .run import load_evalset, score
+
+# a source kind -> the `m3i eval --dataset` it is monitored on (k-NN, retrieval)
+MONITORED = {"fashion-mnist": ("fashion-mnist", None), "emoji": ("emoji:category", "emoji:category"),
+             "digits": ("digits", None)}
+
+
+def monitor_sets(recipe) -> tuple[str | None, str | None]:
+    """(k-NN data set, retrieval data set) of a recipe: ``train.eval_knn`` / ``train.eval_retrieval``,
+    or the first built-in labelled (captioned) source."""
+    tr = recipe.train
+    knn, ret = tr.eval_knn, tr.eval_retrieval
+    for s in recipe.data.sources:
+        kind = parse_spec(s.spec)[0]
+        if kind not in MONITORED:
+            continue
+        k, r = MONITORED[kind]
+        if knn is None and s.labels:
+            knn = k
+        if ret is None and s.captions and r is not None:
+            ret = r
+    has_caption = any(t.target.kind == "caption" for t in recipe.terms)
+    return knn, ret if has_caption else None
+
+
+class Monitor:
+    """Scores of the backbone on held-out data, every ``train.eval_every`` steps."""
+
+    def __init__(self, recipe, size: int):
+        self.knn_set, self.retrieval_set = monitor_sets(recipe)
+        if self.knn_set is None and self.retrieval_set is None:
+            raise ValueError("train.eval_every: no data set to monitor on; set train.eval_knn (a data set as "
+                             "`m3i eval --dataset` takes: fashion-mnist, emoji:category, folder:PATH)")
+        limit = recipe.train.eval_limit
+        self.knn_data = load_evalset(self.knn_set, size, limit=limit, progress=False, split="val") \
+            if self.knn_set else None
+        self.retrieval_data = load_evalset(self.retrieval_set, size, with_train=False, limit=limit,
+                                           progress=False, split="val") if self.retrieval_set else None
+
+    @torch.no_grad()
+    def __call__(self, objective) -> dict[str, float]:
+        """{"monitor/knn_top1": ..., "monitor/retrieval_i2t_R@1": ...}, the random state untouched."""
+        dev = next(objective.parameters()).device
+        states = (random.getstate(), np.random.get_state())
+        was_training = objective.training
+        out: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            objective.eval()
+            try:
+                if self.knn_data is not None:
+                    res = score(objective, "knn", self.knn_data, progress=False)["metrics"]
+                    out |= {f"monitor/knn_{k}": v for k, v in res.items()}
+                if self.retrieval_data is not None:
+                    res = score(objective, "retrieval", self.retrieval_data, progress=False)["metrics"]
+                    out |= {f"monitor/retrieval_{k}": v for k, v in res.items()}
+            finally:
+                objective.train(was_training)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        return out

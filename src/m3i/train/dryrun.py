@@ -1,0 +1,162 @@
+"""`m3i pretrain --dry-run`: what a run will cost, before it starts.
+
+Nothing is trained and nothing is written. The objective is built on the CPU and one training
+step's forward and backward (through the same path as the trainer, micro-batches included) run on
+a small synthetic batch under ``torch.utils.flop_counter``; the FLOPs per image are that count over
+the batch, the FLOPs per step that times the global batch (the batch-quadratic parts, contrastive
+logits over the batch, are a small share and scale as they would not: an approximation). The wall
+time divides the run's FLOPs by the throughput ``benchmarks/gpu_check.py`` last measured
+(``results/gpu.json``: the m3i ViT-B/16 step's achieved FLOP/s) times the number of GPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import Recipe
+
+GPU_CHECK = "results/gpu.json"
+
+
+def source_sizes(recipe: Recipe) -> list[tuple[int | None, str]]:
+    """Per source: (number of samples, where the figure comes from)."""
+    from ..data import build_source
+
+    out = []
+    for s in recipe.data.sources:
+        try:
+            out.append((len(build_source(s.spec, labels=s.labels, captions=s.captions)), "counted"))
+        except (OSError, ValueError, RuntimeError) as e:
+            why = " ".join(str(e).split()).split(": expected")[0][:100]
+            out.append((s.size, "declared (not at hand: " + why + ")") if s.size else (None, "not at hand: " + why))
+    return out
+
+
+def synthetic_batch(recipe: Recipe, b: int, num_classes: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    s = recipe.data.image_size
+    return {"image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
+            "label": torch.randint(0, max(num_classes, 1), (b,), generator=g) if num_classes else torch.full((b,), -1),
+            "caption": [f"a photo of thing {i}" for i in range(b)]}
+
+
+def count_cpu_attention() -> None:
+    """torch.utils.flop_counter counts the CUDA attention kernels but not the CPU one that
+    ``scaled_dot_product_attention`` takes here: give it the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    for op, formula in (("_scaled_dot_product_flash_attention_for_cpu", fc.sdpa_flop),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", fc.sdpa_backward_flop)):
+        target = getattr(aten, op, None)
+        if target is not None and target not in fc.flop_registry:
+            fc.register_flop_formula(target, get_raw=True)(formula)  # the formulas take shapes already
+
+
+def step_flops(recipe: Recipe, num_classes: int, batch: int = 4) -> int:
+    """FLOPs of one training step's forward and backward on ``batch`` synthetic images (fp32, CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..objective import Objective
+
+    count_cpu_attention()
+    torch.manual_seed(0)
+    obj = Objective(recipe, num_classes).train()
+    data = synthetic_batch(recipe, batch, num_classes)
+    with FlopCounterMode(display=False) as counter:
+        obj(data)["loss"].backward()
+    return int(counter.get_total_flops())
+
+
+def gpu_figure(path: str | Path | None = None) -> dict | None:
+    """The last gpu_check.py figure: {gpu, achieved FLOP/s, img/s, batch}, or None."""
+    path = Path(path or os.environ.get("M3I_GPU_CHECK", GPU_CHECK))
+    try:
+        res = json.loads(path.read_text())
+        vit = res["sections"]["vit"]
+        return {"gpu": res["environment"]["gpu"], "flops_per_s": vit["achieved_tflops"] * 1e12,
+                "img_per_s": vit["img_per_s"], "path": str(path), "what": f"{vit['model']} m3i step, batch "
+                f"{vit['batch']}, {vit['precision']}"}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, flop_batch: int = 4) -> dict:
+    """Everything `m3i pretrain --dry-run` prints, as a dict."""
+    from ..objective import Objective
+
+    tr, d = recipe.train, recipe.data
+    sizes = source_sizes(recipe)
+    labelled = [s for s, (n, how) in zip(d.sources, sizes) if s.labels and how == "counted"]
+    num_classes, classes_from = 0, ""
+    if any(t.target.kind == "label" for t in recipe.terms):
+        if labelled:
+            from ..train.loop import build_mixture
+
+            num_classes, classes_from = build_mixture(recipe).num_classes, "counted"
+        else:
+            num_classes, classes_from = 1000, "assumed: ImageNet-1k's, the labelled sources are not at hand"
+    with torch.device("meta"):
+        meta = Objective(recipe, num_classes)
+    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in meta.parameters() if not p.requires_grad)
+    backbone = sum(p.numel() for p in meta.backbone.parameters())
+    flops = step_flops(recipe, num_classes, flop_batch)
+    per_image = flops / flop_batch
+    per_step = per_image * d.batch_size
+    seen = tr.steps * d.batch_size
+    total_w = sum(s.weight for s in d.sources)
+    sources = []
+    for s, (n, how) in zip(d.sources, sizes):
+        images = seen * s.weight / total_w
+        sources.append({"spec": s.spec, "images": images, "size": n, "size_from": how,
+                        "epochs": images / n if n else None})
+    fig = gpu_figure(gpu_check)
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    estimate = None
+    if fig is not None and (here is None or here == fig["gpu"]):
+        hours = tr.steps * per_step / (fig["flops_per_s"] * gpus) / 3600
+        estimate = {**fig, "gpus": gpus, "hours": hours}
+    return {"recipe": recipe.model_dump(mode="json"), "parameters": {"trainable": trainable, "frozen": frozen,
+            "backbone": backbone}, "num_classes": num_classes, "classes_from": classes_from, "flops_per_image": per_image,
+            "flops_per_step": per_step, "flops_batch": flop_batch, "steps": tr.steps, "warmup_steps": tr.warmup_steps,
+            "global_batch": d.batch_size, "images_seen": seen, "sources": sources,
+            "estimate": estimate, "device_here": here or "cpu"}
+
+
+def _n(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def format_dry_run(info: dict) -> str:
+    lines = ["# resolved recipe", yaml.safe_dump(info["recipe"], sort_keys=False).rstrip(), "", "# cost"]
+    p = info["parameters"]
+    lines.append(f"parameters:      {_n(p['trainable'])} trainable, {_n(p['frozen'])} frozen "
+                 f"(backbone {_n(p['backbone'])})")
+    if info["num_classes"]:
+        lines.append(f"class table:     {info['num_classes']} classes ({info['classes_from']})")
+    lines.append(f"FLOPs per image: {_n(info['flops_per_image'])}FLOP (forward + backward of one training step, "
+                 f"counted by torch.utils.flop_counter on {info['flops_batch']} images)")
+    lines.append(f"FLOPs per step:  {_n(info['flops_per_step'])}FLOP (global batch {info['global_batch']})")
+    lines.append(f"steps:           {info['steps']} ({info['warmup_steps']} of warm-up)")
+    lines.append(f"images seen:     {_n(info['images_seen'])} ({info['images_seen']:,})")
+    for s in info["sources"]:
+        ep = f"{s['epochs']:.1f} epochs" if s["epochs"] is not None else "epochs unknown"
+        size = f"{s['size']:,} samples, {s['size_from']}" if s["size"] else s["size_from"]
+        lines.append(f"  {s['spec']}: {_n(s['images'])} images, {ep} ({size})")
+    e = info["estimate"]
+    if e is None:
+        lines.append(f"wall time:       no gpu_check.py figure for this device ({info['device_here']}); run "
+                     f"benchmarks/gpu_check.py on it (results/gpu.json, or $M3I_GPU_CHECK)")
+    else:
+        lines.append(f"wall time:       {e['hours']:.0f} h ({e['hours'] / 24:.1f} days) on {e['gpus']} × {e['gpu']} at "
+                     f"{e['flops_per_s'] / 1e12:.0f} TFLOP/s each, the throughput gpu_check.py measured "
+                     f"({e['what']}; {e['path']}), assuming it scales linearly over the GPUs")
+    return "\n".join(lines)
