@@ -244,6 +244,13 @@ def run_m3i(*args: str, timeout: float = HANG, **kw) -> subprocess.CompletedProc
     return subprocess.run(m3i_cmd(*args), env=ENV, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def finished_run(out: Path, data: Path, *overrides: str) -> Path:
+    """``out`` after an uninterrupted ``m3i pretrain`` of the tiny recipe on ``data`` (it must succeed)."""
+    done = run_m3i(*pretrain_args(out, data, *overrides))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     latest = (run / "checkpoints" / "latest").read_text().strip()
     return load_file(str(run / "checkpoints" / latest / "model.safetensors"))

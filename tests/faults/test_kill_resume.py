@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faultkit import Child, error_lines, final_weights, image_folder, metrics, pretrain_args, run_m3i
+from faultkit import Child, error_lines, final_weights, finished_run, image_folder, metrics, pretrain_args, run_m3i
 from m3i.train import checkpoint as ckpt
 
 STEPS = 40
@@ -26,9 +26,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    done = run_m3i(*pretrain_args(out, data, f"train.steps={STEPS}"))
-    assert done.returncode == 0, done.stderr
-    return out
+    return finished_run(out, data, f"train.steps={STEPS}")
 
 
 def latest_step(run: Path) -> int:

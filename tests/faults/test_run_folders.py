@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from faultkit import error_lines, final_weights, image_folder, metrics, pretrain_args, run_m3i
+from faultkit import error_lines, final_weights, finished_run, image_folder, metrics, pretrain_args, run_m3i
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.train import checkpoint as ckpt
@@ -35,9 +35,7 @@ def data(tmp_path_factory):
 def finished(data, tmp_path_factory):
     """A finished run whose every step is checkpointed (the newest two are kept)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    done = run_m3i(*pretrain_args(out, data, f"train.steps={STEPS}"))
-    assert done.returncode == 0, done.stderr
-    return out
+    return finished_run(out, data, f"train.steps={STEPS}")
 
 
 @pytest.fixture

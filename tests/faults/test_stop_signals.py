@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import HANG, needs_data
-from faultkit import ENV, Child, error_lines, final_weights, image_folder, m3i_cmd, metrics, pretrain_args, run_m3i
+from faultkit import ENV, Child, error_lines, final_weights, finished_run, image_folder, m3i_cmd, metrics, pretrain_args, run_m3i
 from m3i.cli import main
 from m3i.train import checkpoint as ckpt
 
@@ -51,9 +51,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    done = run_m3i(*pretrain_args(out, data, *SETTINGS))
-    assert done.returncode == 0, done.stderr
-    return out
+    return finished_run(out, data, *SETTINGS)
 
 
 class Launch:
