@@ -148,12 +148,13 @@ E2E = ["--recipe", "m3i", "--steps", "3", "--no-progress", "--device", "cpu", "b
 
 
 def _pretrain_worker(rank, a, b):
-    # under what torchrun sets (run_ranks' "env" rendezvous) the trainer's setup_device starts the gloo group
+    # under what torchrun sets (run_ranks' "env" rendezvous) the trainer's setup_device starts the gloo
+    # group, and destroys it when the run ends (left to the interpreter's exit, gloo can abort it)
     from m3i.cli import main
 
     assert not tdist.is_initialized()
     assert main(["pretrain", "--out", a, *E2E]) == 0
-    assert tdist.is_initialized() and tdist.get_backend() == "gloo"
+    assert not tdist.is_initialized()
     assert main(["pretrain", "--out", b, "--resume", f"{a}/checkpoints/step_000002", *E2E]) == 0
 
 

@@ -87,14 +87,24 @@ class TrainingError(RuntimeError):
     pass
 
 
-def setup_device(device: str | None) -> torch.device:
+@contextmanager
+def setup_device(device: str | None):
+    """The device of this rank; under torchrun (RANK set) with the process group started here,
+    and destroyed here when the run ends, on an error too. A group left to the interpreter's
+    exit can abort the process: gloo's worker threads still hold work whose tensors are freed
+    while the interpreter is torn down ("terminate called without an active exception")."""
     dev = resolve_device(device)
-    if "RANK" in os.environ and not dist.is_dist():
+    started = "RANK" in os.environ and not dist.is_dist()
+    if started:
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    return dev
+    try:
+        yield dev
+    finally:
+        if started and dist.is_dist():
+            torch.distributed.destroy_process_group()
 
 
 @contextmanager
@@ -127,8 +137,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     main = int(os.environ.get("RANK", 0)) == 0
     trackers.check_installed(recipe.train.report_to)  # before any work
     with RunLock(out) if main else nullcontext(), Preemption() as stop:
-        dev = setup_device(device)
-        with flush_subnormals(dev):
+        with setup_device(device) as dev, flush_subnormals(dev):
             return _pretrain(recipe, out, resume, dev, progress, init_from, stop)
 
 
