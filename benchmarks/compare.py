@@ -1,15 +1,26 @@
 """The paper's central comparison on real data: single-stage M3I against each single objective,
-against a multi-stage pipeline and against raw pixels, every recipe seeing the same number of
-images with the same backbone and the same tuning (``benchmarks/tune.py``).
+against a multi-stage pipeline and against raw pixels, every recipe given the same training
+budget with the same backbone and the same tuning (``benchmarks/tune.py``).
 
-    python benchmarks/compare.py                          # ResNet, 2 seeds, the demo's budget
+    python benchmarks/compare.py                          # ResNet, 2 seeds, the m3i demo's FLOPs
+    python benchmarks/compare.py --budget images=230400   # the same images for every recipe instead
     python benchmarks/compare.py --backbone vit           # or convnext
-    python benchmarks/compare.py --device cuda --jobs 4   # a GPU: larger budget, runs in parallel
+    python benchmarks/compare.py --device cuda --jobs 4   # a GPU: 10 × the demo's FLOPs, runs in parallel
     python benchmarks/compare.py --quick                  # smoke form (minutes)
 
+The budget (``--budget``) is what every recipe gets the same of:
+- ``flops=X``: training FLOPs. One step of each recipe is counted once with torch.utils.flop_counter
+  (forward and backward of the online encoder, the teacher, the decoders and a trained text tower;
+  ``m3i.train.dryrun.step_flops``) at the comparison's batch, and its step count is X over that.
+  ``flops=demo`` is the ``m3i`` demo run's FLOPs on this backbone, ``flops=demo*10`` ten times that.
+- ``images=N``: images seen (N / batch steps each);
+- ``seconds=S``: training seconds, from each recipe's measured time per step on this machine.
+``multistage`` splits its budget evenly over its stages.
+
 Writes OUT/results.json (every run and score), OUT/table.md (mean ± spread over seeds, mean
-rank, training time and images/s) and OUT/<task>.png (one bar chart per task). The ``pixels``
-row scores the raw, standardised input with the same probes: the floor every backbone must beat.
+rank, and each row's FLOPs, steps, images and training time) and OUT/<task>.png (one bar chart
+per task). The ``pixels`` row scores the raw, standardised input with the same probes: the floor
+every backbone must beat.
 """
 from __future__ import annotations
 
@@ -43,7 +54,9 @@ DENSE = ("fmnist_scenes_mIoU", "fashion-mnist-scenes")
 FINETUNE = ("fmnist_finetune", "fashion-mnist")
 SCRATCH = "scratch"  # the fine-tuning row from a random initialisation: what pre-training must beat
 BACKBONES = {
-    "resnet": ["backbone.name=resnet_nano"],
+    # the demo's backbone (stride 8), set for every recipe: the m3i recipe names it, the others inherit
+    # the default stride 4, which would give them a stride-1 stem at 4 × the FLOPs per image
+    "resnet": ["backbone.name=resnet_nano", "backbone.patch_size=8"],
     "vit": ["backbone.name=vit_micro", "backbone.patch_size=4"],
     # a convolutional network cannot drop tokens: masked inputs use the mask-token fill
     "convnext": ["backbone.name=convnext_atto", "backbone.patch_size=8"],
@@ -86,20 +99,108 @@ def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int,
     return ov + text_tower_overrides(recipe, text_tower) + tuned_overrides(recipe, tuned or {})
 
 
-def train(recipe: str, out: Path, backbone: str, steps: int, batch: int, seed: int, extra: list[str] = (),
-          split: str = "test", tuned: dict | None = None, device: str | None = None,
+def stages_of(recipe: str) -> list[str]:
+    return list(STAGES) if recipe == "multistage" else [recipe]
+
+
+def split_steps(recipe: str, steps: int) -> list[int]:
+    """``steps`` in all, over the recipe's stages (``multistage``: evenly, the rest to the last)."""
+    n = len(stages_of(recipe))
+    return [steps // n] * (n - 1) + [steps - steps // n * (n - 1)]
+
+
+def train(recipe: str, out: Path, backbone: str, steps: int | list[int], batch: int, seed: int,
+          extra: list[str] = (), split: str = "test", tuned: dict | None = None, device: str | None = None,
           workers: int | None = None, text_tower: str | None = None) -> tuple[Path, float]:
+    """Pre-train ``recipe`` (each stage of ``multistage`` continuing from the last); ``steps``: in
+    all, or one count per stage."""
     t0 = time.perf_counter()
     kw = dict(split=split, tuned=tuned, workers=workers, text_tower=text_tower)
-    if recipe != "multistage":
-        r = load_recipe(recipe, overrides=overrides_for(recipe, backbone, steps, batch, seed, **kw) + list(extra))
-        return pretrain(r, out, progress=False, device=device), time.perf_counter() - t0
-    prev, per = None, steps // len(STAGES)
-    for i, stage in enumerate(STAGES):
-        n = per if i < len(STAGES) - 1 else steps - per * (len(STAGES) - 1)
+    per_stage = split_steps(recipe, steps) if isinstance(steps, int) else list(steps)
+    prev, names = None, stages_of(recipe)
+    for i, (stage, n) in enumerate(zip(names, per_stage, strict=True)):
         r = load_recipe(stage, overrides=overrides_for(stage, backbone, n, batch, seed, **kw) + list(extra))
-        prev = pretrain(r, out / f"stage{i + 1}_{stage}", progress=False, init_from=prev, device=device)
+        where = out if len(names) == 1 else out / f"stage{i + 1}_{stage}"
+        prev = pretrain(r, where, progress=False, init_from=prev, device=device)
     return prev, time.perf_counter() - t0
+
+
+# -- budgets ---------------------------------------------------------------------------------
+BUDGETS = ("flops", "images", "seconds")
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``flops=X`` (a number, ``demo`` or ``demo*F``), ``images=N`` or ``seconds=S`` -> (kind,
+    amount); ``demo`` is returned as the amount's factor, negative (resolved by :func:`plan`)."""
+    kind, _, value = text.partition("=")
+    if kind not in BUDGETS or not value:
+        raise ValueError(f"--budget: expected flops=X, images=N or seconds=S, got {text!r}")
+    if kind == "flops" and value.startswith("demo"):
+        factor = value[len("demo"):]
+        try:
+            f = float(factor[1:]) if factor.startswith("*") else 1.0 if not factor else float("nan")
+        except ValueError:
+            f = float("nan")
+        if not f > 0:
+            raise ValueError(f"--budget: expected flops=demo or flops=demo*F with F > 0, got {text!r}")
+        return kind, -f
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = float("nan")
+    if not amount > 0:
+        raise ValueError(f"--budget: {kind} must be a positive number, got {value!r}")
+    return kind, amount
+
+
+def stage_cost(stage: str, a: argparse.Namespace, kind: str) -> float:
+    """One training step of ``stage`` as the comparison runs it: its FLOPs, or its seconds on
+    this machine (the mean of 3 steps after one of warm-up, on a synthetic batch)."""
+    from m3i.train.dryrun import step_flops, synthetic_batch
+    from m3i.train.loop import build_mixture
+
+    r = load_recipe(stage, overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split,
+                                                   text_tower=a.text_tower, workers=0))
+    classes = build_mixture(r).num_classes if any(t.target.kind == "label" for t in r.terms) else 0
+    if kind == "flops":
+        return float(step_flops(r, classes, a.batch))
+    from m3i.objective import Objective
+
+    obj = Objective(r, classes).train()
+    data = synthetic_batch(r, a.batch, classes)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        obj(data)["loss"].backward()
+        times.append(time.perf_counter() - t0)
+    return float(np.mean(times[1:]))
+
+
+def plan(a: argparse.Namespace) -> dict[str, dict]:
+    """Per recipe: the steps of each stage under the budget, and each stage's cost per step."""
+    kind, amount = parse_budget(a.budget)
+    costs: dict[str, float] = {}
+
+    def cost(stage: str) -> float:
+        if stage not in costs:
+            costs[stage] = stage_cost(stage, a, "flops" if kind != "seconds" else "seconds")
+        return costs[stage]
+
+    if kind == "flops" and amount < 0:  # the m3i demo run's FLOPs (its images at m3i's cost per image), times a factor
+        demo = load_recipe("m3i")
+        amount = -amount * demo.train.steps * demo.data.batch_size * cost("m3i") / a.batch
+    out = {}
+    for recipe in a.recipes:
+        names = stages_of(recipe)
+        if kind == "images":
+            steps = split_steps(recipe, max(len(names), round(amount / a.batch)))
+        else:
+            steps = [max(1, round(amount / len(names) / cost(stage))) for stage in names]
+        # the FLOPs of every budget but seconds (whose costs are times)
+        flops = sum(n * cost(st) for n, st in zip(steps, names)) if kind != "seconds" else None
+        out[recipe] = {"stages": names, "steps": steps, "flops": flops}
+    return {"kind": kind, "amount": amount, "recipes": out,
+            ("flops_per_step" if kind != "seconds" else "seconds_per_step"): costs}
 
 
 def load_evalsets(limit: int | None, split: str = "test", size: int = 32) -> dict:
@@ -171,8 +272,9 @@ def run_parallel(fn, calls: list[tuple], jobs: int, done, catch: bool = False) -
         each([(args, pool.submit(fn, *args).result) for args in calls])
 
 
-def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict) -> dict:
-    """Train one recipe with one seed and score it (in a worker process when --jobs > 1)."""
+def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict, budget: dict) -> dict:
+    """Train one recipe with one seed under its share of the budget and score it (in a worker
+    process when --jobs > 1)."""
     if a.device == "cpu" and a.jobs > 1:
         import torch
 
@@ -180,10 +282,12 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict) -> dict:
     key = (a.limit, a.split)
     if key not in _EVALSETS:
         _EVALSETS[key] = load_evalsets(a.limit, a.split)
-    ck, secs = train(recipe, Path(a.out) / "runs" / f"{recipe}-s{seed}", a.backbone, a.steps, a.batch, seed,
+    steps = budget["steps"]
+    ck, secs = train(recipe, Path(a.out) / "runs" / f"{recipe}-s{seed}", a.backbone, steps, a.batch, seed,
                      split=a.split, tuned=tuned, device=a.device, workers=a.workers, text_tower=a.text_tower)
-    images = a.steps * a.batch
-    return {"recipe": recipe, "seed": seed, "train_seconds": secs, "images": images, "img_per_s": images / secs,
+    images = sum(steps) * a.batch
+    return {"recipe": recipe, "seed": seed, "train_seconds": secs, "steps": sum(steps), "stage_steps": steps,
+            "images": images, "flops": budget["flops"], "img_per_s": images / secs,
             "scores": score_all(ck, _EVALSETS[key], a.device or "cpu", a, a.backbone)}
 
 
@@ -191,8 +295,12 @@ def run(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
-    results = {"config": vars(a), "tuned": tuned, "runs": []}
+    budget = plan(a)
+    results = {"config": vars(a), "tuned": tuned, "budget": budget, "runs": []}
     res_path = out / "results.json"
+    print(f"budget {a.budget}: " + ", ".join(
+        f"{r} {'+'.join(map(str, p['steps']))} steps" + (f" ({p['flops'] / 1e12:.1f} TFLOP)" if p["flops"] else "")
+        for r, p in budget["recipes"].items()), flush=True)
     evalsets = load_evalsets(a.limit, a.split)
     results["runs"].append({"recipe": PIXELS, "seed": 0, "train_seconds": 0.0, "images": 0, "img_per_s": None,
                             "scores": score_all(PIXELS, evalsets, a.device, a, a.backbone)})
@@ -206,11 +314,11 @@ def run(a: argparse.Namespace) -> dict:
 
     def done(row: dict) -> None:
         results["runs"].append(row)
-        print(json.dumps({k: row[k] for k in ("recipe", "seed", "train_seconds", "scores")}), flush=True)
+        print(json.dumps({k: row[k] for k in ("recipe", "seed", "steps", "train_seconds", "scores")}), flush=True)
         res_path.write_text(json.dumps(results, indent=2))
 
     _EVALSETS[(a.limit, a.split)] = evalsets  # the in-process runs reuse them
-    run_parallel(run_one, [(r, s, a, tuned) for r, s in jobs], a.jobs, done)
+    run_parallel(run_one, [(r, s, a, tuned, budget["recipes"][r]) for r, s in jobs], a.jobs, done)
     return results
 
 
@@ -230,17 +338,22 @@ def summarise(results: dict, out: Path) -> str:
             ranks[rec].append(i + 1)
     cfg = results["config"]
     where = f"{cfg.get('device') or 'cpu'}, split {cfg.get('split', 'test')}"
-    lines = [f"Backbone: {cfg['backbone']}; {cfg['steps']} steps × batch {cfg['batch']} = "
-             f"{cfg['steps'] * cfg['batch']:,} images per run; {cfg['seeds']} seed(s); mean ± std over seeds; "
-             f"{where}.", "",
-             "| recipe | " + " | ".join(tasks) + " | mean rank | train s | img/s |",
-             "|---" * (len(tasks) + 4) + "|"]
+    budget = results.get("budget", {})
+    per = (f"{budget['amount'] / 1e12:,.1f} TFLOP" if budget.get("kind") == "flops" else
+           f"{budget['amount']:,.0f} {budget['kind']}" if budget else "")
+    lines = [f"Backbone: {cfg['backbone']}; budget {per} per run (`--budget {cfg.get('budget')}`), batch "
+             f"{cfg['batch']}; {cfg['seeds']} seed(s); mean ± std over seeds; {where}.", "",
+             "| recipe | " + " | ".join(tasks) + " | mean rank | TFLOP | steps | images | train s | img/s |",
+             "|---" * (len(tasks) + 8) + "|"]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]
         rs = [r for r in runs if r["recipe"] == rec]
         secs = np.mean([r["train_seconds"] for r in rs])
         ips = [r["img_per_s"] for r in rs if r.get("img_per_s")]
-        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {np.mean(ranks[rec]):.2f} | "
+        flops = rs[0].get("flops")
+        cost = (f"{flops / 1e12:,.1f} | {rs[0]['steps']:,} | {rs[0]['images']:,}" if flops else
+                f"– | {rs[0].get('steps', 0):,} | {rs[0]['images']:,}" if ips else "– | – | –")
+        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {np.mean(ranks[rec]):.2f} | {cost} | "
                      + (f"{secs:.0f} | {np.mean(ips):.0f} |" if ips else "– | – |"))
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
@@ -263,7 +376,7 @@ def summarise(results: dict, out: Path) -> str:
             if base in have:
                 ax.axhline(stats[base][task][0] * 100, color="black", lw=0.8, ls="--")
         ax.set_ylabel(f"{task} (%)")
-        ax.set_title(f"{task} — {cfg['backbone']}, {cfg['steps'] * cfg['batch']:,} images per run")
+        ax.set_title(f"{task} — {cfg['backbone']}, {per} per run")
         lo = min(means) - max(errs + [0]) - 5
         ax.set_ylim(max(0, lo), min(100, max(means) + max(errs + [0]) + 3))
         fig.tight_layout()
@@ -277,7 +390,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke form: few steps, one seed, small eval sets")
     p.add_argument("--backbone", choices=list(BACKBONES), default="resnet")
     p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
-    p.add_argument("--steps", type=int, help="optimiser steps per run (default: the m3i demo's; quick 6)")
+    p.add_argument("--budget", help="what every recipe gets the same of: flops=X|demo|demo*F, images=N or "
+                                    "seconds=S (default flops=demo; on CUDA flops=demo*10; quick images=192)")
     p.add_argument("--batch", type=int, help="global batch (default 128; quick 32)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default 2; quick 1)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (to split seeds across processes)")
@@ -306,8 +420,11 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
     if a.finetune_steps is not None and a.finetune_steps < 0:
         parser().error(f"--finetune-steps: expected 0 (no fine-tuning column) or more steps, got {a.finetune_steps}")
     quick, gpu = a.quick, a.device.startswith("cuda")
-    # a GPU runs at least 20 Fashion-MNIST epochs' worth of images per recipe
-    a.steps = a.steps or (6 if quick else 2400 if gpu else load_recipe("m3i").train.steps)
+    a.budget = a.budget or ("images=192" if quick else "flops=demo*10" if gpu else "flops=demo")
+    try:
+        parse_budget(a.budget)
+    except ValueError as e:
+        parser().error(str(e))
     a.batch = a.batch or (32 if quick else 512 if gpu else 128)
     a.seeds = a.seeds or (1 if quick else 2)
     a.limit = a.limit or (2000 if quick else None)

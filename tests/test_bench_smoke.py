@@ -27,8 +27,10 @@ def test_quick_comparison_completes_and_writes_results(tmp_path):
              "digits_linear"]
     for r in res["runs"]:
         assert list(r["scores"]) == tasks
-        if r["recipe"] != "pixels":
-            assert r["images"] == res["config"]["steps"] * res["config"]["batch"]
+        if r["recipe"] != "pixels":  # the quick budget: 192 images, 6 steps of 32 (multistage: 2 per stage)
+            assert (r["images"], r["steps"]) == (192, 6) and res["config"]["budget"] == "images=192"
+            assert r["flops"] == pytest.approx(sum(n * res["budget"]["flops_per_step"][st] for n, st in zip(
+                r["stage_steps"], ["sim", "clip", "supervised"] if r["recipe"] == "multistage" else [r["recipe"]])))
         for task, v in r["scores"].items():
             if task.startswith("emoji_retrieval") and r["recipe"] not in ("clip", "m3i"):
                 assert v is None  # no text target: n/a

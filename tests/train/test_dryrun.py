@@ -59,3 +59,47 @@ def test_dry_run_prints_its_figures_and_the_wall_time_from_gpu_check(tmp_path, c
     assert info["estimate"]["hours"] == pytest.approx(hours)
     assert f"wall time:       {hours:.0f} h" in text and "4 × Test GPU" in text
     assert not out.exists()  # nothing trained, nothing written
+
+
+def resnet_training_flops(size: int, stem: int, dims: tuple[int, ...], classes: int) -> float:
+    """A ResNet's FLOPs per image (2 per multiply-add of its convolutions): the stem (a
+    (2·stem+1)² conv of stride ``stem``), per stage a 3×3 stride-2 conv in front of all but the
+    first and one basic block of two 3×3 convs; the linear classifier. The backward pass is twice
+    the forward, less the stem's input gradient (the image needs none)."""
+    side = size // stem
+    k = 2 * stem + 1
+    stem_fwd = 2 * side * side * dims[0] * 3 * k * k
+    fwd, cin = stem_fwd, dims[0]
+    for i, d in enumerate(dims):
+        if i:
+            side //= 2
+            fwd += 2 * side * side * d * cin * 9
+        fwd += 2 * (2 * side * side * d * d * 9)
+        cin = d
+    fwd += 2 * dims[-1] * classes
+    return 3 * fwd - stem_fwd
+
+
+def test_a_resnet_step_counts_as_the_formula_does():
+    from m3i.train.dryrun import step_flops
+
+    recipe = load_recipe("supervised", overrides=["backbone.name=resnet_nano", "backbone.patch_size=8"])
+    assert recipe.data.image_size == 32
+    per_image = step_flops(recipe, 10, batch=4) / 4
+    # the formula leaves out batch norm, ReLU, pooling and the loss: well under 5 per cent
+    assert per_image == pytest.approx(resnet_training_flops(32, 2, (32, 64, 128), 10), rel=0.05)
+
+
+def test_a_step_counts_a_frozen_text_towers_cached_embeddings_not_the_tower():
+    """A frozen tower embeds the captions once before training; the step looks them up: its
+    FLOPs are the backbone's and the projections', as in a run."""
+    from m3i.train.dryrun import step_flops
+
+    ov = ["backbone.name=resnet_nano", "backbone.patch_size=8"]
+    clip, sup = load_recipe("clip", overrides=ov), load_recipe("supervised", overrides=ov)
+    # the same backbone; CLIP adds a projection to 128, the caption's projection from the tower's
+    # 384 and the B × B logits, where the supervised step has its 10-class table
+    extra = 2 * 128 * 128 + 2 * 384 * 128 + 2 * 2 * 128 * 4 - 2 * 128 * 10
+    want = resnet_training_flops(32, 2, (32, 64, 128), 10) + 3 * extra
+    assert step_flops(clip, 0, batch=4) / 4 == pytest.approx(want, rel=0.05)  # the tower alone would be ~150 M
+    assert step_flops(sup, 10, batch=4) / 4 < want

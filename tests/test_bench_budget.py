@@ -1,0 +1,58 @@
+"""benchmarks/compare.py's budgets: every recipe gets the same training FLOPs (or images), the
+multi-stage pipeline split over its stages, and a clear error for a budget it cannot read."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare  # noqa: E402
+
+from m3i.config import load_recipe  # noqa: E402
+from m3i.train.dryrun import step_flops  # noqa: E402
+
+
+@pytest.mark.parametrize("text,want", [("flops=2.5e15", ("flops", 2.5e15)), ("images=230400", ("images", 230400.0)),
+                                       ("seconds=600", ("seconds", 600.0)), ("flops=demo", ("flops", -1.0)),
+                                       ("flops=demo*10", ("flops", -10.0))])
+def test_a_budget_reads_as_its_kind_and_amount(text, want):
+    assert compare.parse_budget(text) == want
+
+
+@pytest.mark.parametrize("text", ["flops", "flops=", "steps=10", "images=-3", "flops=demo*0", "flops=demox2",
+                                  "seconds=ten"])
+def test_a_budget_it_cannot_read_is_refused_naming_what_it_expects(text, capsys):
+    with pytest.raises(ValueError, match="--budget"):
+        compare.parse_budget(text)
+    with pytest.raises(SystemExit):
+        compare.settings(["--budget", text])
+    assert "--budget" in capsys.readouterr().err
+
+
+@needs_data
+def test_a_flop_budget_gives_every_recipe_the_same_flops_and_splits_the_pipeline_over_its_stages():
+    a = compare.settings(["--budget", "flops=demo", "--batch", "16", "--recipes", "supervised", "sim",
+                          "multistage", "m3i"])
+    p = compare.plan(a)
+    cost = p["flops_per_step"]
+    # the amount: the m3i demo run's images at m3i's FLOPs per image
+    demo = load_recipe("m3i")
+    assert p["amount"] == pytest.approx(demo.train.steps * demo.data.batch_size * cost["m3i"] / 16)
+    # each step counted independently by the dry run's counter on the comparison's recipe
+    r = load_recipe("sim", overrides=compare.overrides_for("sim", "resnet", 1, 16, 0))
+    assert cost["sim"] == step_flops(r, 0, 16)
+    for each in p["recipes"].values():
+        per_stage = p["amount"] / len(each["stages"])
+        for stage, n in zip(each["stages"], each["steps"]):
+            assert abs(n * cost[stage] - per_stage) <= cost[stage] / 2  # the nearest whole step
+        assert each["flops"] == pytest.approx(p["amount"], rel=0.01)
+    assert p["recipes"]["multistage"]["stages"] == ["sim", "clip", "supervised"]
+    # m3i sees the demo's images: at a batch of 16, 8 × its steps
+    assert p["recipes"]["m3i"]["steps"] == [demo.train.steps * demo.data.batch_size // 16]
+    # an images budget: the same steps for all, the pipeline's split evenly
+    p = compare.plan(compare.settings(["--budget", "images=1600", "--batch", "16", "--recipes", "sim", "multistage"]))
+    assert p["recipes"]["sim"]["steps"] == [100] and p["recipes"]["multistage"]["steps"] == [33, 33, 34]
