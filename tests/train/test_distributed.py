@@ -149,13 +149,18 @@ E2E = ["--recipe", "m3i", "--steps", "3", "--no-progress", "--device", "cpu", "b
 
 def _pretrain_worker(rank, a, b):
     # under what torchrun sets (run_ranks' "env" rendezvous) the trainer's setup_device starts the gloo
-    # group, and destroys it when the run ends (left to the interpreter's exit, gloo can abort it)
+    # group once, a second run in the process uses it again, and the interpreter's exit destroys it
+    # (left to the interpreter's own teardown, gloo can abort the process)
+    import atexit
+
     from m3i.cli import main
 
     assert not tdist.is_initialized()
     assert main(["pretrain", "--out", a, *E2E]) == 0
-    assert not tdist.is_initialized()
+    assert tdist.is_initialized() and tdist.get_backend() == "gloo"
     assert main(["pretrain", "--out", b, "--resume", f"{a}/checkpoints/step_000002", *E2E]) == 0
+    atexit._run_exitfuncs()  # what the interpreter runs first when it exits
+    assert not tdist.is_initialized()
 
 
 def metrics(run):

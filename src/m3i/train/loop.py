@@ -1,6 +1,7 @@
 """The training loop. It runs an objective that returns named loss terms and knows no recipe."""
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -87,24 +88,25 @@ class TrainingError(RuntimeError):
     pass
 
 
-@contextmanager
-def setup_device(device: str | None):
-    """The device of this rank; under torchrun (RANK set) with the process group started here,
-    and destroyed here when the run ends, on an error too. A group left to the interpreter's
-    exit can abort the process: gloo's worker threads still hold work whose tensors are freed
-    while the interpreter is torn down ("terminate called without an active exception")."""
+def setup_device(device: str | None) -> torch.device:
+    """The device of this rank; under torchrun (RANK set) the process group is started here, once
+    per process (a second run in the process uses it again), and destroyed when the interpreter
+    exits. Left to the interpreter's own teardown, gloo can abort the process: its worker threads
+    still hold work whose tensors are freed while the interpreter is torn down ("terminate called
+    without an active exception")."""
     dev = resolve_device(device)
-    started = "RANK" in os.environ and not dist.is_dist()
-    if started:
+    if "RANK" in os.environ and not dist.is_dist():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    try:
-        yield dev
-    finally:
-        if started and dist.is_dist():
-            torch.distributed.destroy_process_group()
+    return dev
+
+
+def _destroy_process_group() -> None:
+    if dist.is_dist():
+        torch.distributed.destroy_process_group()
 
 
 @contextmanager
@@ -137,7 +139,8 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     main = int(os.environ.get("RANK", 0)) == 0
     trackers.check_installed(recipe.train.report_to)  # before any work
     with RunLock(out) if main else nullcontext(), Preemption() as stop:
-        with setup_device(device) as dev, flush_subnormals(dev):
+        dev = setup_device(device)
+        with flush_subnormals(dev):
             return _pretrain(recipe, out, resume, dev, progress, init_from, stop)
 
 
