@@ -14,12 +14,12 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from . import plugins
+from .accumulation import check_accum_steps
 from .backbones import BackboneCfg, input_modes
 from .decoders import DECODERS
 from .decoders.mlp import GlobalDecoderCfg
 from .encoders import TARGET_ENCODERS
 from .estimators import ESTIMATORS
-from .accumulation import check_accum_steps
 from .registry import Registry
 from .schema import ConfigError, Strict, union_of
 from .targets import TARGETS
