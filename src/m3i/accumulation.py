@@ -15,7 +15,7 @@ gradient. What keeps the sum exact:
   micro-steps would count their gradient K times: they enter as ``x.detach() + (x − x.detach())/K``,
   the same value with 1/K of the gradient (:meth:`MicroBatches.share`);
 - the pass with gradient replays the random state the pass without it ran each micro-batch with
-  (stochastic depth draws the same), and reuses the target encoders' features (EMA teacher,
+  (stochastic depth and dropout draw the same), and reuses the target encoders' features (EMA teacher,
   frozen models: no gradient, so nothing to run again);
 - the views are made once for the whole batch from the parameters :meth:`Objective.stage` drew
   on the host, then cut; the mixed input's pairs (sample b with b + B/2) stay in one micro-batch.
@@ -23,7 +23,8 @@ gradient. What keeps the sum exact:
 Every cut is a slice of fixed shape: nothing is read back to the host. What cannot be equal: a
 batch norm in training (a ResNet backbone, the BYOL / MoCo v3 / SimCLR / m3i projectors)
 normalises each micro-batch by its own statistics and moves its running statistics once per
-micro-batch, and stochastic depth draws per micro-batch, not per batch. The EMA teacher and the
+micro-batch, and stochastic depth (a trainable MiniLM tower's dropout too) draws per
+micro-batch, not per batch. The EMA teacher and the
 optimiser step once per step, after the last micro-batch, as without accumulation.
 """
 from __future__ import annotations
@@ -112,9 +113,11 @@ class MicroBatches:
 
     def __init__(self, objective: Objective, batch: dict, k: int, views: Views | None = None):
         for term in objective.terms:
-            if type(term.target).embed is Target.embed:
+            kind = type(term.target)
+            if kind.loss is not Target.loss or kind.embed is Target.embed or kind.score is Target.score:
                 raise ValueError(f"train.accum_steps: the {term.target.kind!r} target of term {term.name!r} computes "
-                                 f"its loss in one call (Target.loss); micro-batches need its embed and score")
+                                 f"its loss in one call (its own Target.loss); micro-batches need its embed and "
+                                 f"score, with loss left as embed then score")
         if "drawn" not in batch:
             batch = objective.stage(batch, batch["image"].device, views=views is None)
         if views is None:

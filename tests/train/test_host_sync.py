@@ -65,10 +65,12 @@ def test_step_never_waits_for_the_device(case, accum, one_thread):
         assert n == {"label": 5, "caption": 4}.get(kind, n)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("case", ["simclr", "mae"])
-def test_fp16_step_with_its_scaler_never_waits_for_the_device(case, one_thread):
-    """fp16: the scaled backward, the unscale and the scale's update stay on the device too."""
-    recipe = load_recipe(case, overrides=TINY + CASES[case] + ["train.precision=fp16"])
+def test_fp16_step_with_its_scaler_never_waits_for_the_device(case, accum, one_thread):
+    """fp16: the scaled backward (of each micro-batch), the unscale and the scale's update stay on
+    the device too."""
+    recipe = load_recipe(case, overrides=TINY + CASES[case] + ["train.precision=fp16", f"train.accum_steps={accum}"])
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=10)
