@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from . import plugins
+from .accumulation import check_accum_steps
 from .backbones import BackboneCfg, input_modes
 from .decoders import DECODERS
 from .decoders.mlp import GlobalDecoderCfg
@@ -126,6 +127,10 @@ class TrainCfg(Strict):
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)
     max_bad_steps: int = Field(10, ge=1)
+    # micro-batches per optimiser step: the gradient of data.batch_size from micro-batches of
+    # data.batch_size / (ranks · accum_steps), exactly, contrastive and UniGrad terms included
+    # (m3i.accumulation: one extra forward without gradient)
+    accum_steps: int = Field(1, ge=1)
     # torch.compile every block (ViT) or stage block (ConvNeXt) of the backbones, and the decoders' blocks
     compile: bool = False
     # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
@@ -216,6 +221,7 @@ class Recipe(Strict):
             raise ValueError(f"views.input_mode: {self.backbone.name} takes {takes}, not {self.views.input_mode!r}")
         if self.views.input_mode == "mix" and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size: the 'mix' input pairs images, so it must be even, got {self.data.batch_size}")
+        check_accum_steps(self.train.accum_steps, self.data.batch_size, 1, self.views.input_mode == "mix")
         # one image size given: the other follows it (both given: images are read at one, views made at the other)
         given = {"image_size" in self.data.model_fields_set, "img_size" in self.backbone.model_fields_set}
         if given == {True, False}:

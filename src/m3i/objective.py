@@ -12,6 +12,7 @@ here knows a recipe: recipes are lists of terms in YAML.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +23,15 @@ from .encoders.copies import CopiedEncoder, ema_momentum
 from .encoders.text import TextTower
 from .estimators import ESTIMATORS
 from .layers import no_weight_decay
-from .targets import TARGETS
+from .targets import TARGETS, Embedding
+from .targets.base import whole
 from .targets.caption import Caption
 from .terms import Context, Term, Views, draw_visible, visible_count
 from .views import ViewAugment
 from .weights import load_weights_into
+
+if TYPE_CHECKING:
+    from .accumulation import MicroBatches
 
 
 def to_device(tree, device: torch.device):
@@ -125,17 +130,51 @@ class Objective(nn.Module):
         out = [aug.apply(x, p) for aug, p in zip(self.augment, params)]
         return Views([o[0] for o in out], [o[1] for o in out], [o[2] for o in out], visible, count)
 
-    def context(self, batch: dict, views: Views) -> Context:
-        """What the terms of one step share: the views, the online backbone, the copied encoders."""
+    def context(self, batch: dict, views: Views, target_cache: dict | None = None) -> Context:
+        """What the terms of one step share: the views, the online backbone, the copied encoders
+        (``target_cache``: their features of this batch, when already computed)."""
         copies = {t.name: self.copy_of(t) for t in self.terms if t.cfg.target_encoder.copies_backbone}
-        return Context(batch, views, self.backbone, self.recipe.views, copies, self.teacher_layers)
+        return Context(batch, views, self.backbone, self.recipe.views, copies, self.teacher_layers, target_cache)
 
-    def forward(self, batch: dict, views: Views | None = None) -> dict[str, Tensor]:
+    def embed(self, batch: dict, views: Views, target_cache: dict | None = None
+              ) -> tuple[dict[tuple[str, int], Embedding], dict]:
+        """Every term's predictions and targets on ``batch`` -> ({(term, direction): embedding},
+        the target encoders' features; ``target_cache``: those already computed for this batch)."""
+        ctx = self.context(batch, views, target_cache)
+        embs = {(term.name, i): term.target.embed(term, ctx, s, t) for term in self.terms
+                for i, (s, t) in enumerate(type(term.target).view_pairs(term.cfg))}
+        return embs, ctx.target_cache
+
+    def score(self, embs: dict[tuple[str, int], Embedding], share=whole) -> dict[str, Tensor]:
+        """The outputs of :meth:`forward` from every term's embeddings (:meth:`embed`)."""
+        out: dict[str, Tensor] = {}
+        total = 0.0
+        for term in self.terms:
+            loss, n = 0.0, 0
+            for i in range(len(type(term.target).view_pairs(term.cfg))):
+                emb = embs[term.name, i]
+                loss, n = loss + term.target.score(term, emb, share), n + emb.samples
+            out[term.name] = loss
+            out["n_" + term.name] = n
+            total = total + term.cfg.weight * loss
+        out["loss"] = total
+        return out
+
+    def forward(self, batch: dict, views: Views | None = None, cache: MicroBatches | None = None) -> dict[str, Tensor]:
         """-> {"loss": weighted total, <term>: value, "n_<term>": samples used}. ``batch`` as
-        :meth:`stage` made it (a batch that was not staged is staged here, on its images' device)."""
+        :meth:`stage` made it (a batch that was not staged is staged here, on its images' device).
+        ``cache``: ``batch`` is one micro-batch of a larger one (:mod:`m3i.accumulation`); the
+        outputs are those of the larger batch, with gradient through this micro-batch (none
+        while the cache is being filled: then its embeddings are kept and nothing returned)."""
         if "drawn" not in batch:
             batch = self.stage(batch, batch["image"].device, views=views is None)
         views = views or self.make_views(batch["image"], batch["drawn"])
+        if cache is not None:
+            embs, features = self.embed(batch, views, cache.target_cache)
+            if cache.filling:
+                cache.keep(embs, features)
+                return {}
+            return self.score(cache.splice(embs), cache.share)
         ctx = self.context(batch, views)
         out: dict[str, Tensor] = {}
         total = 0.0

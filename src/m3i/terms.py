@@ -73,11 +73,14 @@ class Context:
 
     ``backbone``: the online encoder; ``views_cfg``: the recipe's views (mask kind and ratio, input
     mode); ``copies``: term name -> its copied target encoder (the shared EMA teacher or the term's
-    frozen model); ``teacher_layers``: how many block outputs the copies return (data2vec's top-K).
+    frozen model); ``teacher_layers``: how many block outputs the copies return (data2vec's top-K);
+    ``target_cache``: the copies' features of this very batch already computed (a micro-batch run
+    again with gradient), filled as they are computed.
     """
 
     def __init__(self, batch: dict, views: Views, backbone: Backbone, views_cfg,
-                 copies: Mapping[str, CopiedEncoder] | None = None, teacher_layers: int = 0):
+                 copies: Mapping[str, CopiedEncoder] | None = None, teacher_layers: int = 0,
+                 target_cache: dict | None = None):
         self.batch, self.views = batch, views
         self._backbone, self._views_cfg = backbone, views_cfg
         self._copies = dict(copies or {})
@@ -87,7 +90,8 @@ class Context:
         self.patch_size: int = backbone.patch_size
         self._visible: dict[int, Tensor] = dict(views.visible)
         self._online: dict[tuple[int, bool], Features] = {}
-        self._target: dict[tuple[int, int | Pair], Features] = {}  # (id of the copy, view)
+        # (id of the copy, view) -> its features
+        self.target_cache: dict[tuple[int, int | Pair], Features] = {} if target_cache is None else target_cache
 
     def visible(self, view: int) -> Tensor:
         """(B, N) bool: the patches of ``view`` the online encoder sees."""
@@ -136,9 +140,10 @@ class Context:
         every EMA term, or the term's frozen model), with ``teacher_layers`` block outputs."""
         net = self._copy(term)
         key = (id(net), view)
-        if key not in self._target:
-            self._target[key] = net.backbone.forward_features(self.view(view)[0], return_layers=self._teacher_layers)
-        return self._target[key]
+        if key not in self.target_cache:
+            self.target_cache[key] = net.backbone.forward_features(self.view(view)[0],
+                                                                   return_layers=self._teacher_layers)
+        return self.target_cache[key]
 
     def target_head(self, term: Term) -> nn.Module:
         """The copied target encoder's copy of the term's head (``target_encoder.head: true``)."""

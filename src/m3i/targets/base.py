@@ -1,6 +1,8 @@
 """What every kind of target answers to, and the flow shared by the dense ones."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -19,6 +21,30 @@ class TargetCfg(Strict):
     kind: str
 
 
+@dataclass
+class Embedding:
+    """One batch's predictions ẑ and targets z of a term, row by row, before the estimator scores
+    them: what gradient accumulation keeps of the micro-batches not being re-run (:mod:`m3i.accumulation`)."""
+
+    pred: Tensor                  # (R, D)
+    target: Tensor                # (R, D); a label target's (R,) class of each row
+    avail: Tensor | None = None   # (R,) bool: the rows that carry a target (None: every row)
+    samples: int | Tensor = 0     # the samples that carried the target (a number, or a device tensor)
+
+    @staticmethod
+    def cat(parts: list[Embedding]) -> Embedding:
+        """The embedding of the batch made of these batches, their rows in this order."""
+        avail = None if parts[0].avail is None else torch.cat([p.avail for p in parts])
+        return Embedding(torch.cat([p.pred for p in parts]), torch.cat([p.target for p in parts]), avail,
+                         sum((p.samples for p in parts[1:]), parts[0].samples))
+
+
+def whole(x: Tensor) -> Tensor:
+    """What :meth:`Target.score` applies to what it reads off the term's own parameters (class
+    table, temperature): the tensor itself, unless gradient accumulation shares out its gradient."""
+    return x
+
+
 class Target:
     """A kind of target z of a term I(ẑ; z): what the term predicts and from which view.
 
@@ -26,7 +52,10 @@ class Target:
     which an estimator sees it (``form``: one of :data:`m3i.estimators.FORMS`), builds the modules
     it owns (:meth:`build`) and computes the term (:meth:`loss`) from the term (its decoder,
     estimator and those modules, :class:`m3i.terms.Term`) and the step's shared context (views,
-    online and target-encoder features, :class:`m3i.terms.Context`).
+    online and target-encoder features, :class:`m3i.terms.Context`), in two halves: the rows'
+    predictions and targets (:meth:`embed`), then the estimator over them (:meth:`score`). A kind
+    that implements both (every built-in one) trains in micro-batches (``train.accum_steps``)
+    exactly; one that overrides :meth:`loss` alone trains in one pass only.
     """
 
     kind: ClassVar[str]
@@ -108,10 +137,20 @@ class Target:
         tokens); the step finds it on the device in ``ctx.batch["drawn"]["targets"][term.name]``."""
         return {}
 
+    def embed(self, term: Term, ctx: Context, s: int, t: int) -> Embedding:
+        """The predictions from source view ``s`` and the targets of view ``t``, row by row."""
+        raise NotImplementedError
+
+    def score(self, term: Term, emb: Embedding, share: Callable[[Tensor], Tensor] = whole) -> Tensor:
+        """The term's loss over a batch's embeddings. ``share`` is applied to every tensor read off
+        the term's own parameters (temperature, class table) rather than from ``emb``."""
+        raise NotImplementedError
+
     def loss(self, term: Term, ctx: Context, s: int, t: int) -> tuple[Tensor, int | Tensor]:
         """-> (the term's loss, the number of samples that carried this target: a number, or a
-        device tensor when it depends on the data)."""
-        raise NotImplementedError
+        device tensor when it depends on the data): :meth:`embed`, then :meth:`score`."""
+        emb = self.embed(term, ctx, s, t)
+        return self.score(term, emb), emb.samples
 
 
 TARGETS: Registry[type[Target]] = Registry("target kind")
@@ -151,7 +190,7 @@ class DenseTarget(Target):
         """(B, N, D) target tokens of view ``t`` at every patch."""
         raise NotImplementedError
 
-    def loss(self, term, ctx, s, t):
+    def embed(self, term, ctx, s, t):
         grid, decoder = ctx.grid_size, term.decoder
         feats = ctx.online(s, True)
         vis, k = ctx.visible(s), ctx.visible_count(s)
@@ -171,5 +210,7 @@ class DenseTarget(Target):
         target = self.dense_target(term, ctx, t, abs_pos)
         if sel is not None:
             target = torch.gather(target, 1, sel.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-        pred, target = pred.flatten(0, 1), target.flatten(0, 1).detach()
-        return term.estimator.dense(pred, target), ctx.batch_size
+        return Embedding(pred.flatten(0, 1), target.flatten(0, 1).detach(), None, ctx.batch_size)
+
+    def score(self, term, emb, share=whole):
+        return term.estimator.dense(emb.pred, emb.target)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import TARGETS, Target, TargetCfg
+from .base import TARGETS, Embedding, Target, TargetCfg, whole
 
 
 class CaptionCfg(TargetCfg):
@@ -54,9 +54,12 @@ class Caption(Target):
         avail = torch.tensor([c is not None for c in captions], dtype=torch.bool)
         return {"avail": avail, **term.text.host_inputs([c if c is not None else "" for c in captions])}
 
-    def loss(self, term, ctx, s, t):
+    def embed(self, term, ctx, s, t):
         staged = ctx.batch["drawn"]["targets"][term.name]
         avail = staged["avail"]  # rows without a caption are neither anchors nor candidates (fixed shapes)
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
         target = term.text_proj(term.text.from_host(staged).to(term.text_proj.weight.dtype))
-        return term.estimator.paired(pred, target, avail, term.temperature), avail.sum()
+        return Embedding(pred, target, avail, avail.sum())
+
+    def score(self, term, emb, share=whole):
+        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..encoders.class_table import ClassTable
-from .base import TARGETS, Target, TargetCfg
+from .base import TARGETS, Embedding, Target, TargetCfg, whole
 
 
 class LabelCfg(TargetCfg):
@@ -32,10 +32,13 @@ class Label(Target):
         enc = cfg.target_encoder
         return {"classes": ClassTable(num_classes, width, enc.normalize, enc.bias)}
 
-    def loss(self, term, ctx, s, t):
+    def embed(self, term, ctx, s, t):
         label = ctx.batch["label"]
         labelled = label >= 0  # every row is predicted; those without a label weigh 0 (fixed shapes)
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
+        return Embedding(pred, label.clamp(min=0), labelled, labelled.sum())
+
+    def score(self, term, emb, share=whole):
         cand, bias = term.classes()
-        loss = term.estimator.classes(pred, cand, bias, label.clamp(min=0), labelled, term.temperature)
-        return loss, labelled.sum()
+        return term.estimator.classes(emb.pred, share(cand), None if bias is None else share(bias), emb.target,
+                                      emb.avail, share(term.temperature))

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import TARGETS, Target, TargetCfg
+from .base import TARGETS, Embedding, Target, TargetCfg, whole
 
 
 class ViewCfg(TargetCfg):
@@ -42,9 +42,12 @@ class View(Target):
                              f"at {backbone.embed_dim}")
         return {}
 
-    def loss(self, term, ctx, s, t):
+    def embed(self, term, ctx, s, t):
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
-        return term.estimator.paired(pred, self.target(term, ctx, t), None, term.temperature), pred.shape[0]
+        return Embedding(pred, self.target(term, ctx, t), None, pred.shape[0])
+
+    def score(self, term, emb, share=whole):
+        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature))
 
     @staticmethod
     def target(term, ctx, t: int):

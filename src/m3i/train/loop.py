@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed as dist
+from ..accumulation import check_accum_steps
 from ..config import Recipe
 from ..data import Mixture, build_source
 from ..device import resolve_device
@@ -39,6 +40,7 @@ def build_mixture(recipe: Recipe, rank: int = 0, world_size: int = 1) -> Mixture
     if recipe.views.input_mode == "mix" and (d.batch_size // world_size) % 2:
         raise ValueError(f"data.batch_size: the 'mix' input pairs images on each rank, so the batch of each of the "
                          f"{world_size} ranks ({d.batch_size // world_size}) must be even")
+    check_accum_steps(recipe.train.accum_steps, d.batch_size, world_size, recipe.views.input_mode == "mix")
     return Mixture(sources, [s.weight for s in d.sources], d.batch_size // world_size, d.image_size,
                    seed=recipe.train.seed, rank=rank, world_size=world_size, max_lost=d.max_lost,
                    read_retries=d.read_retries, retry_backoff=d.retry_backoff)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..accumulation import MicroBatches
 from ..layers import running_stats
 from . import strategy
 
@@ -43,7 +44,10 @@ class BadSteps:
 
 class TrainStep:
     """forward (``model``, DDP/FSDP or not) → backward → clip → AdamW → EMA teacher, with the
-    skip of a non-finite step decided on the device. ``opt`` must be a fused AdamW."""
+    skip of a non-finite step decided on the device. ``opt`` must be a fused AdamW. With
+    ``train.accum_steps`` K > 1, forward and backward run once per micro-batch of B/K after a pass
+    without gradient over all of them: the gradient of the batch of B, exactly
+    (:mod:`m3i.accumulation`), reduced across ranks once, at the last micro-batch."""
 
     def __init__(self, objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sched, train,
                  autocast: AbstractContextManager, bad: BadSteps, scaler: torch.amp.GradScaler | None = None):
@@ -57,12 +61,16 @@ class TrainStep:
         """Run step ``step`` (0-based) and return the objective's outputs (device tensors)."""
         tr = self.train
         kept = [b.clone() for b in self.stats]
-        with self.autocast:
-            outputs = self.model(batch)
-        loss = outputs["loss"]
-        finite = dist.all_ranks(torch.isfinite(loss.detach()))  # every rank takes, or skips, the step
-        self.opt.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if tr.accum_steps == 1:
+            with self.autocast:
+                outputs = self.model(batch)
+            finite = dist.all_ranks(torch.isfinite(outputs["loss"].detach()))  # every rank takes, or skips, the step
+            self.opt.zero_grad(set_to_none=True)
+            self.backward(outputs["loss"])
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            outputs = self.accumulate(batch, tr.accum_steps)
+            finite = dist.all_ranks(torch.isfinite(outputs["loss"].detach()))
         strategy.sync_replicated_grads(self.objective)  # FSDP: the few parameters it leaves whole
         if self.scaler is not None:  # the true gradients; a step whose scaled gradients overflowed is skipped below
             self.scaler.unscale_(self.opt)
@@ -78,6 +86,21 @@ class TrainStep:
             b.copy_(torch.where(bad, k, b))
         self.momentum = self.objective.update_teacher(step + 1, tr.steps, skip=bad)
         self.bad.add(bad)
+        return outputs
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def accumulate(self, batch: dict, k: int) -> dict[str, Tensor]:
+        """The gradient of ``batch`` from ``k`` micro-batches (added up in ``.grad``) -> the
+        outputs of the whole batch (those of its last micro-step)."""
+        with self.autocast:
+            micro = MicroBatches(self.objective, batch, k)
+        for j, (part, views) in enumerate(micro):
+            with strategy.gradient_sync(self.model, j == k - 1):
+                with self.autocast:
+                    outputs = self.model(part, views, cache=micro)
+                self.backward(outputs["loss"])
         return outputs
 
 

@@ -8,6 +8,7 @@ a deep model costs about as much as one block) and that FSDP shards one by one.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,6 +77,20 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     fully_shard(objective, ignored_params=scalars)
     objective._replicated_params = [p for p in scalars if p.requires_grad]
     return objective
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool):
+    """Around the forward and backward of one micro-batch (``train.accum_steps``): DDP or FSDP
+    reduce the gradients across ranks only when ``sync`` (the step's last micro-batch); before
+    it, each rank adds up its own."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    yield
 
 
 def sync_replicated_grads(objective: nn.Module) -> None:
