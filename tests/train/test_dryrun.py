@@ -41,6 +41,13 @@ def test_dry_run_counts_a_vit_step_as_the_formula_does():
     assert info["estimate"] is None
 
 
+def test_dry_run_with_accumulation_counts_its_pass_without_gradient():
+    # exact accumulation runs the batch once more forward, without gradient: a third of the step more
+    recipe = load_recipe("supervised-vitb16", overrides=SMALL + ["train.accum_steps=2"])
+    info = dry_run(recipe, gpus=8, gpu_check="/nonexistent.json")
+    assert info["flops_per_image"] == pytest.approx(vit_training_flops(64, 2, 17, 1000) * 4 / 3, rel=0.05)
+
+
 def test_dry_run_prints_its_figures_and_the_wall_time_from_gpu_check(tmp_path, capsys, monkeypatch):
     check = tmp_path / "gpu.json"
     check.write_text(json.dumps({"environment": {"gpu": "Test GPU"}, "sections": {"vit": {

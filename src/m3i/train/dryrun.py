@@ -1,8 +1,9 @@
 """`m3i pretrain --dry-run`: what a run will cost, before it starts.
 
 Nothing is trained and nothing is written. The objective is built on the CPU and one training
-step's forward and backward (through the same path as the trainer, micro-batches included) run on
-a small synthetic batch under ``torch.utils.flop_counter``; the FLOPs per image are that count over
+step's forward and backward (through the same path as the trainer) run on a small synthetic batch
+under ``torch.utils.flop_counter``, and with ``train.accum_steps`` > 1 the pass without gradient
+that exact accumulation adds (one more forward); the FLOPs per image are that count over
 the batch, the FLOPs per step that times the global batch (the batch-quadratic parts, contrastive
 logits over the batch, are a small share and scale as they would not: an approximation). The wall
 time divides the run's FLOPs by the throughput ``benchmarks/gpu_check.py`` last measured
@@ -83,6 +84,9 @@ def step_flops(recipe: Recipe, num_classes: int, batch: int = 4) -> int:
     obj.prepare(_Captions(data["caption"]), progress=False)
     with FlopCounterMode(display=False) as counter:
         obj(data)["loss"].backward()
+        if recipe.train.accum_steps > 1:  # exact accumulation's pass without gradient over the batch
+            with torch.no_grad():
+                obj(data)
     return int(counter.get_total_flops())
 
 
