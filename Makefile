@@ -41,17 +41,19 @@ $(M3I_DATA)/.complete: scripts/fetch_data.sh $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/m3i pretrain
 
-# the whole suite (the timm backbones in their own environment); pytest's exit status is make's,
-# so "no tests collected" (5) fails too
+# the whole suite (the timm backbones in their own environment), one test process per core, each
+# file's tests in one of them (its module fixtures built once); pytest's exit status is make's, so
+# "no tests collected" (5) fails too
+PYTEST_PAR = -n auto --dist loadfile
 test: setup $(TIMM_VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks docs scripts
-	$(PY) -m pytest --ignore=$(TIMM_TESTS)
+	$(PY) -m pytest $(PYTEST_PAR) --ignore=$(TIMM_TESTS)
 	$(TIMM_VENV)/bin/python -m pytest $(TIMM_TESTS)
 
 # the edit loop: the suite without the end-to-end runs (marked slow)
 test-fast: setup
 	$(PY) -m ruff check src tests benchmarks docs scripts
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PAR) -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/compare.py
