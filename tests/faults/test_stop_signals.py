@@ -25,19 +25,21 @@ STEPS = 40
 # no periodic checkpoint: the one a stop signal writes is the only one there is
 SETTINGS = (f"train.steps={STEPS}", "train.ckpt_every=1000", "data.num_workers=2")
 
-# the first Ctrl-C handled, the child says so (a marker file) and waits inside the handler for the
-# test, which then presses Ctrl-C again or lets it go on (a line on stdin): so the second press
+# the first Ctrl-C handled, the child says so (a marker file) and waits inside the handler until
+# the test presses Ctrl-C again or lets it go on (a second file, MARKER.go): so the second press
 # lands after the first one was seen, as a person's does
 HOLD_AFTER_FIRST_SIGINT = """
-import os, pathlib, sys
+import os, pathlib, time
 from m3i.train import signals
 handle = signals.Preemption._handle
 def held(self, signum, frame):
     first = self.requested is None
     handle(self, signum, frame)
     if first:
-        pathlib.Path(os.environ["FAULT_MARKER"]).touch()
-        sys.stdin.readline()
+        marker = pathlib.Path(os.environ["FAULT_MARKER"])
+        marker.touch()
+        while not marker.with_name(marker.name + ".go").exists():
+            time.sleep(0.01)
 signals.Preemption._handle = held
 """
 
@@ -79,10 +81,6 @@ def wait_until(child: Child | Launch, ready, what: str) -> None:
         time.sleep(0.01)
 
 
-def logged(run: Path, n: int):
-    return lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= n
-
-
 def latest_step(run: Path) -> int:
     _, state = ckpt.load(run)  # loads whole (weights and training state)
     return int(state["step"])
@@ -117,14 +115,20 @@ def test_group_sigterm_with_two_workers_saves_where_it_stopped_exits_0_and_resum
 
 
 def pressed_ctrl_c(run: Path, data: Path, marker: Path) -> Child:
-    """A run into ``run``, Ctrl-C pressed once it trains (3 steps logged); returned once the run
-    has seen it and waits in its handler."""
-    child = Child(*pretrain_args(run, data, *SETTINGS), wrapper=HOLD_AFTER_FIRST_SIGINT, session=True,
-                  env={**ENV, "FAULT_MARKER": str(marker)})
-    wait_until(child, logged(run, 3), "3 logged steps")
+    """A run into ``run``, Ctrl-C pressed while it trains (paused once step 3 is logged); returned
+    once the run has seen it and waits in its handler (go on: :func:`let_go`)."""
+    child = Child(*pretrain_args(run, data, *SETTINGS), pause="log@3", wrapper=HOLD_AFTER_FIRST_SIGINT,
+                  session=True, env={**ENV, "FAULT_MARKER": str(marker)})
+    assert child.paused(), child.stderr()
     child.signal_group(signal.SIGINT)
     wait_until(child, marker.exists, "the Ctrl-C was seen")
     return child
+
+
+def let_go(child: Child, marker: Path) -> None:
+    """The run held by :func:`pressed_ctrl_c` leaves its handler and its pause, and goes on."""
+    marker.with_name(marker.name + ".go").touch()
+    child.release()
 
 
 @pytest.mark.slow
@@ -144,7 +148,7 @@ def test_ctrl_c_once_saves_and_the_demo_goes_on_with_it_twice_stops_at_once(data
     cwd = tmp_path / "cwd"
     run = cwd / "runs" / "demo"
     with pressed_ctrl_c(run, data, tmp_path / "once-seen") as child:
-        child.release()  # let it go on
+        let_go(child, tmp_path / "once-seen")
         assert child.wait() == 0, child.stderr()[-3000:]
         out = child.stdout()
     stopped = latest_step(run)
@@ -169,23 +173,35 @@ def test_ctrl_c_once_saves_and_the_demo_goes_on_with_it_twice_stops_at_once(data
 
 
 RANK_EXIT = """
-import os, pathlib, sys
+import os, pathlib, sys, time
 from m3i.cli import main
+if os.environ.get("PAUSE_DIR"):  # each rank says so and waits before step 4 until the test lets it go on
+    from m3i.train import step as train_step
+    call, here = train_step.TrainStep.__call__, pathlib.Path(os.environ["PAUSE_DIR"])
+    def paused_call(self, batch, i):
+        if i + 1 == 4:
+            (here / f"rank{os.environ['RANK']}").touch()
+            while not (here / "go").exists():
+                time.sleep(0.01)
+        return call(self, batch, i)
+    train_step.TrainStep.__call__ = paused_call
 code = main(sys.argv[1:])
 pathlib.Path(os.environ["RANK_EXIT_DIR"], f"rank{os.environ['RANK']}").write_text(str(code))
 sys.exit(code)
 """
 
 
-def torchrun(args: list[str], tmp: Path) -> tuple[Launch, Path]:
-    """``m3i ARGS`` on 2 gloo ranks under torchrun; each rank writes its exit code into the folder returned."""
+def torchrun(args: list[str], tmp: Path, pause: Path | None = None) -> tuple[Launch, Path]:
+    """``m3i ARGS`` on 2 gloo ranks under torchrun; each rank writes its exit code into the folder
+    returned. ``pause``: a folder where each rank, before step 4, writes ``rankR`` and waits for ``go``."""
     tmp.mkdir()
     script, codes = tmp / "m3i_rank.py", tmp / "exit"
     script.write_text(RANK_EXIT)
     codes.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            args[0], "--device", "cpu", *args[1:]]  # gloo, also where a GPU is
-    return Launch(cmd, tmp, {**ENV, "RANK_EXIT_DIR": str(codes)}), codes
+    env = {**ENV, "RANK_EXIT_DIR": str(codes), **({"PAUSE_DIR": str(pause)} if pause else {})}
+    return Launch(cmd, tmp, env), codes
 
 
 def rank_exits(codes: Path) -> dict[str, str]:
@@ -200,10 +216,12 @@ def test_group_sigterm_under_torchrun_every_rank_saves_the_same_step_and_resumes
     job, codes = torchrun(pretrain_args(ref, data, *settings), tmp_path / "t-ref")
     assert job.wait() == 0, job.stderr()[-3000:]
 
-    run = tmp_path / "run"
-    job, codes = torchrun(pretrain_args(run, data, *settings), tmp_path / "t-run")
-    wait_until(job, logged(run, 3), "3 logged steps")
+    run, pause = tmp_path / "run", tmp_path / "pause"
+    pause.mkdir()
+    job, codes = torchrun(pretrain_args(run, data, *settings), tmp_path / "t-run", pause)
+    wait_until(job, lambda: (pause / "rank0").exists() and (pause / "rank1").exists(), "both ranks at step 4")
     os.killpg(job.proc.pid, signal.SIGTERM)  # torchrun passes it on to each rank's process group
+    (pause / "go").touch()
     job.wait()  # torchrun's own exit code reports the signal it got
     assert rank_exits(codes) == {"rank0": "0", "rank1": "0"}, job.stderr()[-3000:]
     _, state = ckpt.load(run)
