@@ -93,6 +93,10 @@ def _pause(point: str, step: int, fd: int) -> None:
             return
         done.append(True)
         os.write(fd, f"paused {point}@{step}\n".encode())
+        # wait in Python, not blocked in read(): a signal the test sends meanwhile may reach any of
+        # the process's threads, and Python runs its handler only when the main thread runs
+        while not select.select([sys.stdin], [], [], 0.05)[0]:
+            pass
         if not sys.stdin.readline():  # stdin closed: the test has gone
             os._exit(3)
 
