@@ -344,7 +344,7 @@ def summarise(results: dict, out: Path) -> str:
     lines = [f"Backbone: {cfg['backbone']}; budget {per} per run (`--budget {cfg.get('budget')}`), batch "
              f"{cfg['batch']}; {cfg['seeds']} seed(s); mean ± std over seeds; {where}.", "",
              "| recipe | " + " | ".join(tasks) + " | mean rank | TFLOP | steps | images | train s | img/s |",
-             "|---" * (len(tasks) + 8) + "|"]
+             "|---" * (len(tasks) + 7) + "|"]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]
         rs = [r for r in runs if r["recipe"] == rec]
