@@ -29,8 +29,11 @@ SETTINGS = (f"train.steps={STEPS}", "train.ckpt_every=1000", "data.num_workers=2
 # the test presses Ctrl-C again or lets it go on (a second file, MARKER.go): so the second press
 # lands after the first one was seen, as a person's does
 HOLD_AFTER_FIRST_SIGINT = """
-import os, pathlib, time
+import os, pathlib, signal, time
 from m3i.train import signals
+# Ctrl-C reaches a terminal's foreground job, even where the suite itself runs as a background job
+# (which starts with SIGINT ignored, and m3i keeps an ignored SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 handle = signals.Preemption._handle
 def held(self, signum, frame):
     first = self.requested is None
