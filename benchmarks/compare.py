@@ -291,26 +291,68 @@ def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict, budget: 
             "scores": score_all(ck, _EVALSETS[key], a.device or "cpu", a, a.backbone)}
 
 
+# settings that change no score: a resumed comparison may differ in them
+FREE = {"out", "resume", "recipes", "seeds", "first_seed", "jobs", "workers"}
+
+
+def code_version() -> str | None:
+    """The git tree of m3i's sources (``src/``): what the scores depend on, whatever else changed."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD:src"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def kept_runs(a: argparse.Namespace, path: Path, code: str | None) -> list[dict]:
+    """``--resume``: the rows of an earlier ``results.json`` at ``path`` made with the same settings
+    and the same sources, so only the missing (recipe, seed) pairs run; an error names what differs."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    mine, theirs = vars(a), old.get("config", {})
+    differ = sorted(k for k in set(mine) | set(theirs) if k not in FREE and mine.get(k) != theirs.get(k))
+    if differ:
+        raise SystemExit(f"--resume: {path} was made with other settings ("
+                         + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
+                         + "); use another --out or the same settings")
+    if old.get("code") != code:
+        raise SystemExit(f"--resume: {path} was made with other m3i sources (src tree {old.get('code')}, "
+                         f"here {code}); its scores would not compare; use another --out")
+    return old["runs"]
+
+
 def run(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
     budget = plan(a)
-    results = {"config": vars(a), "tuned": tuned, "budget": budget, "runs": []}
     res_path = out / "results.json"
+    code = code_version()
+    kept = kept_runs(a, res_path, code) if a.resume else []
+    results = {"config": vars(a), "code": code, "tuned": tuned, "budget": budget, "runs": list(kept)}
+    have = {(r["recipe"], r["seed"]) for r in kept}
+    if kept:
+        print(f"--resume: {len(kept)} rows kept from {res_path}: " + ", ".join(f"{r}-s{s}" for r, s in sorted(have)))
     print(f"budget {a.budget}: " + ", ".join(
         f"{r} {'+'.join(map(str, p['steps']))} steps" + (f" ({p['flops'] / 1e12:.1f} TFLOP)" if p["flops"] else "")
         for r, p in budget["recipes"].items()), flush=True)
     evalsets = load_evalsets(a.limit, a.split)
-    results["runs"].append({"recipe": PIXELS, "seed": 0, "train_seconds": 0.0, "images": 0, "img_per_s": None,
-                            "scores": score_all(PIXELS, evalsets, a.device, a, a.backbone)})
+    if (PIXELS, 0) not in have:
+        results["runs"].append({"recipe": PIXELS, "seed": 0, "train_seconds": 0.0, "images": 0, "img_per_s": None,
+                                "scores": score_all(PIXELS, evalsets, a.device, a, a.backbone)})
     if a.finetune_steps:  # the fine-tuning baseline: no pre-training at all
         for seed in range(a.first_seed, a.first_seed + a.seeds):
+            if (SCRATCH, seed) in have:
+                continue
             row = {k: None for k in (*TASKS, *((DENSE[0],) if a.dense else ()))}
             row[FINETUNE[0]] = finetune_top1(SCRATCH, a, a.backbone)
             results["runs"].append({"recipe": SCRATCH, "seed": seed, "train_seconds": 0.0, "images": 0,
                                     "img_per_s": None, "scores": row})
-    jobs = [(r, s) for s in range(a.first_seed, a.first_seed + a.seeds) for r in a.recipes]
+    res_path.write_text(json.dumps(results, indent=2))
+    jobs = [(r, s) for s in range(a.first_seed, a.first_seed + a.seeds) for r in a.recipes if (r, s) not in have]
 
     def done(row: dict) -> None:
         results["runs"].append(row)
@@ -411,6 +453,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-batch", type=int, default=64)
     p.add_argument("--finetune-test", type=int, default=2000, help="test images scored after fine-tuning")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of OUT/results.json made with the same settings and sources; run the rest")
     return p
 
 

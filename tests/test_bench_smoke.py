@@ -41,3 +41,26 @@ def test_quick_comparison_completes_and_writes_results(tmp_path):
     for png in ["fmnist_linear", "fmnist_knn", "emoji_cat_linear", "emoji_sub_linear", "emoji_retrieval_R1",
                 "digits_linear"]:
         assert (out / f"{png}.png").stat().st_size > 1000
+    # --resume keeps every row made with the same settings and sources and runs only what is missing
+    before = {r["recipe"]: r for r in res["runs"]}
+    res["runs"] = [r for r in res["runs"] if r["recipe"] != "supervised"]
+    (out / "results.json").write_text(json.dumps(res))
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(out),
+                            "--resume", "--recipes", "supervised"], env=env, capture_output=True, text=True, timeout=HANG)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "7 rows kept" in again.stdout
+    after = {r["recipe"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert after.keys() == before.keys()
+    for name, row in after.items():
+        if name == "supervised":  # run again: the same steps and the same scores
+            assert row["steps"] == before[name]["steps"]
+            def given(scores):
+                return {k: v for k, v in scores.items() if v is not None}
+            assert given(row["scores"]) == pytest.approx(given(before[name]["scores"]), abs=1e-6)
+            assert row["scores"].keys() == before[name]["scores"].keys()
+        else:
+            assert row == before[name]
+    # other settings: refused, naming the setting
+    other = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out", str(out),
+                            "--resume", "--batch", "16"], env=env, capture_output=True, text=True, timeout=HANG)
+    assert other.returncode != 0 and "batch: 32 there, 16 here" in other.stderr

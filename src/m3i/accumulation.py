@@ -121,7 +121,7 @@ class MicroBatches:
         if "drawn" not in batch:
             batch = objective.stage(batch, batch["image"].device, views=views is None)
         if views is None:
-            views = objective.make_views(batch["image"], batch["drawn"])
+            views = objective.views_of(batch)
         n = views.images[0].shape[0]
         device = views.images[0].device
         missing = [v for v in objective.masked_views() if v not in views.visible]
@@ -134,7 +134,7 @@ class MicroBatches:
         drawn = batch.get("drawn", {})
         self.parts = []
         for rows in micro_rows(n, k, objective.recipe.views.input_mode == "mix"):
-            part = take_tree({key: v for key, v in batch.items() if key != "drawn"}, rows, n)
+            part = take_tree({key: v for key, v in batch.items() if key not in ("drawn", "crops")}, rows, n)
             part["drawn"] = {"targets": take_tree(drawn.get("targets", {}), rows, n)}
             self.parts.append((part, take_views(views, rows)))
         self.embeddings: list[dict[tuple[str, int], Embedding]] = []

@@ -27,7 +27,7 @@ from .targets import TARGETS, Embedding
 from .targets.base import whole
 from .targets.caption import Caption
 from .terms import Context, Term, Views, draw_visible, visible_count
-from .views import ViewAugment
+from .views import LoaderViews, ViewAugment
 from .weights import load_weights_into
 
 if TYPE_CHECKING:
@@ -101,33 +101,52 @@ class Objective(nn.Module):
         """The host's share of a step, on the CPU: every random parameter of the views (crops,
         flips, colour) and their masks (``views=False``: none of them), and what each target
         makes of the batch's host data (a caption's tokens or cached embedding)."""
-        b, c, h, w = batch["image"].shape
         drawn: dict = {"targets": {t.name: t.target.stage(t, batch) for t in self.terms}}
         if views:
+            b, c, h, w = batch["image"].shape
             drawn["views"] = [aug.draw(b, c, h, w) for aug in self.augment]
             drawn["visible"] = {v: draw_visible(self.recipe.views, b, self.backbone.grid_size)
                                 for v in self.masked_views()}
         return drawn
 
+    def loader_views(self, seed: int, rank: int = 0, interpolation: str = "bicubic") -> LoaderViews:
+        """What makes this objective's views in the data loader, from the decoded originals
+        (``Mixture.views``): crops, flips, colour parameters and masks drawn from the step's
+        generator (seeded from ``seed``, the step and ``rank``)."""
+        return LoaderViews(list(self.augment), self.recipe.views, self.backbone.grid_size, self.masked_views(),
+                           seed, rank, interpolation)
+
     def stage(self, batch: dict, device: torch.device, views: bool = True) -> dict:
         """``batch`` with its tensors and everything :meth:`draw` makes of it on ``device``
         (``batch["drawn"]``), copied pinned and ``non_blocking``: the step that follows reads
-        nothing back to the host."""
-        drawn = self.draw(batch, views)
-        staged = {**batch, "image": batch["image"], "label": batch["label"], "drawn": drawn}
-        return {**staged, **to_device({k: staged[k] for k in ("image", "label", "drawn")}, torch.device(device))}
+        nothing back to the host. A batch whose views the loader made (``crops``) keeps their
+        parameters and gets its targets' share."""
+        if "crops" in batch:
+            drawn = {**batch["drawn"], "targets": self.draw(batch, views=False)["targets"]}
+            keys = ("crops", "label", "drawn")
+        else:
+            drawn, keys = self.draw(batch, views), ("image", "label", "drawn")
+        staged = {**batch, "drawn": drawn}
+        return {**staged, **to_device({k: staged[k] for k in keys}, torch.device(device))}
 
-    def make_views(self, images: Tensor, drawn: dict | None = None) -> Views:
+    def views_of(self, batch: dict) -> Views:
+        """The views of a staged batch: from the loader's crops, or made here from its images."""
+        return self.make_views(batch["crops"] if "crops" in batch else batch["image"], batch["drawn"])
+
+    def make_views(self, images: Tensor | Sequence[Tensor], drawn: dict | None = None) -> Views:
         """uint8 (B, C, H, W) -> the recipe's augmented views with their crop boxes and flips, from
-        the parameters ``drawn`` by :meth:`stage` (drawn now, on the host, when not given)."""
+        the parameters ``drawn`` by :meth:`stage` (drawn now, on the host, when not given).
+        ``images`` a list of each view's crops (the loader's, :meth:`loader_views`): only their
+        colour steps run here."""
+        cropped = isinstance(images, (list, tuple))
         if drawn is None:
             b, c, h, w = images.shape
             params = to_device([aug.draw(b, c, h, w) for aug in self.augment], images.device)
             visible, count = {}, None
         else:
             params, visible, count = drawn["views"], drawn["visible"], self.visible_count()
-        x = images.float() / 255.0
-        out = [aug.apply(x, p) for aug, p in zip(self.augment, params)]
+        xs = [v.float() / 255.0 for v in images] if cropped else [images.float() / 255.0] * len(self.augment)
+        out = [aug.apply(x, p, cropped) for aug, x, p in zip(self.augment, xs, params)]
         return Views([o[0] for o in out], [o[1] for o in out], [o[2] for o in out], visible, count)
 
     def context(self, batch: dict, views: Views, target_cache: dict | None = None) -> Context:
@@ -168,7 +187,7 @@ class Objective(nn.Module):
         while the cache is being filled: then its embeddings are kept and nothing returned)."""
         if "drawn" not in batch:
             batch = self.stage(batch, batch["image"].device, views=views is None)
-        views = views or self.make_views(batch["image"], batch["drawn"])
+        views = views or self.views_of(batch)
         if cache is not None:
             embs, features = self.embed(batch, views, cache.target_cache)
             if cache.filling:

@@ -88,4 +88,5 @@ def test_eval_scores_only_held_out_items(dataset):
     assert not fit_ids & val_ids and not (fit_ids | val_ids) & test_ids  # choices never touch test
     assert (fit_ids | val_ids) <= train_ids
     if dataset.startswith("emoji"):  # the pre-training source is exactly the eval train part
-        assert {Emoji(label=None).locate(i) for i in range(len(Emoji(label=None)))} == train_ids
+        pretraining = Emoji(label=None)
+        assert {pretraining.locate(i) for i in range(len(pretraining))} == train_ids

@@ -136,25 +136,31 @@ def test_compile_trains_like_eager(tmp_path):
     assert runs[True][0]["loss"] != runs[True][-1]["loss"]
 
 
-@pytest.mark.parametrize("name", ["mae", "sim", "clip", "m3i"])
+@pytest.mark.parametrize("name", ["supervised", "simclr", "mocov3", "byol", "mae", "data2vec", "sim", "clip", "m3i"])
 def test_compiled_units_have_no_graph_break(name, one_thread):
-    """Every unit train.compile compiles traces as one graph in a full training step (dynamo's eager
-    backend: the tracing, not the code generation). The recipes cover every kind of unit: ViT blocks
-    and their EMA copies, dense-decoder blocks with layer and batch norm (mae, sim), text-tower
-    blocks (clip), ResNet blocks in the mixed input (m3i); the other recipes compile only ViT blocks."""
+    """Every piece train.compile compiles traces as one graph in a full training step (dynamo's eager
+    backend: the tracing, not the code generation), in every recipe: ViT blocks and their EMA
+    copies, dense-decoder blocks with layer and batch norm (mae, sim), text-tower blocks (clip),
+    ResNet blocks in the mixed input (m3i), each term's heads and its estimator's loss."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from m3i.layers import Block
     from m3i.train.strategy import compile_blocks
 
     ov = [f"terms.{i}.target_encoder.tower=scratch" for i in ({"clip": [0], "m3i": [2]}.get(name, []))]
+    ov += ["backbone.depth=3"] if name == "data2vec" else []  # its teacher averages the top 3 blocks
     recipe = load_recipe(name, overrides=TINY + ov if name != "m3i" else TINY[2:] + ov)
     torch._dynamo.reset()
     counters.clear()
     obj, opt, sched, bad, step = setup(recipe)
-    assert compile_blocks(obj, backend="eager") > 0
+    pieces = compile_blocks(obj, backend="eager")
+    heads = [m for t in obj.terms for m in t.children() if not any(isinstance(x, Block) for x in m.modules())]
+    assert pieces > len(heads) and all(getattr(m, "_compiled_call_impl", None) is not None for m in heads)
+    assert all({"classes", "paired", "dense"} & set(vars(t.estimator)) for t in obj.terms)  # each loss compiled
     step(obj.stage(batch(0), torch.device("cpu")), 0)
-    assert counters["stats"]["unique_graphs"] >= 1
+    # the blocks and the losses (and the heads) each traced, and nothing broke
+    assert counters["stats"]["unique_graphs"] >= 2
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 

@@ -23,6 +23,11 @@ Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are
   index in it,
 - ``step``: int; ``n_skipped``: int (unreadable samples met, each replaced), ``n_replaced``:
   int (slots whose planned sample was replaced), ``n_retries``: int (reads tried again).
+
+With ``views`` set (a :class:`~m3i.views.loader.LoaderViews`, as training sets it), the images are
+not resized to a square: each view is cropped from the decoded original, and the batch holds
+``crops`` (one uint8 (B, 3, Sh, Sw) per view) and ``drawn`` (the views' parameters and masks)
+instead of ``image``.
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class Mixture(IterableDataset):
                 self.class_offsets.append(None)
         self._offsets = np.asarray([-1 if o is None else o for o in self.class_offsets], dtype=np.int64)
         self._captions: list[str] | None = None
+        self.views = None  # a LoaderViews: the batch's views made here, from the decoded originals
         # m3i sources accept a JPEG draft size; other objects with a plain get(i) work too
         self._draft = [isinstance(src, Source) for src in self.sources]
 
@@ -235,7 +241,7 @@ class Mixture(IterableDataset):
         step = int(step)
         ks, idx = self.plan(step)
         B, S = self.batch_size, self.image_size
-        pixels = np.empty((B, S, S, 3), dtype=np.uint8)
+        pixels = np.empty((B, S, S, 3), dtype=np.uint8) if self.views is None else [None] * B
         labels = torch.full((B,), -1, dtype=torch.long)
         captions: list[str | None] = [None] * B
         counts = {"skipped": 0, "replaced": 0, "retries": 0}
@@ -249,8 +255,13 @@ class Mixture(IterableDataset):
             if lab >= 0 and self._offsets[k] >= 0:
                 labels[b] = lab + int(self._offsets[k])
             captions[b] = sample["caption"]
+        if self.views is None:
+            images = {"image": channels_first(pixels)}
+        else:
+            crops, drawn = self.views(pixels, step)
+            images = {"crops": crops, "drawn": drawn}
         return {
-            "image": channels_first(pixels),
+            **images,
             "label": labels,
             "caption": captions,
             "source": torch.as_tensor(ks, dtype=torch.long),
@@ -307,9 +318,14 @@ class Mixture(IterableDataset):
                     self.sleep(self.retry_backoff * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _load(self, k: int, i: int) -> tuple[np.ndarray, dict]:
-        src, S = self.sources[k], self.image_size
+    def _load(self, k: int, i: int) -> tuple[np.ndarray | Image.Image, dict]:
+        """The slot's pixels (the S×S array, or with ``views`` the decoded RGB image, JPEGs drafted
+        no smaller than the smallest crop needs) and the sample."""
+        src, S = self.sources[k], self.image_size if self.views is None else self.views.side
         sample = src.get(i, draft=(S, S)) if self._draft[k] else src.get(i)
+        if self.views is not None:
+            img = sample["image"]
+            return (img if img.mode == "RGB" else img.convert("RGB")), sample
         return image_array(sample["image"], S, self.interpolation), sample
 
     def steps(self, worker: int = 0, num_workers: int = 1) -> range | Iterator[int]:

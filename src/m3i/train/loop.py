@@ -170,6 +170,8 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
         print(f"{out}: already at step {start} of {tr.steps}; nothing to do")
         return ckpt.find(out)
     mixture.start_step = start
+    # each view cropped in the loader from the decoded original, its parameters from the step's generator
+    mixture.views = objective.loader_views(tr.seed, rank, mixture.interpolation)
     if tr.compile:
         compile_blocks(objective)
     # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
@@ -264,7 +266,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             batch = objective.stage(batch, dev)
             outputs = train_step(batch, step)  # queued on the device: nothing read back here
             step += 1
-            seen += batch["image"].shape[0] * world
+            seen += len(batch["label"]) * world
             bar.update(1)
             evaluating = monitor is not None and (step % tr.eval_every == 0 or step == tr.steps)
             scores = monitor(objective) if evaluating else {}

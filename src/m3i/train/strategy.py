@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import debug
+from ..estimators.base import Estimator
 from .. import distributed as dist
 
 
@@ -29,17 +30,28 @@ def backbone_units(backbone: nn.Module) -> list[nn.Module]:
 
 
 def compile_blocks(objective: nn.Module, **options) -> int:
-    """``torch.compile`` every unit of every backbone of ``objective`` and every transformer block of
-    its terms (dense decoders, text towers) in place (parameter names, state dicts and the
-    optimiser's view of the parameters do not change); returns the number of units compiled. Call
-    it after the objective is built and moved to its device, before any DDP or FSDP wrapping."""
+    """``torch.compile`` the objective's pieces in place (parameter names, state dicts and the
+    optimiser's view of the parameters do not change): every unit of every backbone, every
+    transformer block of its terms (dense decoders, text towers), every other module of a term
+    that holds no block (projectors, predictors, class tables, pixel heads) and the loss methods of
+    every term's estimator. Returns the number of pieces compiled. Call it after the objective is
+    built and moved to its device, before any DDP or FSDP wrapping."""
     from ..layers import Block
 
     units = [unit for net in objective.encoders() for unit in backbone_units(net)]
     units += [m for m in objective.terms.modules() if isinstance(m, Block)]
+    for term in objective.terms:  # the heads: a term's modules without a block inside
+        units += [m for m in term.children() if not any(isinstance(x, Block) for x in m.modules())]
     for unit in units:
         unit.compile(**options)
-    return len(units)
+    losses = 0
+    for term in objective.terms:  # the estimators' losses, each method of each term's estimator
+        est = term.estimator
+        for name in ("classes", "paired", "dense"):
+            if getattr(type(est), name) is not getattr(Estimator, name) and name not in vars(est):
+                setattr(est, name, torch.compile(getattr(est, name), **options))
+                losses += 1
+    return len(units) + losses
 
 
 # -- data parallel (DDP) or fully sharded (FSDP2) -----------------------------------------------------

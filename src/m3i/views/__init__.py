@@ -1,11 +1,15 @@
 """Views: augmentation with recorded geometry, patch masks, relative positions (t_s, t_t)."""
-from .augment import ViewAugment, resized_crop
+from .augment import ViewAugment, crop_boxes, resized_crop
+from .loader import LoaderViews, crop_view
 from .masks import block_mask, grid_shape, mix_visible, num_masked, random_mask
 from .relpos import absolute_positions, relative_positions, sincos_embed
 
 __all__ = [
     "ViewAugment",
     "resized_crop",
+    "crop_boxes",
+    "LoaderViews",
+    "crop_view",
     "random_mask",
     "block_mask",
     "mix_visible",

@@ -13,18 +13,22 @@ exactly (border values repeat where an up-scaled crop touches the image edge), s
 boxes describe the views without rounding.
 
 Every random parameter of a view (crop box, flip, colour-jitter factors and order, grayscale,
-blur sigma, solarize) is drawn on the host by :meth:`ViewAugment.draw`; :meth:`ViewAugment.apply`
-runs the view on the device at fixed shapes: a sample that skips an operation gets its neutral
-parameter or keeps its input, so no operation selects a subset of the batch and the device never
-waits for the host. Crop boxes come from kornia's sampler, the colour steps are kornia's
-functions (torchvision's formulas).
+blur sigma, solarize) is drawn on the host by :meth:`ViewAugment.draw`, from a given generator or
+torch's global one; :meth:`ViewAugment.apply` runs the view on the device at fixed shapes: a
+sample that skips an operation gets its neutral parameter or keeps its input, so no operation
+selects a subset of the batch and the device never waits for the host. Crop boxes come from
+:func:`crop_boxes` (torchvision's RandomResizedCrop sampler, for images of any size each), the
+colour steps are kornia's functions (torchvision's formulas).
+
+In training, the loader crops each view from the decoded original image (:mod:`m3i.views.loader`)
+and the device runs only the colour steps (``apply(..., cropped=True)``); the device-side crop
+(:func:`resized_crop`) serves images that are already on the device.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-import kornia.augmentation as KA
 from kornia.color import rgb_to_grayscale
 from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
                             adjust_saturation_with_gray_subtraction)
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ViewAugment", "resized_crop"]
+__all__ = ["ViewAugment", "crop_boxes", "resized_crop"]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -42,6 +46,33 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if len(s) != 2:
         raise ValueError(f"size must be an int or (height, width), got {size!r}")
     return s  # type: ignore[return-value]
+
+
+def crop_boxes(heights: Tensor, widths: Tensor, scale: Sequence[float], ratio: Sequence[float],
+               generator: torch.Generator | None = None, attempts: int = 10) -> Tensor:
+    """RandomResizedCrop's boxes, one per image of its own size: (B, 4) float ``(i, j, h, w)``,
+    integer-valued, inside the image.
+
+    torchvision's sampler, batched: up to ``attempts`` tries of an area fraction uniform in
+    ``scale`` and an aspect ratio (w/h) log-uniform in ``ratio``, rounded to whole pixels; the
+    first try that fits is placed uniformly in the image. Where none fits, the largest centred box
+    of an aspect ratio clamped to ``ratio``. ``heights``, ``widths``: (B,) image sizes in pixels."""
+    H, W = heights.to(torch.float64).reshape(-1, 1), widths.to(torch.float64).reshape(-1, 1)
+    (lo, hi), (rlo, rhi) = (float(v) for v in scale), (float(v) for v in ratio)
+    u = torch.rand(H.shape[0], attempts, 4, generator=generator, dtype=torch.float64)
+    area = H * W * (lo + (hi - lo) * u[..., 0])
+    aspect = torch.exp(math.log(rlo) + (math.log(rhi) - math.log(rlo)) * u[..., 1])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    i, j = torch.floor(u[..., 2] * (H - h + 1)), torch.floor(u[..., 3] * (W - w + 1))
+    first = fits.to(torch.int8).argmax(1, keepdim=True)
+    tried = torch.cat([t.gather(1, first) for t in (i, j, h, w)], 1)
+    # none fits: the whole image, cut to the nearest aspect ratio in range
+    own = W / H
+    fw = torch.where(own > rhi, torch.round(H * rhi), W)
+    fh = torch.where(own < rlo, torch.round(W / rlo), H)
+    centred = torch.cat([torch.floor((H - fh) / 2), torch.floor((W - fw) / 2), fh, fw], 1)
+    return torch.where(fits.any(1, keepdim=True), tried, centred).float()
 
 
 def resized_crop(images: Tensor, boxes: Tensor, flips: Tensor | None, size: int | Sequence[int]) -> Tensor:
@@ -167,9 +198,7 @@ class ViewAugment(nn.Module):
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
-        # Only the parameter sampler of this module is used (forward_parameters); the crop itself
-        # is resampled by `resized_crop`, whose geometry is exactly the recorded box.
-        self.crop = KA.RandomResizedCrop(self.size, scale=(lo, hi), ratio=(rlo, rhi))
+        self.crop_scale, self.crop_ratio = (lo, hi), (rlo, rhi)
         self.jitter = tuple(float(v) for v in jitter)
         self.jitter_p = float(jitter_p) if any(self.jitter) else 0.0
         self.gray_p, self.blur_p, self.solarize_p = float(gray_p), float(blur_p), float(solarize_p)
@@ -181,15 +210,14 @@ class ViewAugment(nn.Module):
         k = 2 * math.ceil(3 * smax) + 1  # covers ±3σ
         self.blur_kernel = max(3, min(k, (min(self.size) // 2) * 2 - 1))  # reflect padding needs radius < size
 
-    def sample_geometry(self, batch: int, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """Draw crop boxes (B, 4) float ``(i, j, h, w)`` and flips (B,) bool, on the CPU."""
-        params = self.crop.forward_parameters(torch.Size((batch, 1, height, width)))
-        src = params["src"]  # (B, 4, 2) corners (x, y), inclusive pixel indices
-        x0, y0 = src[:, 0, 0], src[:, 0, 1]
-        x1, y1 = src[:, 2, 0], src[:, 2, 1]
-        boxes = torch.stack([y0, x0, y1 - y0 + 1, x1 - x0 + 1], dim=-1).float()
+    def sample_geometry(self, batch: int, height: int | Tensor, width: int | Tensor,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw crop boxes (B, 4) float ``(i, j, h, w)`` and flips (B,) bool, on the CPU, for
+        images of ``height × width`` (ints, or (B,) tensors: each image its own size)."""
+        sizes = [torch.as_tensor(v).expand(batch) for v in (height, width)]
+        boxes = crop_boxes(*sizes, self.crop_scale, self.crop_ratio, generator)
         if self.flip_p > 0:
-            flips = torch.rand(batch) < self.flip_p
+            flips = torch.rand(batch, generator=generator) < self.flip_p
         else:
             flips = torch.zeros(batch, dtype=torch.bool)
         return boxes, flips
@@ -199,32 +227,40 @@ class ViewAugment(nn.Module):
         1 contrast, 2 saturation, 3 hue (the last two need three channels)."""
         return [k for k in range(4) if self.jitter[k] and (channels == 3 or k < 2)] if self.jitter_p else []
 
-    def draw(self, batch: int, channels: int, height: int, width: int) -> dict:
-        """Every random parameter of ``batch`` views of (channels, height, width) images, drawn on
-        the CPU from torch's global generator: ``box`` (B, 4), ``flip`` (B,), and those of the
+    def draw(self, batch: int, channels: int, height: int | Tensor, width: int | Tensor,
+             generator: torch.Generator | None = None) -> dict:
+        """Every random parameter of ``batch`` views of (channels, height, width) images (each its
+        own size where ``height`` and ``width`` are (B,) tensors), drawn on the CPU from
+        ``generator`` (torch's global generator when None): ``box`` (B, 4), ``flip`` (B,), and those of the
         colour operations in use: ``jitter`` (B, 4) factors (brightness, contrast, saturation
         multipliers, hue in turns; neutral 1, 1, 1, 0 where a sample is not jittered) with
         ``jitter_on`` (B,) and ``order`` (the steps' order for the batch, a tuple), ``gray`` (B,),
         ``blur_sigma`` (B,) with ``blur_on`` (B,), ``solarize`` (B,)."""
-        boxes, flips = self.sample_geometry(batch, height, width)
+        g = generator
+
+        def rand() -> Tensor:
+            return torch.rand(batch, generator=g)
+
+        boxes, flips = self.sample_geometry(batch, height, width, g)
         p: dict = {"box": boxes, "flip": flips}
         steps = self._jitter_steps(channels)
         if steps:
-            on = torch.rand(batch) < self.jitter_p
+            on = rand() < self.jitter_p
             factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(batch, 1)
             for k in steps:
                 r = self.jitter[k]
                 lo, hi = (-r, r) if k == 3 else (max(0.0, 1.0 - r), 1.0 + r)
-                factors[:, k] = torch.where(on, lo + (hi - lo) * torch.rand(batch), factors[:, k])
-            p.update(jitter=factors, jitter_on=on, order=tuple(k for k in torch.randperm(4).tolist() if k in steps))
+                factors[:, k] = torch.where(on, lo + (hi - lo) * rand(), factors[:, k])
+            order = torch.randperm(4, generator=g).tolist()
+            p.update(jitter=factors, jitter_on=on, order=tuple(k for k in order if k in steps))
         if self.gray_p and channels == 3:
-            p["gray"] = torch.rand(batch) < self.gray_p
+            p["gray"] = rand() < self.gray_p
         if self.blur_p:
-            p["blur_on"] = torch.rand(batch) < self.blur_p
+            p["blur_on"] = rand() < self.blur_p
             lo, hi = self.blur_sigma
-            p["blur_sigma"] = lo + (hi - lo) * torch.rand(batch)
+            p["blur_sigma"] = lo + (hi - lo) * rand()
         if self.solarize_p:
-            p["solarize"] = torch.rand(batch) < self.solarize_p
+            p["solarize"] = rand() < self.solarize_p
         return p
 
     def colour(self, views01: Tensor, params: dict) -> Tensor:
@@ -258,10 +294,12 @@ class ViewAugment(nn.Module):
         m, s = self._stats[key]
         return (views01 - m) / s
 
-    def apply(self, images01: Tensor, params: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def apply(self, images01: Tensor, params: dict, cropped: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """images01 (B, C, H, W) float in [0, 1] and ``params`` from :meth:`draw` (on the images'
-        device) -> views (B, C, Sh, Sw), boxes (B, 4), flips (B,). Fixed shapes, no host read."""
-        views = resized_crop(images01, params["box"], params["flip"], self.size)
+        device) -> views (B, C, Sh, Sw), boxes (B, 4), flips (B,). Fixed shapes, no host read.
+        ``cropped``: ``images01`` are the views' crops already (cut, resized and mirrored by the
+        loader, :mod:`m3i.views.loader`): only the colour steps and the normalisation run."""
+        views = images01 if cropped else resized_crop(images01, params["box"], params["flip"], self.size)
         return self.normalise(self.colour(views, params)), params["box"], params["flip"]
 
     def forward(self, images01: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,97 @@
+"""The views of a training batch, made where the data is: in the loader, from the decoded originals.
+
+Each view of a sample is cut from the image as its source decoded it (its own size and aspect
+ratio, at full detail), resized to the view's size with antialiasing and mirrored where drawn, as
+MAE, SIM and DINO take their crops; a 0.08-area crop of a 1024-px photo keeps its ~290 source
+pixels across instead of being cut from an already shrunk square. Every random parameter of the
+step (crop boxes, flips, colour factors, masks) comes from one generator seeded from
+``(seed, step, rank)``, so a batch is a pure function of its step: DataLoader workers, a resumed
+run and a run that never stopped draw the same views.
+
+The device then runs only the colour steps and the normalisation
+(:meth:`~m3i.views.augment.ViewAugment.apply` with ``cropped=True``) on uint8 crops that reach it
+pinned and ``non_blocking``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .augment import ViewAugment
+
+__all__ = ["LoaderViews", "crop_view", "decode_side"]
+
+_VIEW_TAG = 0x6D3376  # separates the views' stream from the mixture's sample streams
+
+
+def crop_view(image: Image.Image, box: Sequence[float], flip: bool, size: tuple[int, int],
+              resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
+    """The view of an RGB image for one crop box ``(i, j, h, w)`` (source pixels, the box spans
+    ``[j, j + w) × [i, i + h)``): resized to ``size`` = (Sh, Sw) with antialiasing, mirrored
+    left-right where ``flip``; uint8 (Sh, Sw, 3)."""
+    i, j, h, w = (float(v) for v in box)
+    out = np.asarray(image.resize((size[1], size[0]), resample, box=(j, i, j + w, i + h)), dtype=np.uint8)
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def decode_side(augments: Sequence[ViewAugment]) -> int:
+    """The side a JPEG may be decoded down to (its draft) so that the smallest crop any view can
+    draw still has at least the view's pixels across."""
+    side = 1
+    for aug in augments:
+        lo = aug.crop_scale[0]
+        widest = max(aug.crop_ratio[1], 1 / aug.crop_ratio[0])  # the crop's short side over sqrt(area)
+        side = max(side, math.ceil(max(aug.size) / math.sqrt(lo / widest)))
+    return side
+
+
+class LoaderViews:
+    """Makes every view of a batch from its decoded images.
+
+    Args:
+        augments: one :class:`~m3i.views.augment.ViewAugment` per view (its crop, flip and colour
+            settings).
+        views_cfg: the recipe's ``views`` (mask kind and ratio, input mode).
+        grid: the backbone's patch grid ``(gh, gw)``.
+        masked: the views that carry a mask (their visible sets are drawn here too).
+        seed, rank: with the step, what the generator of a batch's views is seeded from.
+        interpolation: PIL resampling of the crops' resize (``bicubic``, ``bilinear``, ...).
+    """
+
+    def __init__(self, augments: Sequence[ViewAugment], views_cfg, grid: tuple[int, int], masked: Sequence[int],
+                 seed: int = 0, rank: int = 0, interpolation: str = "bicubic"):
+        self.augments, self.views_cfg, self.grid = list(augments), views_cfg, tuple(grid)
+        self.masked = list(masked)
+        self.seed, self.rank = int(seed), int(rank)
+        self.resample = Image.Resampling[interpolation.upper()]
+        self.side = decode_side(self.augments)
+
+    def generator(self, step: int) -> torch.Generator:
+        """The generator of every random parameter of ``step``'s views on this rank."""
+        seed = np.random.SeedSequence([self.seed, int(step), self.rank, _VIEW_TAG]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, images: Sequence[Image.Image], step: int) -> tuple[list[Tensor], dict]:
+        """RGB images of one batch -> (each view's crops, uint8 (B, 3, Sh, Sw); the drawn
+        parameters: ``views`` (one dict per view, as :meth:`ViewAugment.draw` returns, boxes in
+        each image's own pixels) and ``visible`` ({view: (B, N) bool}))."""
+        from ..terms import draw_visible  # terms imports the views package
+
+        g = self.generator(step)
+        b = len(images)
+        heights = torch.tensor([im.height for im in images])
+        widths = torch.tensor([im.width for im in images])
+        crops, params = [], []
+        for aug in self.augments:
+            p = aug.draw(b, 3, heights, widths, generator=g)
+            boxes, flips = p["box"].tolist(), p["flip"].tolist()
+            pixels = np.stack([crop_view(im, boxes[k], flips[k], aug.size, self.resample) for k, im in enumerate(images)])
+            crops.append(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
+            params.append(p)
+        visible = {v: draw_visible(self.views_cfg, b, self.grid, generator=g) for v in self.masked}
+        return crops, {"views": params, "visible": visible}
