@@ -99,6 +99,8 @@ def gather(x: Tensor) -> Tensor:
     """All-gather without gradient (masks, labels)."""
     if not is_dist() or world_size() == 1:
         return x
+    if x.dtype == torch.bool:  # as bytes, compared back: a gathered bool is no bool mask to compiled CPU code
+        return gather(x.to(torch.uint8)) != 0
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)

@@ -27,10 +27,9 @@ def inject(monkeypatch, kind: str, bad_calls) -> None:
             calls["hook"].remove()
             calls["hook"] = None
         faulty = calls["n"] in bad_calls
-        if faulty and where == "input":
-            image = batch["image"].float()
-            image[0, :, :4, :4] = bad
-            batch = {**batch, "image": image}
+        if faulty and where == "input":  # into the first view the backbone sees
+            views = views or self.views_of(batch)
+            views.images[0][0, :, :4, :4] = bad
         if faulty and where == "gradient":
             weight = self.backbone.patch_embed.proj.weight
             calls["hook"] = weight.register_hook(lambda g: g + bad if bad == float("inf") else g * bad)
