@@ -327,11 +327,11 @@ def kept_runs(a: argparse.Namespace, path: Path, code: str | None) -> list[dict]
 def run(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
-    budget = plan(a)
     res_path = out / "results.json"
     code = code_version()
     kept = kept_runs(a, res_path, code) if a.resume else []
+    tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
+    budget = plan(a)
     results = {"config": vars(a), "code": code, "tuned": tuned, "budget": budget, "runs": list(kept)}
     have = {(r["recipe"], r["seed"]) for r in kept}
     if kept:
