@@ -181,6 +181,7 @@ def two_ranks(tmp, classes):
     return run, skipped, logs
 
 
+@pytest.mark.slow  # gloo ranks
 def test_03_counts_cover_every_rank(two_ranks):
     run, skipped, logs = two_ranks
     assert skipped[0] > 0 and skipped[1] > 0  # both ranks skip: rank 0's count alone is short
@@ -434,6 +435,7 @@ def test_19_mistakes_get_a_message_that_says_what_is_wrong(case, words, tmp, cap
 
 
 # -- 20. output ----------------------------------------------------------------------------------
+@pytest.mark.slow  # gloo ranks
 def test_20_progress_and_warnings_are_printed_once_and_only_when_asked(tmp, captioned, two_ranks, capsys):
     _, _, logs = two_ranks  # bars on: rank 0 alone shows the text embeddings
     assert "text embeddings" in logs["0.err"] and "text embeddings" not in logs["1.err"]

@@ -107,6 +107,7 @@ def equivalence(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # gloo ranks
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_equal_one_process_on_the_global_batch(equivalence, name):
     ref, got = equivalence[name]
@@ -126,11 +127,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(equivalence, name):
             torch.testing.assert_close(got["buffers"][key], buf, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.slow  # gloo ranks
 def test_gather_puts_each_rank_at_its_offset_and_sends_gradients_home(equivalence):
     for r in range(WORLD):
         assert equivalence["gather"][r] == pytest.approx([float(20 * r + 1)] * 3)
 
 
+@pytest.mark.slow  # gloo ranks
 def test_a_compiled_loss_over_a_gathered_mask_equals_eager(equivalence):
     for compiled, eager in equivalence["compiled"]:
         assert compiled == pytest.approx(eager, rel=1e-5)

@@ -65,6 +65,7 @@ def equivalence(tmp_path_factory):
     return {name: (refs[name], torch.load(tmp / f"{name}.out.pt", weights_only=False)) for name in CASES}
 
 
+@pytest.mark.slow  # gloo ranks
 @pytest.mark.parametrize("name", CASES)
 def test_fsdp_step_equals_one_process_on_the_global_batch(equivalence, name):
     ref, got = equivalence[name]
