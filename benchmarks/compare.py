@@ -153,13 +153,14 @@ def parse_budget(text: str) -> tuple[str, float]:
     return kind, amount
 
 
-def stage_cost(stage: str, a: argparse.Namespace, kind: str) -> float:
-    """One training step of ``stage`` as the comparison runs it: its FLOPs, or its seconds on
-    this machine (the mean of 3 steps after one of warm-up, on a synthetic batch)."""
+def stage_cost(stage: str, a: argparse.Namespace, kind: str, tuned: dict | None = None) -> float:
+    """One training step of ``stage`` as the comparison runs it (with its ``tuned`` overrides, which
+    may change its terms): its FLOPs, or its seconds on this machine (the mean of 3 steps after one
+    of warm-up, on a synthetic batch)."""
     from m3i.train.dryrun import step_flops, synthetic_batch
     from m3i.train.loop import build_mixture
 
-    r = load_recipe(stage, overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split,
+    r = load_recipe(stage, overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split, tuned=tuned,
                                                    text_tower=a.text_tower, workers=0))
     classes = build_mixture(r).num_classes if any(t.target.kind == "label" for t in r.terms) else 0
     if kind == "flops":
@@ -176,19 +177,21 @@ def stage_cost(stage: str, a: argparse.Namespace, kind: str) -> float:
     return float(np.mean(times[1:]))
 
 
-def plan(a: argparse.Namespace) -> dict[str, dict]:
-    """Per recipe: the steps of each stage under the budget, and each stage's cost per step."""
+def plan(a: argparse.Namespace, tuned: dict | None = None) -> dict[str, dict]:
+    """Per recipe: the steps of each stage under the budget, and each stage's cost per step (with
+    its ``tuned`` overrides)."""
     kind, amount = parse_budget(a.budget)
     costs: dict[str, float] = {}
+    unit = "flops" if kind != "seconds" else "seconds"
 
     def cost(stage: str) -> float:
         if stage not in costs:
-            costs[stage] = stage_cost(stage, a, "flops" if kind != "seconds" else "seconds")
+            costs[stage] = stage_cost(stage, a, unit, tuned)
         return costs[stage]
 
     if kind == "flops" and amount < 0:  # the m3i demo run's FLOPs (its images at m3i's cost per image), times a factor
-        demo = load_recipe("m3i")
-        amount = -amount * demo.train.steps * demo.data.batch_size * cost("m3i") / a.batch
+        demo = load_recipe("m3i")  # the demo as shipped, whatever the m3i row is tuned to
+        amount = -amount * demo.train.steps * demo.data.batch_size * stage_cost("m3i", a, unit) / a.batch
     out = {}
     for recipe in a.recipes:
         names = stages_of(recipe)
@@ -331,7 +334,7 @@ def run(a: argparse.Namespace) -> dict:
     code = code_version()
     kept = kept_runs(a, res_path, code) if a.resume else []
     tuned = json.loads(Path(a.tuned).read_text())["chosen"] if a.tuned else {}
-    budget = plan(a)
+    budget = plan(a, tuned)
     results = {"config": vars(a), "code": code, "tuned": tuned, "budget": budget, "runs": list(kept)}
     have = {(r["recipe"], r["seed"]) for r in kept}
     if kept:

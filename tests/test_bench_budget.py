@@ -14,6 +14,7 @@ import compare  # noqa: E402
 
 from m3i.config import load_recipe  # noqa: E402
 from m3i.train.dryrun import step_flops  # noqa: E402
+from m3i.train.loop import build_mixture  # noqa: E402
 
 
 @pytest.mark.parametrize("text,want", [("flops=2.5e15", ("flops", 2.5e15)), ("images=230400", ("images", 230400.0)),
@@ -56,3 +57,18 @@ def test_a_flop_budget_gives_every_recipe_the_same_flops_and_splits_the_pipeline
     # an images budget: the same steps for all, the pipeline's split evenly
     p = compare.plan(compare.settings(["--budget", "images=1600", "--batch", "16", "--recipes", "sim", "multistage"]))
     assert p["recipes"]["sim"]["steps"] == [100] and p["recipes"]["multistage"]["steps"] == [33, 33, 34]
+
+
+@needs_data
+def test_a_tuned_row_is_costed_as_it_trains_while_the_demo_budget_stays_the_shipped_recipes():
+    a = compare.settings(["--budget", "flops=demo", "--batch", "16", "--recipes", "m3i"])
+    plain = compare.plan(a)
+    clean = {"m3i": {f"terms.{i}.source.masked": False for i in (1, 2, 3)}}  # one more forward pass
+    p = compare.plan(a, clean)
+    assert p["amount"] == pytest.approx(plain["amount"])  # the demo as shipped sets the budget
+    r = load_recipe("m3i", overrides=compare.overrides_for("m3i", "resnet", 1, 16, 0, tuned=clean))
+    classes = build_mixture(r).num_classes
+    assert p["flops_per_step"]["m3i"] == step_flops(r, classes, 16) > plain["flops_per_step"]["m3i"]
+    n = p["recipes"]["m3i"]["steps"][0]
+    assert abs(n * p["flops_per_step"]["m3i"] - p["amount"]) <= p["flops_per_step"]["m3i"] / 2
+    assert n < plain["recipes"]["m3i"]["steps"][0]
