@@ -181,17 +181,19 @@ def plan(a: argparse.Namespace, tuned: dict | None = None) -> dict[str, dict]:
     """Per recipe: the steps of each stage under the budget, and each stage's cost per step (with
     its ``tuned`` overrides)."""
     kind, amount = parse_budget(a.budget)
-    costs: dict[str, float] = {}
     unit = "flops" if kind != "seconds" else "seconds"
+    counted: dict[tuple, float] = {}
 
-    def cost(stage: str) -> float:
-        if stage not in costs:
-            costs[stage] = stage_cost(stage, a, unit, tuned)
-        return costs[stage]
+    def cost(stage: str, own: dict | None = tuned) -> float:
+        """``stage``'s step with the ``own`` overrides (None: as shipped), each setting counted once."""
+        key = (stage, *tuned_overrides(stage, own or {}))
+        if key not in counted:
+            counted[key] = stage_cost(stage, a, unit, own)
+        return counted[key]
 
     if kind == "flops" and amount < 0:  # the m3i demo run's FLOPs (its images at m3i's cost per image), times a factor
         demo = load_recipe("m3i")  # the demo as shipped, whatever the m3i row is tuned to
-        amount = -amount * demo.train.steps * demo.data.batch_size * stage_cost("m3i", a, unit) / a.batch
+        amount = -amount * demo.train.steps * demo.data.batch_size * cost("m3i", None) / a.batch
     out = {}
     for recipe in a.recipes:
         names = stages_of(recipe)
@@ -203,7 +205,7 @@ def plan(a: argparse.Namespace, tuned: dict | None = None) -> dict[str, dict]:
         flops = sum(n * cost(st) for n, st in zip(steps, names)) if kind != "seconds" else None
         out[recipe] = {"stages": names, "steps": steps, "flops": flops}
     return {"kind": kind, "amount": amount, "recipes": out,
-            ("flops_per_step" if kind != "seconds" else "seconds_per_step"): costs}
+            f"{unit}_per_step": {st: cost(st) for each in out.values() for st in each["stages"]}}
 
 
 def load_evalsets(limit: int | None, split: str = "test", size: int = 32) -> dict:
