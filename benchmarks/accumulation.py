@@ -24,7 +24,8 @@ import torch
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train.loop import lr_lambda
-from m3i.train.step import BadSteps, TrainStep, autocast_for, make_optimizer
+from m3i.device import autocast_for
+from m3i.train.step import BadSteps, TrainStep, make_optimizer
 
 DEFAULTS = ["backbone.name=vit_micro", "train.precision=fp32", "terms.2.target_encoder.tower=scratch"]
 

@@ -432,6 +432,33 @@ def summarise(results: dict, out: Path) -> str:
     return table
 
 
+def merge(sources: list[str], out: Path) -> dict:
+    """One table from several comparisons at the same budget: a later source's rows replace an earlier
+    one's rows of the same recipe (a re-run row beside rows kept from before); each row keeps the
+    source it came from, with that source's m3i sources and tuned overrides."""
+    merged: dict = {"merged_from": [], "runs": []}
+    for src in sources:
+        path = Path(src) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist (expected a compare.py output folder)")
+        res = json.loads(path.read_text())
+        amount, first = res.get("budget", {}).get("amount"), merged.get("budget", {}).get("amount")
+        if first and (not amount or abs(amount - first) > 0.01 * first):
+            raise SystemExit(f"--merge: {path} has budget {amount!r}, not the {first!r} of {sources[0]}: "
+                             "rows at other budgets do not compare")
+        new = {r["recipe"] for r in res["runs"] if r["recipe"] not in (PIXELS, SCRATCH)}
+        merged["runs"] = [r for r in merged["runs"] if r["recipe"] not in new] + [
+            {**r, "source": src} for r in res["runs"] if r["recipe"] in new or not any(
+                m["recipe"] == r["recipe"] for m in merged["runs"])]
+        merged.setdefault("config", res["config"])
+        merged.setdefault("budget", res.get("budget", {}))
+        merged["merged_from"].append({"source": src, "code": res.get("code"), "tuned": res.get("tuned"),
+                                      "recipes": sorted(new)})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    return merged
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke form: few steps, one seed, small eval sets")
@@ -458,6 +485,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-batch", type=int, default=64)
     p.add_argument("--finetune-test", type=int, default=2000, help="test images scored after fine-tuning")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="no training: OUT's table from these comparisons' rows, a later one's recipes replacing "
+                        "an earlier one's")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of OUT/results.json made with the same settings and sources; run the rest")
     return p
@@ -489,6 +519,9 @@ def settings(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     a = settings()
+    if a.merge:
+        print(summarise(merge(a.merge, Path(a.out)), Path(a.out)))
+        return
     t0 = time.perf_counter()
     results = run(a)
     print(summarise(results, Path(a.out)))

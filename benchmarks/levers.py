@@ -10,6 +10,7 @@ machine unless the table says otherwise), beside raw pixels on the same splits.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -53,13 +54,20 @@ def run_variant(name: str, a: argparse.Namespace, sets: dict | None = None) -> d
           + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix_override()])
     recipe = load_recipe(a.recipe, overrides=ov)
     t0 = time.perf_counter()
-    ck = pretrain(recipe, Path(a.out) / "runs" / name.replace(" ", "_").replace("=", "-"), progress=False,
-                  device=a.device)
+    ck = pretrain(recipe, Path(a.out) / "runs" / run_dirname(name), progress=False, device=a.device)
     secs = time.perf_counter() - t0
     sets = sets or evalsets(a.limit)
     return {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "device": a.device,
             "train_seconds": secs, "img_per_s": a.steps * recipe.data.batch_size / secs,
             "scores": scores(load_run(ck, a.device), sets)}
+
+
+def run_dirname(name: str, limit: int = 80) -> str:
+    """A file-system name for a variant: its overrides written out, or cut and hashed when too long."""
+    safe = name.replace(" ", "_").replace("=", "-").replace("/", "-")
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[:limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def scores(model, sets: dict) -> dict[str, float]:

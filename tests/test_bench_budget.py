@@ -2,6 +2,7 @@
 multi-stage pipeline split over its stages, and a clear error for a budget it cannot read."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -72,3 +73,28 @@ def test_a_tuned_row_is_costed_as_it_trains_while_the_demo_budget_stays_the_ship
     n = p["recipes"]["m3i"]["steps"][0]
     assert abs(n * p["flops_per_step"]["m3i"] - p["amount"]) <= p["flops_per_step"]["m3i"] / 2
     assert n < plain["recipes"]["m3i"]["steps"][0]
+
+
+def _comparison(folder: Path, amount: float, rows: dict[str, float]) -> str:
+    runs = [{"recipe": rec, "seed": 0, "steps": 10, "flops": amount, "images": 160, "train_seconds": 1.0,
+             "img_per_s": 160.0, "scores": {"fmnist_knn": v}} for rec, v in rows.items()]
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({
+        "config": {"backbone": "resnet", "budget": "flops=demo", "batch": 16, "seeds": 1}, "code": folder.name,
+        "tuned": {}, "budget": {"kind": "flops", "amount": amount}, "runs": runs}))
+    return str(folder)
+
+
+def test_a_merged_table_takes_a_later_comparisons_rows_in_place_of_the_same_recipes(tmp_path, capsys):
+    old = _comparison(tmp_path / "old", 1e12, {"pixels": 0.80, "supervised": 0.90, "m3i": 0.70})
+    new = _comparison(tmp_path / "new", 1.001e12, {"pixels": 0.10, "m3i": 0.95})
+    res = compare.merge([old, new], tmp_path / "out")
+    got = {r["recipe"]: (r["scores"]["fmnist_knn"], r["source"]) for r in res["runs"]}
+    # pixels and supervised from the first, m3i replaced by the later run
+    assert got == {"pixels": (0.80, old), "supervised": (0.90, old), "m3i": (0.95, new)}
+    assert [m["code"] for m in res["merged_from"]] == ["old", "new"]
+    table = compare.summarise(res, tmp_path / "out")
+    assert "| m3i | 95.0 ± 0.0 | 1.00 |" in table  # first of three on the one column
+    far = _comparison(tmp_path / "far", 2e12, {"m3i": 0.99})
+    with pytest.raises(SystemExit, match="far.*budget"):
+        compare.merge([old, far], tmp_path / "out2")

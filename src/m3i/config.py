@@ -120,9 +120,10 @@ class TrainCfg(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int | None = Field(None, ge=0)  # default: a tenth of the steps
     clip_grad: float = 1.0
-    # fp16: autocast to float16 with a gradient scaler (GPUs without bfloat16); the steps it skips
-    # (gradients that overflowed) count as skipped steps
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 where the device has bfloat16 kernels, else fp16 on a GPU and fp32 on a CPU
+    # (m3i.device); fp16: autocast to float16 with a gradient scaler (GPUs without bfloat16),
+    # the steps it skips (gradients that overflowed) counting as skipped steps
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     seed: int = 0
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(200, ge=1)

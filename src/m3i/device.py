@@ -1,6 +1,16 @@
 """The one place a ``--device`` is read: a name torch knows and a device this machine has, or a
-one-line error saying which are there."""
+one-line error saying which are there; and the floating-point format it computes in.
+
+``precision auto``: bf16 autocast pays only where the device has bfloat16 kernels (CUDA GPUs from
+Ampere on; CPUs whose oneDNN runs bfloat16 natively, AVX512-BF16 or AMX). Elsewhere it is
+emulated: on an AVX2-only CPU a bf16 convolution falls back to a reference kernel and the demo's
+training step runs ~17× slower than in float32 (``benchmarks/precision.py``). So ``auto`` takes
+bf16 where it is native, fp16 (with a gradient scaler) on a GPU without it, fp32 on other CPUs.
+"""
 from __future__ import annotations
+
+import warnings
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -35,3 +45,41 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {name}: m3i runs on cpu, cuda or mps; this machine has {have}")
     return dev
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 in its own kernels rather than by emulation."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False  # mps: auto keeps float32 there
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> the fastest format ``device`` computes well; any other value as given (bf16 where
+    it is emulated with a warning, since the user asked for it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "auto":
+        if native_bf16(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(f"precision bf16 on a {device.type} without native bfloat16 kernels: it is emulated and "
+                      "can be many times slower than fp32; precision auto (the default) picks fp32 here",
+                      stacklevel=2)
+    return precision
+
+
+def autocast_for(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """The autocast of a resolved ``precision`` (fp32: none)."""
+    if precision == "fp32":
+        return nullcontext()
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import loop
-from m3i.train.step import BadSteps, TrainStep, autocast_for, make_optimizer, make_scaler
+from m3i.device import autocast_for
+from m3i.train.step import BadSteps, TrainStep, make_optimizer, make_scaler
 from conftest import needs_data
 
 TINY = ["backbone.name=vit_nano", "backbone.depth=2", "data.batch_size=8", "data.num_workers=0"]

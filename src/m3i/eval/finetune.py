@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import Backbone
-from ..device import resolve_device
+from ..device import resolve_device, resolve_precision
 from ..layers import DropPath, no_weight_decay
 from ..config import ConfigError, Strict, apply_override, load_recipe, validate
 from ..objective import Objective
@@ -62,7 +62,7 @@ class FinetuneCfg(Strict):
     crop_scale: tuple[float, float] = (0.8, 1.0)  # light: short schedules have no time to undo heavy crops
     flip_p: float = Field(0.5, ge=0, le=1)
     clip_grad: float = Field(0.0, ge=0)  # 0: no clipping
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has it (m3i.device)
     eval_batch_size: int = Field(512, ge=1)
     test_limit: int | None = Field(None, ge=1)  # score a seeded subset of the scored split
     score_start: bool = False  # also score the model before the first step
@@ -268,7 +268,7 @@ def finetune(checkpoint: str | Path, dataset: str, steps: int | None = None,
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
                             betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(_Schedule(cfg)))
-    use_bf16 = cfg.precision == "bf16"
+    use_bf16 = resolve_precision(cfg.precision, dev) == "bf16"  # fp16 (auto on an old GPU) has no scaler here: fp32
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     result_metrics: dict[str, float] = {}

@@ -12,7 +12,7 @@ from ..data import ImageFolder, build_source
 from ..data.layout import split_folders
 from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from .. import memory
-from ..device import resolve_device
+from ..device import autocast_for, resolve_device, resolve_precision
 from ..objective import Objective
 from ..train import runs
 from . import DATASETS, metrics
@@ -119,11 +119,11 @@ def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head: str | None = None,
           progress: bool = True) -> torch.Tensor:
-    """Pooled backbone features (or ``head``'s image embedding) of uint8 images, in batches, bf16 where it helps."""
+    """Pooled backbone features (or ``head``'s image embedding) of uint8 images, in batches, bf16 where the device has it."""
     dev = next(obj.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with autocast_for(dev, resolve_precision("auto", dev)):
             f = obj.encode_image(images[i:i + batch_size].to(dev), head=head)
         out.append(f.float().cpu())
     return torch.cat(out)

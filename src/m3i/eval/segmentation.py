@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..device import resolve_device
+from ..device import autocast_for, resolve_device, resolve_precision
 from ..data.scenes import SCENE_DATASETS, make_scenes
 from .metrics import _fit_softmax
 
@@ -80,7 +80,7 @@ def patch_features(obj, images: Tensor, batch_size: int = 128) -> Tensor:
     out = []
     for i in range(0, len(images), batch_size):
         x = obj.normalize(images[i:i + batch_size].to(dev))
-        with torch.autocast(dev.type, dtype=torch.bfloat16):  # as `run.embed`; also ~1.3x faster on a CPU
+        with autocast_for(dev, resolve_precision("auto", dev)):  # as `run.embed`
             tokens = backbone.forward_features(x).tokens  # (B, gh·gw, D), row-major
         out.append(tokens.float().transpose(1, 2).reshape(len(x), -1, gh, gw).half().cpu())
     return torch.cat(out)

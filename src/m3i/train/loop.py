@@ -18,14 +18,14 @@ from .. import distributed as dist
 from ..accumulation import check_accum_steps
 from ..config import Recipe
 from ..data import Mixture, build_source
-from ..device import resolve_device
+from ..device import autocast_for, resolve_device, resolve_precision
 from ..objective import Objective
 from ..weights import load_weights_into
 from . import checkpoint as ckpt
 from . import preflight, runs, strategy, trackers
 from .runlock import RunLock
 from .signals import Preemption, worker_init
-from .step import BadSteps, TrainStep, autocast_for, keep_fused, make_optimizer, make_scaler
+from .step import BadSteps, TrainStep, keep_fused, make_optimizer, make_scaler
 from .strategy import compile_blocks
 
 SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
@@ -149,6 +149,10 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
 def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, init_from,
               stop: Preemption) -> Path:
     rank, world = dist.rank(), dist.world_size()
+    if (prec := resolve_precision(recipe.train.precision, dev)) != recipe.train.precision:
+        if rank == 0:
+            print(f"train.precision {recipe.train.precision}: {prec} on this {dev.type}")
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": prec})})
     tr = recipe.train
     torch.manual_seed(tr.seed)  # the same initial weights on every rank (FSDP keeps each rank's shard of them)
     preflight.check_memory(recipe, dev, world)

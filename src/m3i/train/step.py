@@ -9,7 +9,7 @@ metrics (every ``log_every`` steps, at checkpoints and every ``max_bad_steps`` s
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -102,13 +102,6 @@ class TrainStep:
                     outputs = self.model(part, views, cache=micro)
                 self.backward(outputs["loss"])
         return outputs
-
-
-def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
-    """The autocast of ``train.precision`` (fp32: none)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_scaler(device: torch.device, precision: str, state: dict | None = None) -> torch.amp.GradScaler | None:
