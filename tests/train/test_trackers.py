@@ -7,6 +7,7 @@ import pytest
 
 from m3i.cli import main
 from m3i.config import load_recipe
+from m3i.device import resolve_precision
 from m3i.train import loop, trackers
 from conftest import needs_data
 
@@ -69,8 +70,11 @@ def test_wandb_offline_and_mlflow_file_store_get_every_logged_value(tmp_path, mo
             assert h[k] == pytest.approx(r[k]), k
     [config] = [{item_key(i): json.loads(i.value_json) for i in r.run.config.update} for r in records
                 if r.WhichOneof("record_type") == "run"]
-    assert config["name"] == "byol" and config["train"]["steps"] == 2 and config == {
-        "_wandb": {}, **recipe.model_dump(mode="json")}
+    # the run as it trained: train.precision auto resolved to this machine's format
+    ran = recipe.model_dump(mode="json")
+    ran["train"]["precision"] = resolve_precision("auto", "cpu")
+    assert ran["train"]["precision"] in ("bf16", "fp32")
+    assert config["name"] == "byol" and config["train"]["steps"] == 2 and config == {"_wandb": {}, **ran}
 
     # MLflow: the run's file store
     from mlflow.tracking import MlflowClient
