@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -109,6 +110,22 @@ def setup_device(device: str | None) -> torch.device:
 def _destroy_process_group() -> None:
     if dist.is_dist():
         torch.distributed.destroy_process_group()
+
+
+def end_workers(batches) -> None:
+    """End a loader iterator's workers, on an error too: they ignore SIGTERM (signals.py), so the
+    interpreter's exit, which terminates its daemon processes with it, could not end them. A worker
+    that dies while ending (a native library aborting at its exit, say) is reported and the rest are
+    ended: every batch the run trained on was read before, so the run, its checkpoints and any
+    error already on its way stand as they are."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()  # ends the workers still alive in its own clean-up, whatever a dead one raised
+    except RuntimeError as e:
+        warnings.warn(f"a data loader worker failed while the loader ended, after training had stopped "
+                      f"reading from it ({e}); the run is not affected", RuntimeWarning, stacklevel=2)
 
 
 @contextmanager
@@ -309,9 +326,7 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
                           f"continue with `m3i pretrain --resume {out}`")
                 break
     finally:
-        # the loader's workers end here, on an error too: they ignore SIGTERM (signals.py), so the
-        # interpreter's exit, which terminates its daemon processes with it, could not end them
-        getattr(batches, "_shutdown_workers", lambda: None)()
+        end_workers(batches)
         bar.close()
         if log:
             log.close()
