@@ -1,6 +1,7 @@
 """FSDP2 on CPU (2 gloo processes): a sharded step gives the loss and gradients of one process
 on the global batch for every estimator, and `m3i pretrain train.strategy=fsdp` trains like DDP,
 checkpoints a sharded optimizer state and resumes from it on 2 ranks and on 1."""
+import copy
 import json
 
 import pytest
@@ -76,6 +77,44 @@ def test_fsdp_step_equals_one_process_on_the_global_batch(equivalence, name):
     for key, grad in ref["grads"].items():  # the gathered shards of the reduce-scattered gradients
         err = float((got["grads"][key] - grad).norm())
         assert err <= 1e-4 * float(grad.norm()) + 1e-6 * scale, f"{key}: |error| {err:.2e}, |grad| {grad.norm():.2e}"
+
+
+def test_sharding_leaves_whole_only_what_runs_on_the_host():
+    """A frozen MiniLM with its caption cache runs while the host stages a batch, outside the
+    forward pass where FSDP gathers shards: FSDP must leave it whole. A trained tower runs inside."""
+    from m3i.encoders.text import MiniLMTower
+
+    frozen, uncached = MiniLMTower(), MiniLMTower(cache=False)  # uncached, as trained: run in the forward pass
+    towers = torch.nn.ModuleDict({"frozen": frozen, "uncached": uncached})
+    assert strategy.host_parameters(towers) == set(frozen.model.parameters())
+    assert len(strategy.host_parameters(towers)) > 50
+
+
+def test_batch_norm_gathered_in_bf16_computes_in_float32_beside_its_float32_statistics():
+    """FSDP's bf16 blocks gather a batch norm's weight and bias in bfloat16 while its running
+    statistics stay float32: in eval (the monitors) and in training on one rank, it normalises as
+    a float32 batch norm of the same numbers does, and keeps its statistics float32."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        for t, lo, hi in ((ref.weight, 0.5, 1.5), (ref.bias, -1, 1), (ref.running_mean, -1, 1), (ref.running_var, 0.5, 2)):
+            t.uniform_(lo, hi)
+    bn = strategy.global_batch_norm(torch.nn.Sequential(copy.deepcopy(ref)))[0]
+    bn.weight, bn.bias = (torch.nn.Parameter(p.detach().bfloat16()) for p in (ref.weight, ref.bias))
+    with torch.no_grad():  # the reference computes on the same (bf16-rounded) numbers, in float32
+        ref.weight.copy_(bn.weight.float())
+        ref.bias.copy_(bn.bias.float())
+    x = torch.randn(6, 4, 5, 5).bfloat16()
+    for training in (False, True):
+        bn.train(training)
+        ref.train(training)
+        y, expected = bn(x), ref(x.float())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+        for key in ("running_mean", "running_var"):
+            assert getattr(bn, key).dtype == torch.float32
+            torch.testing.assert_close(getattr(bn, key), getattr(ref, key))
+    assert int(bn.num_batches_tracked) == 1
 
 
 # -- end to end ----------------------------------------------------------------------------------------

@@ -192,6 +192,11 @@ class TextTower(nn.Module):
         """:meth:`host_inputs`, on the tower's device -> (B, out_dim) float32, as :meth:`forward`."""
         return self.encode(inputs["ids"], inputs["mask"])
 
+    def host_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`host_inputs` computes with, outside the model's forward pass: a
+        sharded strategy must leave them whole (FSDP gathers shards only inside that pass)."""
+        return []
+
     def forward(self, captions: Sequence[str]) -> Tensor:
         captions = _check_captions(captions)
         if not captions:
@@ -297,6 +302,10 @@ class MiniLMTower(TextTower):
 
     def from_host(self, inputs: dict[str, Tensor]) -> Tensor:
         return inputs["embedding"] if "embedding" in inputs else super().from_host(inputs)
+
+    def host_parameters(self) -> list[nn.Parameter]:
+        """Cached: the whole frozen model, which fills the cache when a batch brings a new caption."""
+        return list(self.model.parameters()) if self.use_cache else []
 
     def _fill(self, captions: list[str]) -> None:
         emb = self.encode(*self.tokenize(captions)).detach().float().cpu()

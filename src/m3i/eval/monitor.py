@@ -10,7 +10,8 @@ Both splits lie inside ``train``: a run whose sources read ``:train`` sees the v
 with labels on, their labels) during pre-training; read ``:fit`` to keep them out (the README's
 monitor curve does). The data sets are loaded once; scoring runs in eval mode under
 ``torch.no_grad`` and leaves every random generator as it found it, so a run with monitors trains
-and resumes exactly as one without.
+and resumes exactly as one without. The trainer leaves a pass's time out of its img/s and logs it
+apart (``monitor_s``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.spec import parse_spec
+from ..train.strategy import gathered
 from .run import load_evalset, score
 
 # a source kind -> the `m3i eval --dataset` it is monitored on (k-NN, retrieval)
@@ -66,7 +68,7 @@ class Monitor:
         states = (random.getstate(), np.random.get_state())
         was_training = objective.training
         out: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), gathered(objective):
             objective.eval()
             try:
                 if self.knn_data is not None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -67,14 +68,16 @@ def wrap(objective: nn.Module, device: torch.device, train) -> nn.Module:
 def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` every block (ViT) or stage (ConvNeXt) of the online backbone
     and of every copied target encoder (EMA teacher, frozen), then the objective itself, which
-    holds the rest (embeddings, decoders, heads, class tables, text towers). With ``bf16`` the
-    blocks gather and compute in bfloat16 and their gradients are reduced in float32; the
+    holds the rest (embeddings, decoders, heads, class tables, trained text towers). With ``bf16``
+    the blocks gather and compute in bfloat16 and their gradients are reduced in float32; the
     sharded parameters, and AdamW's state, stay float32; the rest runs under the loop's autocast.
 
     Every rank must have built the same initial weights (same seed): each keeps its shard of them.
     The EMA teacher is sharded like the online network, so its update is local to each rank
-    (:meth:`Teacher.update` works on the local shards); frozen towers and class tables are ordinary
-    (sharded) parameters of the objective."""
+    (:meth:`Teacher.update` works on the local shards); frozen target models and class tables are
+    ordinary (sharded) parameters of the objective. What runs outside the forward pass, where FSDP
+    gathers no shard, stays whole on every rank: a frozen text tower with its caption cache (filled
+    on the host while a batch is staged, :func:`host_parameters`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     global_batch_norm(objective)
@@ -86,9 +89,31 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     # :func:`sync_replicated_grads` averages their gradients as DDP would
     scalars = {p for p in objective.parameters() if p.ndim == 0}
     # the rest keeps float32 parameters (batch norm's statistics stay float32) under the loop's autocast
-    fully_shard(objective, ignored_params=scalars)
+    fully_shard(objective, ignored_params=scalars | host_parameters(objective))
     objective._replicated_params = [p for p in scalars if p.requires_grad]
     return objective
+
+
+def host_parameters(objective: nn.Module) -> set[nn.Parameter]:
+    """The parameters that modules of ``objective`` compute with on the host, outside its forward
+    pass (each module that has any lists them in ``host_parameters()``)."""
+    return {p for m in objective.modules() if hasattr(m, "host_parameters") for p in m.host_parameters()}
+
+
+@contextmanager
+def gathered(objective: nn.Module):
+    """Work with ``objective`` outside its forward pass (the monitors' embeddings): the parameters
+    its root holds (stems, norms, heads) gathered whole meanwhile, as its forward pass gathers them;
+    each sharded block gathers its own when called. Not sharded: nothing to do. Every rank must
+    enter it."""
+    if not hasattr(objective, "unshard"):  # FSDP2 makes the sharded module an FSDPModule
+        yield objective
+        return
+    objective.unshard()
+    try:
+        yield objective
+    finally:
+        objective.reshard()
 
 
 @contextmanager
@@ -189,6 +214,8 @@ class GlobalBatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_dist() and dist.world_size() > 1):
+            if self.affine and self.track_running_stats and self.weight.dtype != self.running_mean.dtype:
+                return self._float32(x)
             return super().forward(x)
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
@@ -213,6 +240,16 @@ class GlobalBatchNorm(_BatchNorm):
                 unbiased = var.detach() * n / (n - 1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         return y.to(x.dtype)
+
+    def _float32(self, x: Tensor) -> Tensor:
+        """Plain batch norm in float32: FSDP's bf16 blocks gather the parameters in bfloat16 beside
+        float32 running statistics, which batch norm cannot mix (in eval, or on one rank)."""
+        momentum = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, momentum, self.eps).to(x.dtype)
 
 
 def global_batch_norm(module: nn.Module) -> nn.Module:
