@@ -27,10 +27,12 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .weights import shared_mode
@@ -40,18 +42,35 @@ _VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vi
              1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
 
 
-def writable_file(out: Path, flag: str = "--out") -> None:
-    """Raise a one-line ValueError unless a file can be created at ``out`` (checked by writing one)."""
-    if out.is_dir():
-        raise ValueError(f"{flag} {out}: is a folder; give a file name")
-    parent = out.parent
+def _probe(out: Path, folder: Path, flag: str) -> None:
+    """Raise a one-line ValueError unless a new file can be made in ``folder`` (checked by making one)."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}.", suffix=".probe"):
             pass
     except OSError as e:
-        raise ValueError(f"{flag} {out}: cannot write into {parent} ({e.strerror or e}); "
+        raise ValueError(f"{flag} {out}: cannot write into {folder} ({e.strerror or e}); "
                          f"choose a folder you can write to") from None
+
+
+def writable_file(out: Path, flag: str = "--out") -> None:
+    """Raise a one-line ValueError unless a file can be created at ``out`` (its folder is made)."""
+    if out.is_dir():
+        raise ValueError(f"{flag} {out}: is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot write into {out.parent} ({e.strerror or e}); "
+                         f"choose a folder you can write to") from None
+    _probe(out, out.parent, flag)
+
+
+def _writable(out: Path) -> None:
+    """Like :func:`writable_file`, but nothing is made: the nearest folder that exists is probed
+    (the folders up to ``out`` are made only when the export is written)."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    _probe(out, folder, "--out")
 
 
 def _write_failed(out: Path, e: BaseException) -> ValueError:
@@ -59,27 +78,28 @@ def _write_failed(out: Path, e: BaseException) -> ValueError:
                       f"free some space or choose another folder")
 
 
-def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
-    from .train.runs import load_run
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: expected a .safetensors file name")
-    if out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a .safetensors file name")
-    writable_file(out)  # before any work
-    backbone = load_run(checkpoint).backbone
-    weights = backbone.timm_state_dict()  # m3i-only tensors (the fill mask token) left out
-    tmp = out.with_suffix(".tmp")
+@contextmanager
+def _staged(out: Path):
+    """The path to write the export to: in a new hidden folder beside ``out``, renamed to ``out``
+    once written (a whole export or none). On any failure the folder goes, with the folders made
+    for it."""
+    made = [p for p in out.parents if not p.exists()]  # the deepest first
+    stage = None
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp),
-                  metadata={"format": "pt", "layout": "timm", "architecture": type(backbone).__name__})
-        shared_mode(tmp)
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_failed(out, e) from None
-    return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+        yield stage / out.name  # the name of ``out`` itself: torch.export wants a .pt2 archive name
+        os.replace(stage / out.name, out)
+        stage.rmdir()
+    except BaseException as e:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for folder in made:
+            with suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, (OSError, SafetensorError)):
+            raise _write_failed(out, e) from None
+        raise
 
 
 def timm_config(backbone, name: str, mean, std) -> dict:
@@ -123,7 +143,7 @@ tags:
 ---
 # {name}
 
-A {name} backbone pre-trained with m3i ({recipe} recipe, {steps} steps, {size}×{size} px), in timm's layout.
+A {name} backbone pre-trained with m3i ({recipe} recipe, {steps}, {size}×{size} px), in timm's layout.
 
 ```python
 import timm
@@ -134,45 +154,157 @@ features = model.forward_features(images)  # images normalised with mean {mean},
 """
 
 
+FORMATS = ("timm", "timm-dir", "pt2")
+_SUFFIX = {"timm": ".safetensors", "pt2": ".pt2"}
+# the modules of m3i.backbones whose weights have timm's names (m3i's ViT and ConvNeXt, timm's own models)
+_TIMM_LAYOUT = tuple(f"{__package__}.backbones.{m}" for m in ("vit", "convnext", "timm"))
+_LOADED_BY = {"timm": "timm's weights of one model",
+              "timm-dir": "timm.create_model('local-dir:{path}', pretrained=True) builds it",
+              "pt2": "torch.export.load('{path}').module() runs it"}
+
+
+def export_format(path: str | Path) -> str | None:
+    """The format of the m3i export at ``path`` (one of :data:`FORMATS`), or None: a timm-dir folder
+    holds config.json and model.safetensors (and its card); a timm file says so in its metadata;
+    a pt2 archive carries m3i.json."""
+    path = Path(path)
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        return "timm-dir" if set(_FILES[:2]) <= names <= set(_FILES) else None
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".pt2":
+            with zipfile.ZipFile(path) as z:
+                return "pt2" if any(n.endswith("/extra/m3i.json") for n in z.namelist()) else None
+        with safe_open(str(path), "pt") as f:
+            return "timm" if (f.metadata() or {}).get("layout") == "timm" else None
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError):
+        return None
+
+
 def holds_export(out: Path, fmt: str) -> bool:
-    """Whether ``out`` holds an earlier export of format ``fmt`` ("timm", "timm-dir" or "pt2")."""
-    if fmt != "timm-dir":
-        return out.is_file()
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    return bool(names) and names <= set(_FILES)
+    """Whether ``out`` holds an earlier export of format ``fmt`` (what ``--overwrite`` may move aside)."""
+    return export_format(out) == fmt
+
+
+def refuse_export(path: Path) -> None:
+    """Raise a one-line ValueError when ``path``, given for a run or a checkpoint, is an export."""
+    fmt = export_format(path)
+    if fmt is not None:
+        raise ValueError(f"{path}: an m3i export (--format {fmt}; {_LOADED_BY[fmt].format(path=path)}), not a run or checkpoint; "
+                         f"give the run folder it was exported from")
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """The refusals of ``--out`` itself: the wrong kind of name, or something there that is not an
+    earlier export of this format (only those are ever moved aside)."""
+    if fmt == "timm-dir":
+        if out.suffix in _SUFFIX.values() or (out.exists() and not out.is_dir()):
+            raise ValueError(f"--out {out}: expected a folder for --format timm-dir")
+        if out.is_dir() and any(out.iterdir()) and not holds_export(out, fmt):
+            raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
+                             f"give a new or empty folder")
+        return
+    suffix = _SUFFIX[fmt]
+    if out.suffix != suffix:
+        raise ValueError(f"--out {out}: expected a {suffix} file name for --format {fmt}")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a {suffix} file name")
+    if out.exists() and not holds_export(out, fmt):
+        raise ValueError(f"--out {out}: holds a file that is not an m3i export; choose another --out")
+
+
+def _check_not_in_checkpoints(source: Path, out: Path) -> None:
+    from .train.runs import same_or_inside
+
+    keep = source.parent if source.parent.name == "checkpoints" else source
+    if same_or_inside(out, keep):
+        raise ValueError(f"--out {out}: inside {keep}, where the run keeps its checkpoints; choose another --out")
+
+
+def _check_layout(backbone: str, fmt: str, checkpoint, out: Path) -> None:
+    from .backbones.base import module_of
+
+    if fmt != "pt2" and module_of(backbone) not in _TIMM_LAYOUT:
+        raise ValueError(f"--format {fmt}: backbone {backbone} has no timm layout (only vit_*, convnext_* and "
+                         f"timm/<model> backbones have one); --format pt2 exports any backbone as a program plain "
+                         f"PyTorch runs: m3i export --checkpoint {checkpoint} --format pt2 --out {out.with_suffix('.pt2')}")
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", overwrite: bool = False) -> Path:
+    """``m3i export``: write the backbone of ``checkpoint`` (a run or checkpoint folder) to ``out``
+    in format ``fmt``. Every refusal comes before any work and before anything is written or
+    moved; an earlier export at ``out`` is moved aside (``overwrite``) only once the new one is
+    ready, and a failed write leaves nothing behind."""
+    from .train import checkpoint as ckpt, runs
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    _check_out(out, fmt)
+    held = "an earlier export" if holds_export(out, fmt) else None
+    if not overwrite:
+        runs.claim(out, False, held=held, choices="choose another --out")
+    _writable(out)
+    source = ckpt.find(Path(checkpoint))
+    _check_not_in_checkpoints(source, out)
+    _check_layout(runs.read_recipe(source).backbone.name, fmt, checkpoint, out)
+    write = _WRITERS[fmt](runs.load_run(source), source)  # all the work (a trace, for pt2) before anything is moved
+    runs.claim(out, overwrite, held=held, choices="choose another --out")
+    with _staged(out) as path:
+        write(path)
+    return out
+
+
+def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
+    return export(checkpoint, out, "timm")
 
 
 def export_timm_dir(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write ``out/`` (config.json, model.safetensors, README.md); see the module docstring."""
-    from .train.runs import load_run
+    return export(checkpoint, out, "timm-dir")
 
-    out = Path(out)
-    if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
-        raise ValueError(f"--out {out}: expected a folder for --format timm-dir")
-    if out.is_dir() and not {p.name for p in out.iterdir()} <= set(_FILES):
-        raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
-                         f"give a new or empty folder")
-    writable_file(out / _FILES[0])  # before any work
-    objective = load_run(checkpoint)
+
+def export_program(checkpoint: str | Path, out: str | Path) -> Path:
+    return export(checkpoint, out, "pt2")
+
+
+def _save_weights(weights: dict, path: Path, metadata: dict) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path), metadata=metadata)
+    shared_mode(path)
+
+
+def _timm_file(objective, source: Path):
+    """The writer of one .safetensors file of timm-named weights."""
+    backbone = objective.backbone
+    weights = backbone.timm_state_dict()  # m3i-only tensors (the fill mask token) left out
+    meta = {"format": "pt", "layout": "timm", "architecture": type(backbone).__name__}
+    return lambda path: _save_weights(weights, path, meta)
+
+
+def _trained(source: Path, steps: int) -> str:
+    """The steps the checkpoint ``source`` was trained for, said for the model card."""
+    step = int(source.name.removeprefix("step_")) if source.name.removeprefix("step_").isdigit() else None
+    return f"{steps} steps" if step is None or step >= steps else f"step {step} of {steps}"
+
+
+def _timm_dir(objective, source: Path):
+    """The writer of the folder: config.json, model.safetensors, README.md (the module docstring)."""
     recipe, backbone = objective.recipe, objective.backbone
-    weights = backbone.timm_state_dict()  # raises, saying why, for backbones without a timm layout
+    weights = backbone.timm_state_dict()
     config = timm_config(backbone, recipe.backbone.name, objective.image_mean, objective.image_std)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt", "m3i_backbone": recipe.backbone.name,
-                        "m3i_kwargs": json.dumps(recipe.backbone.kwargs())})
-    shared_mode(tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "README.md").write_text(_CARD.format(name=recipe.backbone.name, recipe=recipe.name,
-                                                steps=recipe.train.steps, size=backbone.img_size,
-                                                mean=config["pretrained_cfg"]["mean"],
-                                                std=config["pretrained_cfg"]["std"]))
-    if out.exists():  # a previous export (checked above): replaced whole
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    card = _CARD.format(name=recipe.backbone.name, recipe=recipe.name, steps=_trained(source, recipe.train.steps),
+                        size=backbone.img_size, mean=config["pretrained_cfg"]["mean"],
+                        std=config["pretrained_cfg"]["std"])
+    meta = {"format": "pt", "m3i_backbone": recipe.backbone.name, "m3i_kwargs": json.dumps(recipe.backbone.kwargs())}
+
+    def write(path: Path) -> None:
+        path.mkdir()
+        _save_weights(weights, path / "model.safetensors", meta)
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (path / "README.md").write_text(card)
+
+    return write
 
 
 class _Normalized(torch.nn.Module):
@@ -188,27 +320,21 @@ class _Normalized(torch.nn.Module):
         return self.backbone.forward_features((images - self.mean) / self.std).pooled
 
 
-def export_program(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write ``out`` (a ``.pt2`` file): see the module docstring."""
-    from .train.runs import load_run
-
-    out = Path(out)
-    if out.suffix != ".pt2":
-        raise ValueError(f"--out {out}: expected a .pt2 file name for --format pt2")
-    writable_file(out)  # before any work
-    objective = load_run(checkpoint)
+def _program(objective, source: Path):
+    """The writer of the ``.pt2`` program (the module docstring); the backbone is traced here."""
     backbone, size = objective.backbone, objective.backbone.img_size
     module = _Normalized(backbone, objective.image_mean, objective.image_std).eval()
     example = torch.rand(2, backbone.in_chans, size, size)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as e:  # torch.export's many error types; a backbone it cannot trace is no bug of the run
+        why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"--format pt2: torch.export cannot trace backbone {objective.recipe.backbone.name} "
+                         f"({why[:200]})") from None
     meta = {"backbone": objective.recipe.backbone.name, "image_size": size, "in_chans": backbone.in_chans,
             "mean": objective.image_mean, "std": objective.image_std, "embed_dim": backbone.embed_dim,
             "input": "float images in [0, 1], (B, C, S, S)", "output": "pooled features (B, D)"}
-    tmp = out.with_suffix(".tmp")
-    try:
-        torch.export.save(program, str(tmp), extra_files={"m3i.json": json.dumps(meta)})
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_failed(out, e) from None
-    return out
+    return lambda path: torch.export.save(program, str(path), extra_files={"m3i.json": json.dumps(meta)})
+
+
+_WRITERS = {"timm": _timm_file, "timm-dir": _timm_dir, "pt2": _program}

@@ -1,8 +1,10 @@
 """Any timm model as the backbone, at reduced sizes on the CPU, over three families: a ViT (token
 dropping and the mask token), ConvNeXt V2 (the mask token after the stem) and EfficientNet (plain
 views). Each trains a few steps through ``m3i pretrain``, is evaluated, and exports weights that
-``timm.create_model`` loads into the same model. Needs timm (``m3i[timm]``), which needs
-torchvision; ``make test`` runs this file in the environment that has them."""
+``timm.create_model`` loads into the same model. Then a sweep over the smallest model of each
+family a user reaches for, at its own size: each trains a step in every input mode it takes and
+exports a folder timm loads. Needs timm (``m3i[timm]``), which needs torchvision; ``make test``
+runs this file in the environment that has them."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,9 @@ from PIL import Image
 timm = pytest.importorskip("timm")
 
 from m3i.backbones import build_backbone  # noqa: E402
+from m3i.cli import main  # noqa: E402
 from m3i.config import ConfigError, load_recipe  # noqa: E402
+from m3i.train.runs import load_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,3 +142,88 @@ def test_trains_evaluates_and_exports_the_same_timm_model(tmp_path, spec, recipe
         torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
                                    backbone.forward_features(x).pooled)
     assert yaml.safe_load((run / "config.yaml").read_text())["backbone"]["name"] == f"timm/{name}"
+
+
+# the smallest model of each family a user reaches for: (model, image size, the masked input modes it
+# takes, the names of its stem's parameters: timm's first conv and the norm right after it)
+SWEEP = {
+    "resnet": ("resnet18", 32, (), ("conv1.", "bn1.")),
+    "resnet-d": ("resnet10t", 32, (), ("conv1.", "bn1.")),  # a deep (three-conv) stem, average-pool shortcuts
+    "regnet": ("regnetx_002", 32, (), ("stem.",)),
+    "efficientnet": ("efficientnet_b0", 32, (), ("conv_stem.", "bn1.")),
+    "mobilenetv3": ("mobilenetv3_small_050", 32, (), ("conv_stem.", "bn1.")),  # pooled wider than the map
+    "convnext": ("convnext_atto", 64, ("fill",), ("stem.",)),  # 64 px: a 2×2 grid, so a mask hides some of it
+    "vit": ("vit_tiny_patch16_224", 32, ("drop", "fill"), ("patch_embed.",)),
+    "deit": ("deit_tiny_distilled_patch16_224", 32, ("drop", "fill"), ("patch_embed.",)),  # two prefix tokens
+    "swin": ("swin_tiny_patch4_window7_224", 32, (), ("patch_embed.",)),  # built for one size: img_size given
+    "eva": ("eva02_tiny_patch14_224", 32, (), ("patch_embed.",)),
+    # models that do not take a setting m3i has a default for: patch_size (CoAtNet, a Mixer), drop_path_rate
+    # (EfficientViT); and tokens with no patch_embed to read the grid from (a Mixer, LeViT)
+    "coatnet": ("coatnet_nano_rw_224", 32, (), ("stem.",)),
+    "mixer": ("mixer_s16_224", 32, (), ("stem.",)),
+    "efficientvit": ("efficientvit_b0", 32, (), ("stem.",)),
+    "levit": ("levit_128s", 32, (), ("stem.",)),
+}
+PLAIN_ONLY = [f for f, (_, _, modes, _) in SWEEP.items() if not modes]
+
+
+@pytest.mark.parametrize("family", SWEEP)
+def test_every_family_builds_freezes_its_stem_and_gives_features_of_one_width(family):
+    """Built as a recipe builds it (patch_size 4 from the defaults, for the models built for one
+    size): the modes it takes, only the stem frozen by frozen_patch_embed, and pooled features of
+    timm's own pre-logits width, with tokens of that width over the grid."""
+    name, size, modes, stem = SWEEP[family]
+    net = build_backbone(f"timm/{name}", img_size=size, patch_size=4, frozen_patch_embed=True).eval()
+    assert net.input_modes == modes
+    frozen = {n.removeprefix("model.") for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n.removeprefix("model.") for n, _ in net.named_parameters()
+                                 if n.removeprefix("model.").startswith(stem)}
+    assert all(net.layer_id(f"model.{n}") == 0 for n in frozen)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = net.forward_features(x)
+        width = net.model.forward_head(net.model.forward_features(x), pre_logits=True).shape[-1]
+    assert net.embed_dim == width and out.pooled.shape == (2, width)
+    assert out.tokens.shape == (2, net.num_patches, width)
+
+
+@pytest.mark.parametrize("family", PLAIN_ONLY)
+def test_a_model_that_takes_no_masked_views_is_refused_naming_the_mode_and_the_model(tmp_path, capsys, family):
+    name = SWEEP[family][0]
+    code = main(["pretrain", "--recipe", "mae", "--out", str(tmp_path / "run"), f"backbone.name=timm/{name}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"timm/{name} takes no masked views" in err and "not 'drop'" in err and "frozen_patch_embed" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def sweep_runs():
+    for family, (_, _, modes, _) in SWEEP.items():
+        for mode in ("plain", *modes):
+            yield pytest.param(family, mode, id=f"{family}-{mode}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, mode", list(sweep_runs()))
+def test_every_family_trains_a_step_in_each_mode_it_takes_and_exports_a_folder_timm_loads(tmp_path, capsys, family, mode):
+    name, size, _, _ = SWEEP[family]
+    data = folder(tmp_path / "data", size)
+    over = [f"backbone.name=timm/{name}", f"data.image_size={size}", f"data.sources=[{{spec: 'folder:{data}'}}]",
+            "data.batch_size=4", "data.num_workers=0", "train.precision=fp32", "train.log_every=1", "train.warmup_steps=1"]
+    if mode == "plain":  # SimCLR: two plain views
+        recipe, over = "simclr", over + ["terms.0.decoder.projector=[32, 16]"]
+    else:  # MAE: the masked view as ``mode`` takes it
+        recipe = "mae"
+        over += [f"views.input_mode={mode}", "terms.0.decoder.width=16", "terms.0.decoder.heads=2", "terms.0.decoder.depth=1"]
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["pretrain", "--recipe", recipe, "--out", str(run), "--steps", "1", "--device", "cpu", "--no-progress",
+                 *over]) == 0, capsys.readouterr().err[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1] and np.isfinite(logged[0]["loss"])
+    assert main(["export", "--checkpoint", str(run), "--format", "timm-dir", "--out", str(out)]) == 0, capsys.readouterr().err
+    # timm alone builds the model from the folder and loads the weights: it computes the run's features
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                   load_run(run).backbone.forward_features(x).pooled)

@@ -1,21 +1,26 @@
 """Any timm model as the backbone: ``backbone.name: timm/<model>`` (``timm/vit_small_patch16_224``,
-``timm/convnextv2_tiny``, ``timm/efficientnet_b0``).
+``timm/convnextv2_tiny``, ``timm/resnet50``, ``timm/efficientnet_b0``).
 
 The model is timm's own (``timm.create_model(model, num_classes=0, ...)``), wrapped to answer the
 backbone contract (:class:`~m3i.backbones.base.Backbone`); its weights keep timm's names, so the
-export is the same timm model. What a family takes as masked input:
+export is the same timm model. Models built for one input size (timm's ``fixed_input_size``: ViT,
+DeiT, Swin, EVA) are built at ``img_size``, and at ``patch_size`` when given and the model takes
+one; the others take any size. The tokens are the final features at each position of their grid.
+What a family takes as masked input:
 
-- timm's ViTs (``vision_transformer``): ``drop``, the masked tokens never computed (the tokens after
-  the patch embedding and positions are gathered at the visible patches, as lightly wraps them),
-  and ``fill``, a learned mask token in place of each masked patch embedding;
+- timm's ViTs and DeiTs (``VisionTransformer``): ``drop``, the masked tokens never computed (the
+  tokens after the patch embedding and positions are gathered at the visible patches, as lightly
+  wraps them), and ``fill``, a learned mask token in place of each masked patch embedding;
 - families with a stem followed by stages (ConvNeXt, ConvNeXt V2): ``fill``, the mask token after
   the stem (SimMIM);
-- every other model: plain views only; a recipe with a masked source view is refused, naming the
-  modes the model takes.
+- every other model (ResNet, RegNet, EfficientNet, MobileNet, Swin, EVA, ...): plain views only;
+  a recipe with a masked source view is refused, naming the modes the model takes.
 
 timm is an optional dependency (``pip install m3i[timm]``); its models need torchvision.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,11 @@ from torch import Tensor, nn
 
 from .base import Backbone, Features, visible_indices
 
-VIT_MODULE = "vision_transformer"
+VIT_MODULES = ("vision_transformer", "deit")  # timm modules whose models are VisionTransformer (token masking)
 STEM_STAGES = ("convnext",)  # timm modules whose models run stem -> stages -> norm_pre
+# a family's stem (its patch embedding), by the names timm gives it: the first group the model has;
+# a batch norm that follows the stem's conv (bn1) belongs to it
+STEMS = (("patch_embed",), ("stem",), ("conv_stem", "bn1"), ("conv1", "bn1"))
 
 
 def _timm():
@@ -50,11 +58,42 @@ def _module(model: str) -> str:
 def timm_input_modes(model: str) -> tuple[str, ...]:
     """The input modes of masked views that timm's ``model`` takes (see the module docstring)."""
     module = _module(model)
-    if module == VIT_MODULE:
+    if module in VIT_MODULES:
         return ("drop", "fill")
     if module in STEM_STAGES:
         return ("fill",)
     return ()
+
+
+def _fixed_input_size(model: str) -> bool:
+    """Whether timm builds ``model`` for one input size (it then takes ``img_size``)."""
+    cfg = _timm().models.get_pretrained_cfg(model.split(".")[0])
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
+def _create(model: str, in_chans: int, img_size: int, patch_size: int | None, drop_path_rate: float,
+            model_args: dict) -> tuple[nn.Module, dict]:
+    """timm's ``model`` and the arguments it was built with. Only what the model takes is passed:
+    ``img_size`` to a model built for one size, ``patch_size`` to those of them that take it (not
+    CoAtNet, MaxViT, LeViT, a Mixer), ``drop_path_rate`` when it is not timm's 0."""
+    timm = _timm()
+    args = {"num_classes": 0, "in_chans": in_chans, **model_args}
+    if drop_path_rate:
+        args["drop_path_rate"] = drop_path_rate
+    if _fixed_input_size(model):
+        args["img_size"] = img_size
+        if patch_size is not None:
+            args["patch_size"] = patch_size
+    try:
+        try:
+            return timm.create_model(model, pretrained=False, **args), args
+        except TypeError as e:
+            if "'patch_size'" not in str(e) or "patch_size" not in args:
+                raise
+            args.pop("patch_size")  # the model sets its own patch size
+            return timm.create_model(model, pretrained=False, **args), args
+    except TypeError as e:
+        raise ValueError(f"backbone: timm/{model} does not take these settings ({e})") from None
 
 
 class TimmBackbone(Backbone):
@@ -64,40 +103,61 @@ class TimmBackbone(Backbone):
     def __init__(self, model: str, img_size: int = 224, in_chans: int = 3, patch_size: int | None = None,
                  drop_path_rate: float = 0.0, fill: bool = False, frozen_patch_embed: bool = False, **model_args):
         super().__init__()
-        timm = _timm()
         self.model_name, self.family = model, _module(model)
+        self.vit = self.family in VIT_MODULES
         self.input_modes = timm_input_modes(model)
         self.supports_drop = "drop" in self.input_modes
-        args = {"num_classes": 0, "in_chans": in_chans, "drop_path_rate": drop_path_rate, **model_args}
-        if self.family == VIT_MODULE:
-            args["img_size"] = img_size
-            if patch_size is not None:
-                args["patch_size"] = patch_size
-        self.create_args = args
-        try:
-            self.model = timm.create_model(model, pretrained=False, **args)
-        except TypeError as e:
-            raise ValueError(f"backbone: timm's {model} does not take these settings ({e})") from None
+        self.model, self.create_args = _create(model, in_chans, img_size, patch_size, drop_path_rate, model_args)
         self.img_size, self.in_chans = img_size, in_chans
-        self.embed_dim = int(self.model.num_features)
-        if self.family == VIT_MODULE:
-            self.grid_size = tuple(self.model.patch_embed.grid_size)
-            self.prefix = int(self.model.num_prefix_tokens)
-        else:
-            with torch.no_grad():  # the grid of the final feature map (eval mode: batch norm keeps its statistics)
-                fm = self.model.eval().forward_features(torch.zeros(1, in_chans, img_size, img_size))
-            self.model.train()
-            self.grid_size = tuple(fm.shape[-2:])
-            self.prefix = 0
+        # the width of the pooled features (timm's pre-logits; wider than the last map in MobileNetV3)
+        self.embed_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+        self._find_grid()
         self.patch_size = img_size // self.grid_size[0]
-        width = self.embed_dim if self.family == VIT_MODULE else self._stem_width()
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if fill and "fill" in self.input_modes else None
+        self.mask_token = None
+        if fill and "fill" in self.input_modes:  # in place of a patch embedding (ViT) or after the stem
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim if self.vit else self._stem_width()))
         if frozen_patch_embed:
             self.freeze_patch_embed(True)
 
+    def _find_grid(self) -> None:
+        """The token grid of the features, and how to read tokens from them: timm gives token
+        sequences (class / register tokens first), NCHW maps, or NHWC maps (Swin)."""
+        m = self.model
+        self.prefix = int(getattr(m, "num_prefix_tokens", 0))
+        self.channels_last_out = getattr(m, "output_fmt", "NCHW") == "NHWC"
+        if self.vit:
+            self.grid_size = tuple(m.patch_embed.grid_size)
+            return
+        with torch.no_grad():  # the grid of the final features (eval mode: batch norm keeps its statistics)
+            fm = m.eval().forward_features(torch.zeros(1, self.in_chans, self.img_size, self.img_size))
+        m.train()
+        if fm.ndim == 3:  # a square grid of tokens (m3i's images are square) after the prefix
+            n = fm.shape[1] - self.prefix
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"backbone.name: timm/{self.model_name} gives {n} tokens after its "
+                                 f"{self.prefix} prefix tokens, no square grid m3i can lay them on")
+            self.grid_size = (side, side)
+        else:
+            self.grid_size = tuple(fm.shape[1:3] if self.channels_last_out else fm.shape[-2:])
+            self.prefix = 0
+
+    def _tokens(self, fm: Tensor) -> Tensor:
+        """timm's final features -> (B, N, embed_dim) patch tokens."""
+        if fm.ndim == 3:
+            return fm[:, self.prefix:]
+        if self.channels_last_out:
+            return fm.flatten(1, 2)
+        b, c, h, w = fm.shape
+        if c == self.embed_dim:
+            return fm.flatten(2).transpose(1, 2)
+        # the pooled features are wider than the map (MobileNetV3: a 1×1 conv after the pooling):
+        # each position goes through the head as a 1×1 map, so tokens and pooled features share a width
+        cells = fm.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+        return self.model.forward_head(cells, pre_logits=True).view(b, h * w, -1)
+
     def _stem_width(self) -> int:
-        stem = self.stem_module()
-        return int(next(p for n, p in stem.named_parameters() if p.ndim == 4).shape[0]) if stem is not None else 0
+        return int([p for p in self.stem_module().parameters() if p.ndim == 4][-1].shape[0])
 
     # -- the contract ----------------------------------------------------------------------------
     def forward_features(self, x: Tensor, visible: Tensor | None = None, mode: str = "drop",
@@ -107,7 +167,7 @@ class TimmBackbone(Backbone):
             raise ValueError(f"timm/{self.model_name} takes {modes}, not mode={mode!r}")
         if mode == "fill" and visible is not None and self.mask_token is None:
             raise ValueError(f"timm/{self.model_name}: mode='fill' needs the backbone built with fill=True")
-        if self.family == VIT_MODULE:
+        if self.vit:
             return self._vit(x, visible, mode, return_layers, count)
         if return_layers:
             raise ValueError(f"return_layers: timm/{self.model_name} returns no block outputs (only timm's ViTs do)")
@@ -121,7 +181,7 @@ class TimmBackbone(Backbone):
         else:
             fm = self.model.forward_features(x)
         pooled = self.model.forward_head(fm, pre_logits=True)
-        tokens = fm.flatten(2).transpose(1, 2)
+        tokens = self._tokens(fm)
         if visible is not None:
             idx = visible_indices(visible, count)
             tokens = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -163,24 +223,25 @@ class TimmBackbone(Backbone):
 
     def stem_module(self) -> nn.Module:
         m = self.model
-        for name in ("patch_embed", "stem", "conv_stem"):
-            if hasattr(m, name):
-                return getattr(m, name)
-        raise ValueError(f"backbone.frozen_patch_embed: timm/{self.model_name} has no stem m3i can name")
+        for names in STEMS:
+            if hasattr(m, names[0]):
+                parts = [getattr(m, n) for n in names if isinstance(getattr(m, n, None), nn.Module)]
+                return parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+        raise ValueError(f"backbone.frozen_patch_embed: timm/{self.model_name} has no stem m3i can name "
+                         f"({', '.join(names[0] for names in STEMS)}); leave it false")
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.blocks) + 1 if self.family == VIT_MODULE else 2
+        return len(self.model.blocks) + 1 if self.vit else 2
 
     def layer_id(self, name: str) -> int:
         """Stem 0, block i i + 1 (ViTs), the rest ``num_layers``."""
-        stem = ("model.patch_embed", "model.cls_token", "model.reg_token", "model.pos_embed", "model.stem",
-                "model.conv_stem", "model.bn1", "mask_token")
-        if name.startswith(stem):
+        stem = tuple(f"model.{n}" for names in STEMS for n in names)
+        if name.startswith((*stem, "model.cls_token", "model.reg_token", "model.pos_embed", "mask_token")):
             return 0
-        if self.family == VIT_MODULE and name.startswith("model.blocks."):
+        if self.vit and name.startswith("model.blocks."):
             return int(name.split(".")[2]) + 1
-        return self.num_layers if self.family == VIT_MODULE else 1
+        return self.num_layers if self.vit else 1
 
     def no_weight_decay(self) -> set[str]:  # the timm model lists its own (positions, class token)
         return {"mask_token"} if self.mask_token is not None else set()

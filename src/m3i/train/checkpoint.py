@@ -286,7 +286,10 @@ def as_folder(path: str | Path) -> Path:
 def find(path: Path) -> Path:
     """A run directory or a checkpoint directory (or any path :func:`as_folder` takes) -> the
     checkpoint directory to load (verified)."""
+    from ..export import refuse_export
+
     path = as_folder(path)
+    refuse_export(path)  # an export is no checkpoint: say so, and what loads it
     if (path / MODEL_FILE).is_file():
         return verify(path)
     root = path / "checkpoints"
