@@ -1,4 +1,6 @@
 import json
+import math
+import warnings
 
 import pytest
 
@@ -122,3 +124,46 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["pretrain", "--recipe", "sim", "train.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "train.nope: unknown key" in err and "Traceback" not in err
+
+
+# -- a run shorter than its warm-up ------------------------------------------------------------
+def cosine_with_warmup(step: int, steps: int, warmup: int, floor: float) -> float:
+    """The schedule written out: linear warm-up over ``warmup`` steps, then cosine to ``floor``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    done = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1 - floor) * (1 + math.cos(math.pi * done)) / 2
+
+
+@pytest.mark.parametrize("overrides, warmup", [
+    (["train.steps=12"], 1),                              # --steps alone: the recipe's 100 of 1123, scaled
+    (["train.steps=12", "train.warmup_steps=100"], 100),  # both given: cut short
+    (["train.steps=600"], 100),                           # long enough: the recipe's own
+])
+def test_the_schedule_of_a_run_shorter_than_its_warm_up(overrides, warmup):
+    from m3i.train.loop import lr_lambda
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        tr = load_recipe("m3i", overrides=overrides + ["train.min_lr=1e-4"]).train
+    assert tr.warmup_steps == warmup and len(said) == (tr.steps < 100)
+    f = lr_lambda(tr)
+    values = [f(s) for s in range(tr.steps)]
+    assert values == pytest.approx([cosine_with_warmup(s, tr.steps, warmup, 1e-4 / tr.lr) for s in range(tr.steps)])
+    if warmup > tr.steps:  # cut short: it only rises, and the last step is at steps / (warmup + 1) of lr
+        assert all(a < b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(12 / 101)
+    else:  # it reaches lr at the end of the warm-up and decays to min_lr by the last step
+        assert values[warmup] == pytest.approx(1.0) and values[-1] < values[warmup]
+
+
+def test_a_runs_own_schedule_is_never_rescaled(tmp_path):
+    """A run's config.yaml (--resume with --steps): a warm-up longer than the steps is cut short,
+    not scaled, so the resumed run follows the schedule it started with."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text(BASE + "train: {steps: 40, warmup_steps: 10}\n")
+    with pytest.warns(UserWarning, match="train.warmup_steps 10 is more than train.steps 4: the warm-up is cut short"):
+        assert load_recipe(str(saved), overrides=["train.steps=4"], saved=True).train.warmup_steps == 10
+    saved.write_text(BASE + "train: {steps: 4, warmup_steps: 10}\n")  # a run that trained so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval and export read it as it is, without a word
+        assert load_recipe(str(saved), saved=True).train.warmup_steps == 10

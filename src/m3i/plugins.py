@@ -7,22 +7,29 @@ m3i's own modules use (``@TARGETS.register``, ``@ESTIMATORS.register``,
 - in the environment: ``M3I_PLUGINS=my_module,other_module``;
 - by an installed package's entry point in the group ``m3i.parts``
   (``[project.entry-points."m3i.parts"] my_parts = "my_package.parts"``);
-- in a recipe: ``plugins: [my_module]``. A run's ``config.yaml`` lists every module outside m3i
-  whose parts it uses, so ``--resume``, ``eval`` and ``export`` import them again.
+- in a recipe: ``plugins: [my_module]``. A run's ``config.yaml`` lists every plugin imported,
+  however it was named, and every module outside m3i whose parts it uses, so ``--resume``,
+  ``eval`` and ``export`` import them again (or say which one is missing).
 
-A module that cannot be imported is an error of one line naming it and where it was asked for.
+A module that cannot be imported is an error of one line naming it, where it was asked for and
+why: the plugin is not installed, a module it imports is not, or its own code raised (the
+exception's type, message and line). A part registered under a name already taken is refused
+the same way (:class:`m3i.registry.RegistrationError`): a plugin never silently replaces a part.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import traceback
 from importlib.metadata import entry_points
 
+from .registry import RegistrationError
 from .schema import ConfigError
 
 ENV = "M3I_PLUGINS"
 GROUP = "m3i.parts"
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # m3i's own files
 _loaded: dict[str, str] = {}  # module -> where it was asked for
 _configured = False
 
@@ -33,10 +40,32 @@ def load(module: str, where: str = "--plugin") -> None:
         return
     try:
         importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{where}: cannot import plugin {module!r} ({e}); install it or put it on "
-                         f"PYTHONPATH") from None
+    except Exception as e:  # noqa: BLE001  (any failure of the user's module is one line, not a traceback)
+        raise ConfigError(f"{where}: {_failure(module, e)}") from None
     _loaded[module] = where
+
+
+def _failure(module: str, e: Exception) -> str:
+    """Why ``module`` could not be imported, in one line."""
+    if isinstance(e, ModuleNotFoundError) and e.name and (module == e.name or module.startswith(e.name + ".")):
+        return f"cannot import plugin {module!r} ({e}); install it or put it on PYTHONPATH"
+    if isinstance(e, RegistrationError):
+        return f"plugin {module!r}: {e}"
+    message = e.msg if isinstance(e, SyntaxError) else e  # the file and line follow, in full
+    failed = f"plugin {module!r} failed on import: {type(e).__name__}: {message}{_line(e)}"
+    if isinstance(e, ModuleNotFoundError) and e.name:  # a module the plugin imports
+        return f"{failed}; the plugin needs {e.name!r}: install it or put it on PYTHONPATH"
+    return failed
+
+
+def _line(e: Exception) -> str:
+    """Where the plugin's code raised ``e``: ``, at FILE:LINE``, the innermost frame outside m3i and
+    the import machinery (or the line a syntax error is on)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f", at {e.filename}:{e.lineno}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(("<frozen", _PACKAGE))]
+    return f", at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def load_named(modules, where: str) -> None:
@@ -54,11 +83,11 @@ def load_configured() -> None:
     global _configured
     if _configured:
         return
-    _configured = True
     for m in filter(None, (p.strip() for p in os.environ.get(ENV, "").split(","))):
         load(m, ENV)
     for ep in entry_points(group=GROUP):
         load(ep.value.split(":")[0], f"entry point {ep.name!r} ({GROUP})")
+    _configured = True  # after a failure, the next recipe read reports it again
 
 
 def loaded() -> list[str]:
@@ -67,14 +96,16 @@ def loaded() -> list[str]:
 
 
 def used_by(recipe) -> list[str]:
-    """The modules outside m3i that registered a part ``recipe`` uses (its backbone, data formats,
-    and each term's target, target encoder, decoder and estimator), with the plugins it names."""
-    from .backbones.base import module_of as backbone_module
+    """The plugins a run of ``recipe`` needs: those it names, every plugin imported so far (however
+    it was named: it may change a part without registering one the recipe names), and the modules
+    outside m3i that registered a part ``recipe`` uses (its backbone, data formats, and each term's
+    target, target encoder, decoder and estimator)."""
+    from .backbones.base import registered_by
     from .config import PARTS
     from .data.spec import module_of_spec
 
-    mods = list(recipe.plugins)
-    found = [backbone_module(recipe.backbone.name)] + [module_of_spec(s.spec) for s in recipe.data.sources]
+    mods = list(dict.fromkeys([*recipe.plugins, *loaded()]))
+    found = [registered_by(recipe.backbone.name)] + [module_of_spec(s.spec) for s in recipe.data.sources]
     for t in recipe.terms:
         found += [reg.module_of(getattr(t, field).kind) for field, reg in PARTS.items()]
     for m in found:

@@ -415,7 +415,6 @@ def test_18_every_path_form_of_a_checkpoint_is_accepted(run, classes, capsys):
 @pytest.mark.parametrize("case, words", [
     ("data.sources.0.spec=digits", ["data.sources", "data.sources=[{spec: digits}]"]),
     ("stray", ["stray.png", "beside"]),
-    ("train.warmup_steps=5", ["train.warmup_steps", "5", "2 steps"]),
     ("train.min_lr=0.1", ["train.min_lr", "train.lr"]),
     ("terms.0.weight=-1", ["terms.0.weight", "greater than or equal to 0"]),
 ])

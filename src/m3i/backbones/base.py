@@ -11,6 +11,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 
 from .. import debug
+from ..registry import Definer, RegistrationError, definer_of, did_you_mean, is_new
 from ..schema import Strict
 
 
@@ -133,14 +134,14 @@ class BackboneCfg(Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in _REGISTRY and not name.startswith(TIMM_PREFIX):
-            raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(backbone_names())}, "
-                             f"or {TIMM_PREFIX}<model> for any timm model")
+            raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, _REGISTRY)}; expected one of "
+                             f"{', '.join(backbone_names())}, or {TIMM_PREFIX}<model> for any timm model")
         return name
 
     def kwargs(self) -> dict[str, Any]:
         skip = {"name", "grad_checkpointing"}
         kw = {k: v for k, v in self.model_dump().items() if v is not None and k not in skip}
-        if self.name.startswith("convnext") and "patch_size" in kw:
+        if _stride_from_stem(self.name) and "patch_size" in kw:
             stride = kw.pop("patch_size")
             kw.setdefault("stem_stride", min(4, max(1, stride // 8)))
         return kw
@@ -148,11 +149,13 @@ class BackboneCfg(Strict):
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
 _CLASSES: dict[str, type[Backbone]] = {}
+_DEFINERS: dict[str, Definer] = {}  # who registered each name, for messages and a run's plugins
 TIMM_PREFIX = "timm/"
 
 
 def register(name: str, **defaults):
-    """Register a backbone config: ``register("vit_base", embed_dim=768, ...)(VisionTransformer)``."""
+    """Register a backbone config: ``register("vit_base", embed_dim=768, ...)(VisionTransformer)``.
+    A name already registered (m3i's own included) is refused, as are names under ``timm/``."""
 
     def wrap(cls):
         def build(**kw):
@@ -162,11 +165,22 @@ def register(name: str, **defaults):
                 raise ValueError(f"backbone.{unknown[0]}: not a setting of {name} ({cls.__name__})")
             return cls(**{**defaults, **kw})
 
-        _REGISTRY[name] = build
-        _CLASSES[name] = cls
+        by = definer_of(cls, settings=tuple(sorted(defaults.items())))
+        if name.startswith(TIMM_PREFIX):  # backbone.name=timm/<model> always means timm's model
+            raise RegistrationError(f"backbone {name!r}, registered by {by}: names under {TIMM_PREFIX} are "
+                                    f"timm's models; give it another name")
+        if is_new("backbone", name, _DEFINERS.get(name), by):
+            _REGISTRY[name], _CLASSES[name], _DEFINERS[name] = build, cls, by
         return cls
 
     return wrap
+
+
+def _stride_from_stem(name: str) -> bool:
+    """Whether the backbone ``name`` sets its final stride by its stem (ConvNeXt's ``stem_stride``,
+    under any registered name) rather than by a ``patch_size``."""
+    params = inspect.signature(_CLASSES[name]).parameters if name in _CLASSES else {}
+    return "stem_stride" in params and "patch_size" not in params
 
 
 def backbone_names() -> list[str]:
@@ -174,10 +188,15 @@ def backbone_names() -> list[str]:
 
 
 def module_of(name: str) -> str | None:
-    """The module that registered the backbone ``name``."""
+    """The module of the class that builds the backbone ``name`` (its layout)."""
     if name.startswith(TIMM_PREFIX):
         return __name__.rsplit(".", 1)[0] + ".timm"
     return _CLASSES[name].__module__ if name in _CLASSES else None
+
+
+def registered_by(name: str) -> str | None:
+    """The module that registered the backbone ``name`` (a plugin may register m3i's own class)."""
+    return _DEFINERS[name].module if name in _DEFINERS else module_of(name)
 
 
 def input_modes(name: str) -> tuple[str, ...]:
@@ -195,5 +214,6 @@ def build_backbone(name: str, **overrides) -> Backbone:
 
         return build_timm(name.removeprefix(TIMM_PREFIX), **overrides)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(backbone_names())}")
+        raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, _REGISTRY)}; expected one of "
+                         f"{', '.join(backbone_names())}")
     return _REGISTRY[name](**overrides)

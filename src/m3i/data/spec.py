@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..registry import Definer, definer_of, did_you_mean, is_new
 from .source import Source
 
 __all__ = ["SPEC_FORMS", "Spec", "absolute_spec", "build_source", "parse_spec", "register_source"]
@@ -79,6 +80,7 @@ class _Kind:
     names: tuple[str, ...]  # the kind, then its aliases
     form: str
     build: Builder
+    definer: Definer  # who registered it, for messages and a run's plugins
 
 
 _KINDS: dict[str, _Kind] = {}  # every name of every kind; registration order is the order of the forms
@@ -93,12 +95,12 @@ def register_source(kind: str, form: str, *, aliases: Sequence[str] = ()) -> Cal
             raise ValueError(f"data source kind {n!r}: expected lower-case letters, digits, '-', '_' or '.'")
 
     def register(build: B) -> B:
-        taken = [n for n in names if n in _KINDS]
-        if taken:
-            raise ValueError(f"data source kind {taken[0]!r} is already registered")
-        entry = _Kind(names, form, build)
-        for n in names:
-            _KINDS[n] = entry
+        by = definer_of(build, settings=(names, form))
+        free = [is_new("data source kind", n, _KINDS[n].definer if n in _KINDS else None, by) for n in names]
+        if all(free):
+            entry = _Kind(names, form, build, by)
+            for n in names:
+                _KINDS[n] = entry
         return build
 
     return register
@@ -161,7 +163,7 @@ def module_of_spec(spec: str) -> str | None:
         entry = _KINDS.get(parse_spec(spec)[0])
     except ValueError:
         return None
-    return entry.build.__module__ if entry else None
+    return entry.definer.module if entry else None
 
 
 def absolute_spec(spec: str) -> str:
@@ -189,7 +191,7 @@ def build_source(spec: str, *, labels: bool = True, captions: bool = True,
     kind, arg, options = parse_spec(spec)
     entry = _KINDS.get(kind)
     if entry is None:
-        raise _unknown(spec, f"kind {kind!r} not recognised")
+        raise _unknown(spec, f"kind {kind!r} not recognised{did_you_mean(kind, _KINDS)}")
     return entry.build(Spec(text=spec, kind=entry.names[0], arg=arg,
                             labels=labels and options.get("labels", True),
                             captions=captions and options.get("captions", True), name=name))
