@@ -125,16 +125,28 @@ def test_digits_from_the_scikit_learn_wheel(tmp_path):
     assert (tmp_path / "digits" / "digits.csv.gz").read_bytes() == b"digits!"
 
 
-def test_fetch_keeps_sets_in_place_and_runs_nothing(tmp_path):
-    root = tmp_path / "data"
-    fake_idx_files(root / "fashion-mnist")
+def builtin_sets(root: Path) -> None:
+    """The three built-in sets in their fetched layout, tiny but readable by their sources."""
+    from PIL import Image
+
+    (root / "fashion-mnist").mkdir(parents=True)
+    for f in fetch_mod.FASHION_MNIST_FILES:  # two 2×2 images, labels 3 and 7
+        dims, values = ((2, 2, 2), bytes(8)) if "images" in f else ((2,), bytes([3, 7]))
+        with gzip.open(root / "fashion-mnist" / f, "wb") as g:
+            g.write(b"\x00\x00\x08" + bytes([len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + values)
     images = root / "emoji" / "img" / "google" / "64"
     images.mkdir(parents=True)
-    (root / "emoji" / "emoji.json").write_text("[]")
+    (root / "emoji" / "emoji.json").write_text('[{"name": "A", "image": "0.png", "category": "c", "has_img_google": true}]')
     for i in range(fetch_mod.EMOJI_MIN_IMAGES):
-        (images / f"{i}.png").touch()
+        Image.new("RGBA", (4, 4)).save(images / f"{i}.png")
     (root / "digits").mkdir()
-    (root / "digits" / "digits.csv.gz").write_bytes(b"x")
+    with gzip.open(root / "digits" / "digits.csv.gz", "wt") as g:
+        g.write(",".join(["0"] * 64 + ["3"]) + "\n")
+
+
+def test_fetch_keeps_sets_in_place_and_runs_nothing(tmp_path):
+    root = tmp_path / "data"
+    builtin_sets(root)
     env = {**os.environ, "M3I_DATA": str(root), "PATH": str(tmp_path / "no-tools"),  # no apt-get, npm, pip
            "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "m3i.cli", "data", "fetch"], env=env, capture_output=True, text=True)

@@ -98,14 +98,31 @@ def test_scan_of_a_cut_shard_keeps_its_whole_samples(tmp_path):
     assert scan.truncated and scan.cut == 0 and len(rows_of(scan)) == 3
 
 
-def test_scan_refuses_what_is_no_tar(tmp_path):
+def test_scan_says_what_is_wrong_with_what_is_no_tar(tmp_path):
     gz = tmp_path / "a.tar.gz"
     with tarfile.open(gz, "w:gz") as tf:
         info = tarfile.TarInfo("a.jpg")
         info.size = 3
         tf.addfile(info, io.BytesIO(b"abc"))
-    with pytest.raises(ValueError, match="not an uncompressed tar"):
-        scan_shard(str(gz))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "noise.tar").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    expected = {"a.tar.gz": "gzip-compressed, not a plain tar", "empty.tar": "empty file (0 bytes)",
+                "noise.tar": "not a tar file (no tar header at its start)"}
+    for name, why in expected.items():
+        scan = scan_shard(str(tmp_path / name))
+        assert scan.truncated and scan.damage.startswith(why) and len(rows_of(scan)) == 0, (name, scan.damage)
+
+
+def test_scan_of_a_garbled_shard_keeps_the_samples_before_the_garbage(tmp_path):
+    path = write_tar(tmp_path / "a.tar", SAMPLES[:5])
+    raw = bytearray(path.read_bytes())
+    with tarfile.open(path) as tf:
+        at = next(m for m in tf if m.name == "00002.jpg").offset  # the header of the 3rd sample's image
+    raw[at:at + 512] = b"\xa5" * 512
+    path.write_bytes(bytes(raw))
+    scan = scan_shard(str(path))
+    assert [r[0] for r in rows_of(scan)] == ["00000", "00001"]
+    assert scan.damage == f"corrupt: no valid tar header at byte {at:,} after 00001.cls; the rest of the file is lost"
 
 
 def shard_set(tmp_path, n_shards=3, per=4):
@@ -190,7 +207,10 @@ def test_shards_read_through_the_index_and_survive_pickling(tmp_path):
     assert copy._caption(5) == "c 1 1"
     s = src.summary()
     assert (s["samples"], s["labelled"], s["captioned"], s["shards"]) == (8, 8, 8, 2)
-    assert s["broken"] == {"keys without an image": 0, "members cut off": 0, "truncated shards": 0}
+    assert s["broken"] == {"keys without an image": 0, "members cut off": 0, "damaged shards": 0,
+                           "unreadable images": 8}  # the members hold bytes, not images
+    assert s["images"]["kinds"] == {"not an image": 8} and s["images"]["checked"] == 8
+    assert [(w["where"], w["broken"], w["images"]) for w in s["images"]["where"]] == [(p, 4, 4) for p in paths]
     assert s["index"]["bytes"] == src.index.path.stat().st_size
 
 

@@ -19,7 +19,7 @@ from faultkit import ENV, error_lines, image_folder, m3i_cmd, metrics, pretrain_
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.data import Manifest, Shards, decode_image
-from m3i.data.source import MAX_CAPTION_CHARS
+from m3i.data.source import MAX_CAPTION_CHARS, ImageUnreadable
 from m3i.train import loop
 
 G = np.random.default_rng(0)
@@ -50,6 +50,14 @@ BROKEN = {  # file name -> bytes; none of them can be decoded
     "zero-byte.jpg": b"",
     "bomb.png": png_header_only(20_000, 20_000),  # 400 Mpx: above twice PIL's limit
     "bomb-1x.png": png_header_only(10_000, 10_000),  # 100 Mpx: above the limit, below twice it
+}
+WHY = {  # what a run says of each: the file's format and what is wrong with it
+    "truncated.jpg": "truncated JPEG file", "corrupt.jpg": "JPEG", "truncated.png": "truncated PNG file",
+    "corrupt.png": "corrupt PNG data", "zero-byte.png": "empty file (0 bytes)", "zero-byte.jpg": "empty file (0 bytes)",
+    "bomb.png": "PNG of 400,000,000 pixels, above the decompression-bomb limit of 89,478,485 (PIL's "
+                "Image.MAX_IMAGE_PIXELS); set M3I_MAX_IMAGE_PIXELS=400000000 or more to read it",
+    "bomb-1x.png": "PNG of 100,000,000 pixels, above the decompression-bomb limit of 89,478,485",
+    "gone.png": "missing (no such file)", "gone-too.jpg": "missing (no such file)",
 }
 GRAY16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 61)
 PALETTE = Image.new("P", (4, 4), 0)
@@ -131,9 +139,9 @@ def test_manifest_and_shard_faults_are_dropped_and_counted(tmp_path):
     assert m.num_bad_captions == 3 and m.num_empty_captions == 1  # empty, huge, not UTF-8
     assert m.all_captions() == [f"picture {i}" for i in range(5)] + ["missing", "missing"]
     assert any("2 captions are dropped" in str(w.message) for w in caught)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ImageUnreadable, match=r"img/gone\.png: missing \(no such file\)"):
         m.get(7)  # a missing file is found when read (and skipped by the mixture)
-    with pytest.warns(UserWarning, match="is truncated; its 4 whole samples are used"):
+    with pytest.warns(UserWarning, match="shard-000000.tar: truncated: the file ends inside 000004.png"):
         s = Shards(str(truncated_shard(tmp_path)))
     assert len(s) == 4 and s.num_dropped == 1
     assert [s.get(i)["caption"] for i in range(4)] == [f"sample {i}" for i in range(4)]
@@ -157,6 +165,17 @@ def unreadable(path: str) -> bool:
         return False
     except Exception:
         return True
+
+
+def named_unreadable(stderr: str) -> list[tuple[str, str]]:
+    """(file, what is wrong) of each unreadable image a run's warnings name."""
+    head = "m3i: warning: unreadable image "
+    lines = [ln[len(head):] for ln in stderr.splitlines() if ln.startswith(head)]
+    return [tuple(ln.split("; replaced by another sample")[0].split(": ", 1)) for ln in lines]
+
+
+def run_errors(stderr: str) -> list[str]:
+    return [ln for ln in error_lines(stderr) if not ln.startswith("m3i: warning: ")]
 
 
 def replay_skips(recipe, steps: int) -> int:
@@ -183,14 +202,19 @@ def test_a_run_over_every_kind_of_broken_data_finishes_and_counts_what_it_skippe
                     "{kind: global, projector: [32]}, estimator: {kind: boltzmann, candidates: batch}}")
     overrides = [source_override(f"folder:{folder}", f"manifest:{manifest}", f"shards:{shard}"),
                  "train.steps=12", "train.ckpt_every=12", "data.max_lost=0.5", caption_term]
-    with pytest.warns(UserWarning):
-        assert main(pretrain_args(tmp_path / "run", folder, *overrides)[:-len(overrides) - 1] + overrides) == 0
+    assert main(pretrain_args(tmp_path / "run", folder, *overrides)[:-len(overrides) - 1] + overrides) == 0
+    out, err = capsys.readouterr()
+    assert f"m3i: warning: 1 of 1 shards are damaged (first: {shard}: truncated: the file ends inside 000004.png" in err
+    named = named_unreadable(err)
+    assert 1 <= len(named) <= 3 * 2  # the first 3 of each source with unreadable images (folder, manifest)
+    for path, why in named:  # each named with what is wrong with it
+        assert unreadable(path) and WHY[Path(path).name] in why, (path, why)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["bad_steps"] == 0
     with pytest.warns(UserWarning):
         expected = replay_skips(load_recipe(str(tmp_path / "run" / "config.yaml")), 12)
     assert expected > 0 and rows[-1]["skipped_images"] == expected
-    assert f"skipped {expected} unreadable images" in capsys.readouterr().out
+    assert f"skipped {expected} unreadable images" in out
 
 
 @pytest.mark.slow
@@ -199,16 +223,16 @@ def test_a_source_losing_more_than_max_lost_stops_the_run_with_one_line(tmp_path
     for i in range(6):
         (folder / "a" / f"broken-{i}.png").write_bytes(BROKEN["truncated.png"])
     assert main(pretrain_args(tmp_path / "run", folder, "train.steps=30", "data.max_lost=0.3")) == 1
-    (line,) = error_lines(capsys.readouterr().err)
+    (line,) = run_errors(capsys.readouterr().err)
     assert line.startswith(f"m3i pretrain: error: source 'folder:{folder}': ")
     assert "> data.max_lost=0.3" in line and "broken-" in line and "raise data.max_lost" in line
+    assert ": truncated PNG file (" in line and f"`m3i data info folder:{folder}` lists them" in line
     # a source whose index already lost too much stops before training
-    with pytest.warns(UserWarning):
-        manifest = broken_manifest(tmp_path / "m")
-        assert main(pretrain_args(tmp_path / "run2", folder, source_override(f"manifest:{manifest}"),
-                                  "data.max_lost=0.1")[:-2] + [source_override(f"manifest:{manifest}"),
-                                                               "data.max_lost=0.1"]) == 1
-    (line,) = error_lines(capsys.readouterr().err)
+    manifest = broken_manifest(tmp_path / "m")
+    assert main(pretrain_args(tmp_path / "run2", folder, source_override(f"manifest:{manifest}"),
+                              "data.max_lost=0.1")[:-2] + [source_override(f"manifest:{manifest}"),
+                                                           "data.max_lost=0.1"]) == 1
+    (line,) = run_errors(capsys.readouterr().err)
     assert "2 of 12 entries are unusable (17% > data.max_lost=0.1; first: " in line and "field 'label'" in line
 
 
@@ -222,6 +246,9 @@ def test_a_source_of_only_unreadable_images_gives_one_line_not_a_worker_tracebac
                           env=ENV, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    (line,) = error_lines(done.stderr)
+    (line,) = run_errors(done.stderr)
     assert line.startswith(f"m3i pretrain: error: source 'folder:{folder}': ")
     assert f"{folder}/a/" in line and ("check its files" in line or "fix or remove the broken files" in line)
+    named = named_unreadable(done.stderr)  # by the DataLoader worker, the first 3 only
+    assert len(named) == 3 and all(why.startswith("truncated JPEG file (") for _, why in named)
+    assert {Path(p).parent for p, _ in named} == {folder / "a"}

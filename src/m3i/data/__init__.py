@@ -1,7 +1,7 @@
 """Data layer: random-access sources, one module per format, built from short specs, and the
 weighted, reproducible mixture of them."""
 
-from .source import Source, data_root, decode_image
+from .source import ImageUnreadable, Source, data_root, decode_image
 from .spec import SPEC_FORMS, Spec, build_source, parse_spec, register_source
 from .mixture import Mixture, SourceUnreadableError
 
@@ -22,6 +22,7 @@ __all__ = [
     "Emoji",
     "FashionMNIST",
     "ImageFolder",
+    "ImageUnreadable",
     "Manifest",
     "Mixture",
     "Shards",

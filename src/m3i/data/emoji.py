@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import FETCH_HINT, Source, data_root, decode_image
+from .source import FETCH_HINT, DamagedSet, Source, data_root, decode_image
 from .spec import Spec, register_source
 from .splits import SPLITS, grouped_split
 
@@ -28,6 +28,7 @@ class Emoji(Source):
     """
 
     provides_captions = True
+    image_files = True
 
     def __init__(self, root: str | os.PathLike | None = None, label: str | None = "category",
                  caption: bool = True, labels: bool = True, captions: bool = True,
@@ -48,11 +49,7 @@ class Emoji(Source):
                 f"emoji data not found at {str(self.root)!r}: expected emoji.json and img/google/64/*.png "
                 f"from the npm package {EMOJI_PACKAGE}; {FETCH_HINT}"
             )
-        with open(meta, encoding="utf-8") as f:
-            entries = json.load(f)
-        entries = [e for e in entries if e.get("has_img_google") and e.get("image")]
-        entries.sort(key=lambda e: (e.get("sort_order", 0), e["image"]))
-        self._require_samples(len(entries), f"{meta} lists no emoji with has_img_google")
+        entries = self._entries(meta)
         names = [(e.get("name") or e.get("short_name") or "").strip().lower() or e["image"] for e in entries]
         keep = grouped_split(names, split)  # classes come from every emoji, samples from the split
         self.files = [str(self.image_dir / e["image"]) for e in entries]
@@ -67,6 +64,25 @@ class Emoji(Source):
         self.files = [self.files[i] for i in keep]
         self._captions = [self._captions[i] for i in keep]
         self._require_samples(len(self.files), f"the {split!r} split of {meta} is empty")
+
+    def _entries(self, meta: Path) -> list[dict]:
+        """The base emoji with a Google image, in ``sort_order``; a damaged ``emoji.json`` or a
+        listed image missing from ``img/google/64`` is one line naming it."""
+        try:
+            with open(meta, encoding="utf-8") as f:
+                entries = json.load(f)
+        except ValueError as e:  # not JSON, not UTF-8, cut short
+            raise DamagedSet(meta, f"not readable JSON: {' '.join(str(e).split())[:120]}", "emoji") from None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise DamagedSet(meta, "expected a JSON list of emoji objects", "emoji")
+        entries = [e for e in entries if e.get("has_img_google") and isinstance(e.get("image"), str)]
+        entries.sort(key=lambda e: (e.get("sort_order", 0), e["image"]))
+        self._require_samples(len(entries), f"{meta} lists no emoji with has_img_google")
+        missing = [e["image"] for e in entries if not (self.image_dir / e["image"]).is_file()]
+        if missing:
+            raise DamagedSet(self.image_dir, f"{len(missing):,} of the {len(entries):,} images emoji.json lists are "
+                          f"missing (first: {missing[0]})", "emoji")
+        return entries
 
     def __len__(self):
         return len(self.files)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .arrays import GrayArraySource
-from .source import FETCH_HINT, data_root
+from .source import FETCH_HINT, DamagedSet, data_root
 from .spec import Spec, register_source
 from .splits import SPLITS, inner_split
 
@@ -30,11 +31,17 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzip or raw) of unsigned bytes into a numpy array."""
+    """Read an IDX file (gzip or raw) of unsigned bytes into a numpy array; ``ValueError`` when it
+    is cut short, no gzip or no IDX file."""
     path = str(path)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except EOFError:
+        raise ValueError(f"{path}: cut short (the gzip stream ends early)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
     if len(data) < 4 or data[:2] != b"\x00\x00":
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
@@ -67,13 +74,7 @@ class FashionMNIST(GrayArraySource):
         p = self.PREFIX[split]
         images = self._file(f"{p}-images-idx3-ubyte")
         labels_file = self._file(f"{p}-labels-idx1-ubyte")
-        self.images = read_idx(images)
-        self.targets = read_idx(labels_file).astype(np.int64)
-        if self.images.ndim != 3 or len(self.images) != len(self.targets):
-            raise ValueError(
-                f"{images}: expected N×H×W images matching {labels_file}'s labels, got "
-                f"{self.images.shape} and {self.targets.shape}"
-            )
+        self.images, self.targets = self._read(images, labels_file)
         # fit / val: the seeded inner split of the official train set (m3i.data.splits)
         self.file_index = (inner_split(len(self.images), split, self.N_VAL) if split in ("fit", "val")
                            else np.arange(len(self.images)))
@@ -81,6 +82,19 @@ class FashionMNIST(GrayArraySource):
         self._images_file = images
         self._require_samples(len(self.images), f"{images} holds no image")
         self._class_names = list(FASHION_MNIST_CLASSES)
+
+    def _read(self, images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The images and labels of two IDX files; a damaged file is one line naming it."""
+        try:
+            x, y = read_idx(images), read_idx(labels).astype(np.int64)
+        except ValueError as e:
+            raise DamagedSet(None, str(e), "fashion-mnist") from None
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DamagedSet(images, f"expected N×H×W images matching {labels.name}'s labels, got {x.shape} and {y.shape}",
+                          "fashion-mnist")
+        if y.size and not 0 <= y.min() <= y.max() < len(FASHION_MNIST_CLASSES):
+            raise DamagedSet(labels, f"labels must lie in 0..9, got {y.min()}..{y.max()}", "fashion-mnist")
+        return x, y
 
     def _find_root(self, root) -> Path:
         expected = "train-/t10k-{images-idx3,labels-idx1}-ubyte.gz"

@@ -7,7 +7,8 @@
   scikit-learn itself is not installed).
 
 Each set goes to ``$M3I_DATA`` (default ``~/.cache/m3i``) through a ``.partial`` folder renamed
-into place, so a set is either whole or absent; a set already in place is kept.
+into place, so a set is either whole or absent; a set already in place is kept, unless its source
+cannot read it (a file cut short, garbled, or an image missing): then it is fetched again.
 """
 
 from __future__ import annotations
@@ -167,6 +168,30 @@ def fetch_digits(dest: Path, work: Path, say: Callable[[str], None]) -> None:
     install_digits(wheel, dest)
 
 
+def damage(name: str, dest: Path) -> str | None:
+    """Why the set ``name`` in ``dest`` cannot be read by its source (None: it can)."""
+    from .check import check_images
+    from .digits import Digits
+    from .emoji import Emoji
+    from .fashion_mnist import FashionMNIST
+    from .source import DamagedSet
+
+    try:
+        if name == "fashion-mnist":
+            FashionMNIST(dest, "train"), FashionMNIST(dest, "test")
+        elif name == "emoji":
+            images = check_images(Emoji(dest, split="all"), sample=0, progress=False)  # 1,911 small files: cheap
+            if images["broken"]:
+                return f"{images['broken']} unreadable image(s), first: {images['where'][0]['first'][0]}"
+        else:
+            Digits(dest, split="all")
+    except DamagedSet as e:
+        return f"{e.where}: {e.why}" if e.where else e.why
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
 _FETCH = {"fashion-mnist": (has_fashion_mnist, fetch_fashion_mnist),
           "emoji": (has_emoji, fetch_emoji),
           "digits": (has_digits, fetch_digits)}
@@ -185,8 +210,11 @@ def fetch(sets: Sequence[str] = SETS, root: Path | None = None, say: Callable[[s
         present, get = _FETCH[name]
         dest = root / name
         if present(dest):
-            say(f"{name}: already in {dest}")
-            continue
+            why = damage(name, dest)
+            if why is None:
+                say(f"{name}: already in {dest}")
+                continue
+            say(f"{name}: damaged in {dest} ({why}); fetching it again")
         with tempfile.TemporaryDirectory(prefix="m3i-fetch-") as work:
             get(dest, Path(work), say)
         say(f"{name}: installed in {dest}")

@@ -22,6 +22,8 @@ class ImageFolder(Source):
     ``train/``, ``val/``, ``test/``, of which the source reads ``train/`` (``split``: another one).
     """
 
+    image_files = True
+
     def __init__(self, root: str | os.PathLike, labels: bool = True, captions: bool = True,
                  name: str | None = None, split: str = "train"):
         super().__init__(labels=labels, captions=captions, name=name or f"folder:{root}")

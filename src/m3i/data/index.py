@@ -12,7 +12,8 @@ shard of a set once, in parallel processes, and writes one index file:
   ``key_end`` (uint32, uint64 past 4 GiB of keys) and the keys themselves, 4 + 9 bytes for
   LAION's ``000012345``: 42 bytes in all;
 - per shard (a JSON header): its path, size and mtime when it was scanned, its first sample,
-  and what it held that is no sample (members of keys without an image, a truncated tail).
+  what it held that is no sample (members of keys without an image, a truncated tail), and
+  what is wrong with it when it is damaged (empty, no tar, compressed, cut, garbled), in words.
 
 The file is memory-mapped read-only, so every DataLoader worker and every rank on a machine
 reads the one copy in the page cache. When it is opened, each shard's size and mtime are
@@ -30,20 +31,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import mmap
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 FORMAT = "m3i-shard-index/1"
 MAGIC = b"M3I-SHARD-INDEX\n"
@@ -124,77 +122,131 @@ class ShardScan:
     members: int  # regular file members
     no_image: int  # keys that have no image member (their members are unused)
     cut: int  # members whose data the end of the file cuts off
-    truncated: bool  # the file ends inside a member or without the end-of-archive blocks
+    truncated: bool  # the shard is damaged: it ends early, is garbled or is no tar at all
+    damage: str | None = None  # what is wrong with it, in words (None: whole)
+
+
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+               (b"\x04\x22\x4d\x18", "lz4"))
+
+
+def _header_size(h: bytes) -> int | None:
+    """The member size a tar header gives, or None when ``h`` is no whole, valid header."""
+    if len(h) < _BLOCK:
+        return None
+    try:
+        return _octal(h[124:136]) if _checksum_ok(h) else None
+    except ValueError:  # fields that are no octal numbers: garbage, not a header
+        return None
+
+
+def _not_tar(head: bytes, size: int) -> str:
+    """Why a file with no tar header at its start is no shard."""
+    if size == 0:
+        return "empty file (0 bytes)"
+    kind = next((k for magic, k in COMPRESSED if head.startswith(magic)), None)
+    if kind:
+        return f"{kind}-compressed, not a plain tar; random access needs uncompressed .tar shards (decompress it)"
+    return "not a tar file (no tar header at its start); random access needs uncompressed .tar shards"
+
+
+class _Walk:
+    """The regular members ``(name, data offset, size)`` of the tar mapped in ``mm``, header by
+    header. ``members`` counts them; where the walk stops before the end-of-archive blocks,
+    ``damage`` says why, and ``cut`` counts a member whose data the end of the file cuts off."""
+
+    def __init__(self, mm, size: int):
+        self.mm, self.size = mm, size
+        self.members = self.cut = 0
+        self.damage: str | None = None
+        self.last: str | None = None  # the last whole member, for messages
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        mm, size, pos, long_name = self.mm, self.size, 0, None
+        while True:
+            h = mm[pos:pos + _BLOCK]
+            if len(h) == _BLOCK and h.count(0) == _BLOCK:
+                return  # end of archive
+            n = _header_size(h)
+            if n is None:
+                self.damage = self._no_header(pos, h)
+                return
+            flag, data_at = h[156:157], pos + _BLOCK
+            if flag in (b"x", b"L"):  # the next member's name: pax header or GNU long name
+                if data_at + n > size:
+                    self.damage = f"truncated: the file ends inside a long-name header at byte {pos:,}"
+                    return
+                raw = mm[data_at:data_at + n]
+                long_name = _pax_path(raw) if flag == b"x" else raw.split(b"\0", 1)[0].decode(
+                    "utf-8", "surrogateescape")
+            elif flag in (b"0", b"\0", b"7"):
+                name = long_name if long_name is not None else _header_name(h)
+                long_name = None
+                self.members += 1
+                if data_at + n > size:
+                    self.cut += 1
+                    self.damage = f"truncated: the file ends inside {name} ({size - data_at:,} of its {n:,} bytes)"
+                    return
+                yield name, data_at, n
+                self.last = name
+            else:  # directories, links, global headers
+                long_name = None
+            pos = data_at + (n + _BLOCK - 1) // _BLOCK * _BLOCK
+
+    def _no_header(self, pos: int, h: bytes) -> str:
+        if pos == 0:
+            return _not_tar(bytes(h[:8]), self.size)
+        after = f" after {self.last}" if self.last else ""
+        if pos >= self.size:
+            return f"truncated: the file ends{after} without tar's end-of-archive blocks"
+        if len(h) < _BLOCK:
+            return f"truncated: the file ends inside a tar header at byte {pos:,}{after}"
+        return f"corrupt: no valid tar header at byte {pos:,}{after}; the rest of the file is lost"
+
+
+def _header_name(h: bytes) -> str:
+    name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if h[257:263] == b"ustar\0" and h[345:346] != b"\0":  # POSIX prefix
+        name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+    return name
 
 
 def scan_shard(path: str) -> ShardScan:
     """Read the tar headers of one uncompressed shard (ustar, pax and GNU long names) and
     group its members by key with webdataset's rule (the key is the name up to the first dot of
-    its base name). Raises ``ValueError`` for a file that is no tar."""
-    size = os.path.getsize(path)
+    its base name). A damaged shard (empty, no tar, cut, garbled) gives what it holds before the
+    damage, and ``damage`` says what is wrong; a file that cannot be opened raises ``ValueError``."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"shard {path!r} cannot be read: {e.strerror or e}") from e
     samples: dict[str, dict[str, Any]] = {}
-    members = cut = 0
-    truncated = False
-    with open(path, "rb") as f:
+    with f:
+        size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         try:
-            pos, long_name = 0, None
-            while True:
-                h = mm[pos:pos + _BLOCK]
-                if len(h) == _BLOCK and h.count(0) == _BLOCK:
-                    break  # end of archive
-                if len(h) < _BLOCK or not _checksum_ok(h):
-                    if pos == 0 and size:
-                        raise ValueError(f"shard {path!r} is not an uncompressed tar file (no tar header at "
-                                         "its start); random access needs plain .tar shards")
-                    # no end-of-archive blocks (the file was cut), or garbage where a header should be
-                    truncated = True  # garbage where a header should be: the rest is lost
-                    break
-                n = _octal(h[124:136])
-                flag = h[156:157]
-                data_at = pos + _BLOCK
-                nxt = data_at + (n + _BLOCK - 1) // _BLOCK * _BLOCK
-                if flag in (b"x", b"L"):  # the next member's name: pax header or GNU long name
-                    if data_at + n > size:
-                        truncated = True
-                        break
-                    raw = mm[data_at:data_at + n]
-                    long_name = _pax_path(raw) if flag == b"x" else raw.split(b"\0", 1)[0].decode(
-                        "utf-8", "surrogateescape")
-                    pos = nxt
-                    continue
-                if flag not in (b"0", b"\0", b"7"):  # directories, links, global headers
-                    long_name = None
-                    pos = nxt
-                    continue
-                if long_name is not None:
-                    name = long_name
-                else:
-                    name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    if h[257:263] == b"ustar\0" and h[345:346] != b"\0":  # POSIX prefix
-                        name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-                long_name = None
-                members += 1
-                if data_at + n > size:
-                    cut += 1
-                    truncated = True
-                    break
+            walk = _Walk(mm, size)
+            for name, at, n in walk:
                 key, ext = split_key(name)
-                if key is not None:
-                    ext = ext.lower()
-                    s = samples.setdefault(key, {})
-                    if ext in IMAGE_EXTENSIONS:
-                        s.setdefault("images", {})[ext] = (data_at, n)
-                    elif ext == "txt":
-                        s["txt"] = (data_at, n)
-                    elif ext == "cls":
-                        s["cls"] = bytes(mm[data_at:data_at + n]).decode("utf-8", "replace").strip()
-                pos = nxt
+                if key is None:
+                    continue
+                ext = ext.lower()
+                s = samples.setdefault(key, {})
+                if ext in IMAGE_EXTENSIONS:
+                    s.setdefault("images", {})[ext] = (at, n)
+                elif ext == "txt":
+                    s["txt"] = (at, n)
+                elif ext == "cls":
+                    s["cls"] = bytes(mm[at:at + n]).decode("utf-8", "replace").strip()
         finally:
             if size:
                 mm.close()
+    return _scan_of(samples, walk)
+
+
+def _scan_of(samples: dict[str, dict[str, Any]], walk: _Walk) -> ShardScan:
+    """The per-sample arrays of one shard's samples (keys with an image, in member order)."""
     rows = [(k, s) for k, s in samples.items() if s.get("images")]
-    no_image = len(samples) - len(rows)
     m = len(rows)
     arrays = {name: np.zeros(m, dtype) for name, dtype in _FIELDS.items()}
     arrays["label"][:] = -1
@@ -210,8 +262,8 @@ def scan_shard(path: str) -> ShardScan:
         if "cls" in s:
             arrays["label"][r] = codes.setdefault(s["cls"], len(codes))
         keys.append(key.encode("utf-8", "surrogateescape"))
-    return ShardScan(arrays, b"".join(keys), np.fromiter(map(len, keys), np.int64, m), list(codes), members,
-                     no_image, cut, truncated)
+    return ShardScan(arrays, b"".join(keys), np.fromiter(map(len, keys), np.int64, m), list(codes), walk.members,
+                     len(samples) - m, walk.cut, walk.damage is not None, walk.damage)
 
 
 # -- the set ---------------------------------------------------------------------------------
@@ -235,7 +287,7 @@ def _stamp(path: str) -> tuple[int, int]:
 class ShardIndex:
     """An index file, memory-mapped: ``len`` samples over ``shards`` (a list of dicts with
     ``path``, ``size``, ``mtime_ns``, ``start``, ``samples``, ``members``, ``no_image``, ``cut``,
-    ``truncated``), the raw ``.cls`` values ``labels``, and the per-sample arrays as attributes
+    ``truncated``, ``damage``), the raw ``.cls`` values ``labels``, and the per-sample arrays as attributes
     (``image_offset``, ``image_size``, ``text_offset``, ``text_size``, ``label``, ``ext``)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -276,11 +328,12 @@ class ShardIndex:
         return bytes(self.keys[start:end]).decode("utf-8", "surrogateescape")
 
     def stale(self) -> list[int]:
-        """Shards whose size or mtime differ from when they were scanned (or that are gone)."""
+        """Shards whose size or mtime differ from when they were scanned (or that are gone), and
+        damaged ones an earlier index did not describe (scanned again to say what is wrong)."""
         out = []
         for k, s in enumerate(self.shards):
             try:
-                if _stamp(s["path"]) != (s["size"], s["mtime_ns"]):
+                if _stamp(s["path"]) != (s["size"], s["mtime_ns"]) or (s["truncated"] and "damage" not in s):
                     out.append(k)
             except FileNotFoundError:
                 out.append(k)
@@ -289,6 +342,33 @@ class ShardIndex:
     def rows(self, k: int) -> slice:
         s = self.shards[k]
         return slice(s["start"], s["start"] + s["samples"])
+
+    def damaged(self) -> list[dict[str, Any]]:
+        """The shards that are not whole (``damage(shard)`` says why)."""
+        return [s for s in self.shards if damage(s)]
+
+    def check(self, named: int = 5) -> list[str]:
+        """Lines naming the damaged shards (the first ``named``) and what is wrong with each; raises
+        ``ValueError`` when the set holds no sample at all."""
+        bad = self.damaged()
+        if not len(self):
+            why = [f"{len(bad):,} damaged (first: {bad[0]['path']}: {damage(bad[0])})"] if bad else []
+            if len(bad) < len(self.shards):
+                why.append(f"{'the others hold' if bad else 'they hold'} no KEY.{'|'.join(IMAGE_EXTENSIONS)} member")
+            raise ValueError(f"no usable sample in {len(self.shards):,} shard(s): {'; '.join(why)}")
+        if not bad:
+            return []
+        lines = [f"damaged: {len(bad):,} of {len(self.shards):,} shards; their whole samples are used, the rest is lost"]
+        lines += [f"  {s['path']}: {damage(s)} ({s['samples']:,} whole samples)" for s in bad[:named]]
+        if len(bad) > named:
+            lines.append(f"  ... and {len(bad) - named:,} more (m3i data info --json lists them all)")
+        return lines
+
+
+def damage(shard: dict[str, Any]) -> str | None:
+    """What is wrong with one shard of an index's header, or None when it is whole (an index written
+    before damage was described says only that it is truncated)."""
+    return shard.get("damage") or ("truncated" if shard.get("truncated") else None)
 
 
 def _write(path: Path, paths: Sequence[str], stamps: Sequence[tuple[int, int]], parts: Sequence[ShardScan]) -> None:
@@ -302,7 +382,7 @@ def _write(path: Path, paths: Sequence[str], stamps: Sequence[tuple[int, int]], 
         n = len(part.key_len)
         shards.append({"path": p, "size": size, "mtime_ns": mtime, "start": start, "samples": n,
                        "members": part.members, "no_image": part.no_image, "cut": part.cut,
-                       "truncated": part.truncated})
+                       "truncated": part.truncated, "damage": part.damage})
         start += n
     key_bytes = sum(len(part.keys) for part in parts)
     types = {**_FIELDS, "key_end": np.uint32 if key_bytes < 2**32 else np.uint64, "keys": np.uint8}
@@ -394,11 +474,11 @@ def open_index(paths: Sequence[str], *, processes: int | None = None, progress: 
             return idx  # another process built it while this one waited
         stamps = [_stamp(p) for p in paths]
         if idx is not None:
-            first = idx.shards[stale[0]]["path"]
+            first = idx.shards[stale[0]]
+            why = "damaged, described anew" if first["truncated"] and "damage" not in first else "size or mtime differ"
             msg = (f"shard index {target} is stale: {len(stale)} of {len(paths)} shards changed since it was built "
-                   f"(first: {first}: size or mtime differ); scanning them again")
-            warnings.warn(msg, stacklevel=3)
-            log.warning(msg)
+                   f"(first: {first['path']}: {why}); scanning them again")
+            warnings.warn(msg, stacklevel=3)  # once: a logging line as well printed it twice
             scans = dict(zip(stale, _scan_all([paths[k] for k in stale], processes, progress,
                                               f"{len(stale)} changed shard(s)")))
             parts = [scans[k] if k in scans else _part_of(idx, k) for k in range(len(paths))]
@@ -416,7 +496,6 @@ def _try_open(path: Path, quiet: bool = False) -> ShardIndex | None:
             return None
         msg = f"shard index {path} is unreadable ({e}); building it again"
         warnings.warn(msg, stacklevel=4)
-        log.warning(msg)
         return None
 
 
@@ -434,7 +513,7 @@ def _part_of(idx: ShardIndex, k: int) -> ShardScan:
     remap = np.full(len(idx.labels) + 1, -1, np.int32)
     remap[used] = np.arange(len(used), dtype=np.int32)
     arrays["label"] = remap[arrays["label"]]
-    return ShardScan(arrays, keys, lens, table, s["members"], s["no_image"], s["cut"], s["truncated"])
+    return ShardScan(arrays, keys, lens, table, s["members"], s["no_image"], s["cut"], s["truncated"], damage(s))
 
 
 class _locked:

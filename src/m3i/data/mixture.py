@@ -10,7 +10,8 @@ A read that fails with :class:`~m3i.data.source.ReadFailed` (an I/O error that m
 tried again ``read_retries`` times, waiting ``retry_backoff · 2^attempt`` seconds. A sample
 that still fails, or cannot be decoded, is replaced by the next index of its slot's own stream
 (seeded from ``(seed, s, slot)``, same source): no other slot moves, and the replacement is
-counted. A DataLoader worker ``w`` of ``W`` produces the steps ``s ≡ w (mod W)``
+counted; the first ``NAMED`` of each source (per loader process) are named in a warning, with
+what is wrong with each. A DataLoader worker ``w`` of ``W`` produces the steps ``s ≡ w (mod W)``
 from ``start_step`` on, so the DataLoader's in-order output is step order whatever ``W`` is, and
 resuming is setting ``start_step``.
 
@@ -42,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .source import ReadFailed, Source
+from .source import ImageUnreadable, ReadFailed, Source, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ _RESAMPLE = {
 
 
 MIN_DRAWS = 32  # images drawn from a source before its lost fraction is judged
+NAMED = 3  # unreadable images named in a warning, per source and loader process (all are counted)
 
 
 class SourceUnreadableError(RuntimeError):
@@ -66,6 +68,13 @@ class SourceUnreadableError(RuntimeError):
 
 def _line(e: BaseException) -> str:
     return " ".join(str(e).split())[:200]
+
+
+def unreadable_line(src, i: int, e: BaseException) -> str:
+    """``FILE: what is wrong`` for sample ``i`` of ``src`` that failed with ``e``."""
+    if isinstance(e, ImageUnreadable) and e.where:
+        return " ".join(str(e).split())  # the file and what is wrong with it, whole
+    return f"{src.locate(i)}: {type(e).__name__}: {_line(e)}"
 
 
 class Mixture(IterableDataset):
@@ -124,24 +133,8 @@ class Mixture(IterableDataset):
         for src in self.sources:
             if len(src) == 0:
                 raise ValueError(f"source {getattr(src, 'name', src)!r} has no usable sample")
-        if weights is None:
-            weights = [1.0] * len(self.sources)
-        w = np.asarray([float(x) for x in weights], dtype=np.float64)
-        if w.shape != (len(self.sources),):
-            raise ValueError(f"Mixture got {len(w)} weights for {len(self.sources)} sources")
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"Mixture weights must be finite, >= 0 and not all 0, got {list(weights)}")
-        self.weights = w / w.sum()
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        if not 0 <= int(rank) < int(world_size):
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if int(seed) < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+        self.weights = self._normalised(weights)
+        _check_args(batch_size, image_size, seed, rank, world_size, interpolation)
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -153,15 +146,10 @@ class Mixture(IterableDataset):
         if not 0.0 <= float(max_lost) <= 1.0:
             raise ValueError(f"max_lost must be in [0, 1], got {max_lost}")
         self.max_lost = float(max_lost)
-        for src in self.sources:
-            dropped = int(getattr(src, "num_dropped", 0))
-            if dropped and dropped / (dropped + len(src)) > self.max_lost:
-                raise SourceUnreadableError(
-                    f"source {src.name!r}: {dropped} of {dropped + len(src)} entries are unusable "
-                    f"({dropped / (dropped + len(src)):.0%} > data.max_lost={self.max_lost:g}; first: "
-                    f"{src.dropped[0] if getattr(src, 'dropped', None) else '?'}); fix them or raise data.max_lost")
-        self._draws = np.zeros(len(self.sources), dtype=np.int64)  # images drawn / lost, per source
+        self._check_dropped()
+        self._draws = np.zeros(len(self.sources), dtype=np.int64)  # images drawn / lost / named, per source
         self._lost = np.zeros(len(self.sources), dtype=np.int64)
+        self._named = np.zeros(len(self.sources), dtype=np.int64)
         self.interpolation = interpolation
         if int(read_retries) < 0 or not float(retry_backoff) >= 0:
             raise ValueError(f"read_retries and retry_backoff must be >= 0, got {read_retries}, {retry_backoff}")
@@ -169,7 +157,34 @@ class Mixture(IterableDataset):
         self.retry_backoff = float(retry_backoff)
         self.sleep = time.sleep
         self._lengths = np.asarray([len(src) for src in self.sources], dtype=np.int64)
+        self._label_space()
+        self._captions: list[str] | None = None
+        self.views = None  # a LoaderViews: the batch's views made here, from the decoded originals
+        # m3i sources accept a JPEG draft size; other objects with a plain get(i) work too
+        self._draft = [isinstance(src, Source) for src in self.sources]
 
+    def _normalised(self, weights: Sequence[float] | None) -> np.ndarray:
+        if weights is None:
+            weights = [1.0] * len(self.sources)
+        w = np.asarray([float(x) for x in weights], dtype=np.float64)
+        if w.shape != (len(self.sources),):
+            raise ValueError(f"Mixture got {len(w)} weights for {len(self.sources)} sources")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"Mixture weights must be finite, >= 0 and not all 0, got {list(weights)}")
+        return w / w.sum()
+
+    def _check_dropped(self) -> None:
+        """A source whose index dropped more than ``max_lost`` of its entries stops here, named."""
+        for src in self.sources:
+            dropped = int(getattr(src, "num_dropped", 0))
+            if dropped and dropped / (dropped + len(src)) > self.max_lost:
+                raise SourceUnreadableError(
+                    f"source {src.name!r}: {dropped} of {dropped + len(src)} entries are unusable "
+                    f"({dropped / (dropped + len(src)):.0%} > data.max_lost={self.max_lost:g}; first: "
+                    f"{src.dropped[0] if getattr(src, 'dropped', None) else '?'}); fix them or raise data.max_lost")
+
+    def _label_space(self) -> None:
+        """Each labelled source's range of the global label space, in source order."""
         self.class_offsets: list[int | None] = []
         self.class_names: list[str] = []
         for src in self.sources:
@@ -180,10 +195,6 @@ class Mixture(IterableDataset):
             else:
                 self.class_offsets.append(None)
         self._offsets = np.asarray([-1 if o is None else o for o in self.class_offsets], dtype=np.int64)
-        self._captions: list[str] | None = None
-        self.views = None  # a LoaderViews: the batch's views made here, from the decoded originals
-        # m3i sources accept a JPEG draft size; other objects with a plain get(i) work too
-        self._draft = [isinstance(src, Source) for src in self.sources]
 
     # global label space ----------------------------------------------------------------------
     @property
@@ -289,20 +300,30 @@ class Mixture(IterableDataset):
                 failures += 1
                 counts["skipped"] += 1
                 self._lost[k] += 1
-                log.debug("replacing unreadable sample %s of %s: %s", src.locate(i), src.name, e)
+                what = unreadable_line(src, i, e)
+                self._name_unreadable(k, what)
                 drawn, lost = int(self._draws[k]), int(self._lost[k])
                 if drawn >= MIN_DRAWS and lost / drawn > self.max_lost:
                     raise SourceUnreadableError(
                         f"source {src.name!r}: {lost} of the {drawn} images read are unreadable "
-                        f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {src.locate(i)}: "
-                        f"{type(e).__name__}: {_line(e)}); fix or remove the broken files, or raise data.max_lost") from None
+                        f"({lost / drawn:.0%} > data.max_lost={self.max_lost:g}; last: {what}); fix or remove the "
+                        f"broken files (`m3i data info {src.name}` lists them), or raise data.max_lost") from None
                 if failures >= self.max_failures:
                     raise SourceUnreadableError(
-                        f"source {src.name!r} gave {failures} unreadable images in a row "
-                        f"(last: {src.locate(i)}: {type(e).__name__}: {_line(e)}); check its files"
-                    ) from e
+                        f"source {src.name!r} gave {failures} unreadable images in a row (last: {what}); check its "
+                        f"files (`m3i data info {src.name}` lists the broken ones)") from e
                 g = g or self.slot_rng(step, slot)
                 i = int(g.integers(len(src)))
+
+    def _name_unreadable(self, k: int, what: str) -> None:
+        """Warn about the first ``NAMED`` unreadable images of source ``k`` (in this process), each
+        with what is wrong with it; the rest are counted alone."""
+        log.debug("replacing unreadable sample %s", what)
+        if self._named[k] < NAMED:
+            self._named[k] += 1
+            more = f"; further ones of {self.sources[k].name!r} are counted, not named" if self._named[k] == NAMED else ""
+            warn_once(f"unreadable image {what}; replaced by another sample of its source (counted in "
+                      f"skipped_images){more}")
 
     def _read(self, k: int, i: int, counts: dict) -> tuple[np.ndarray, dict]:
         """Sample ``i`` of source ``k`` as (uint8 S×S×3 array, sample); a ``ReadFailed`` is tried
@@ -350,6 +371,19 @@ class Mixture(IterableDataset):
         parts = ", ".join(f"{s.name}: {w:.3g}" for s, w in zip(self.sources, self.weights))
         return (f"Mixture({parts}; batch_size={self.batch_size}, image_size={self.image_size}, "
                 f"seed={self.seed}, rank={self.rank}/{self.world_size}, classes={self.num_classes})")
+
+
+def _check_args(batch_size: int, image_size: int, seed: int, rank: int, world_size: int, interpolation: str) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
 
 
 def image_array(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:

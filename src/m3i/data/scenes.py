@@ -45,6 +45,7 @@ class Scenes:
     items:  for each canvas, where its items come from (``Source.locate`` of each, paste order).
     boxes:  for each canvas, each item's (top, left, side) in pixels, same order.
     classes: label names, ``classes[0] == "background"``.
+    instances: (N, S, S) uint8, 0 = background, k + 1 where item k (paste order) is visible.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Scenes:
     items: list[tuple[str, ...]]
     boxes: list[tuple[tuple[int, int, int], ...]]
     classes: list[str]
+    instances: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.images)
@@ -83,8 +85,9 @@ class _Items:
 
 
 def _paste(canvas: np.ndarray, mask: np.ndarray, item: Image.Image, label: int, side: int, y: int, x: int,
-           binary_alpha: bool) -> None:
-    """Paint ``item`` resized to side×side at (y, x) over ``canvas`` (S, S, 3) float, label into ``mask``."""
+           binary_alpha: bool) -> np.ndarray:
+    """Paint ``item`` resized to side×side at (y, x) over ``canvas`` (S, S, 3) float, label into ``mask``;
+    returns the (side, side) pixels it covers."""
     rgba = np.asarray(item.resize((side, side), Image.BILINEAR), dtype=np.float32)
     alpha = rgba[..., 3:] / 255.0
     seen = alpha[..., 0] >= 0.5
@@ -93,25 +96,29 @@ def _paste(canvas: np.ndarray, mask: np.ndarray, item: Image.Image, label: int, 
     region = canvas[y:y + side, x:x + side]
     region[:] = region * (1 - alpha) + rgba[..., :3] * alpha
     mask[y:y + side, x:x + side][seen] = label
+    return seen
 
 
 def render_scene(pool: _Items, dataset: str, split: str, seed: int, index: int, size: int = CANVAS):
-    """Canvas ``index``: (S, S, 3) uint8, (S, S) int64 labels, the items' locations and boxes."""
+    """Canvas ``index``: (S, S, 3) uint8, (S, S) int64 labels, the items' locations and boxes, and the
+    (S, S) uint8 map of which item (j + 1, paste order) each pixel shows."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     k = int(rng.integers(ITEMS[0], ITEMS[1] + 1))
     chosen = rng.choice(len(pool), size=k, replace=False)
     fmnist = dataset == "fashion-mnist-scenes"
     canvas = np.full((size, size, 3), 0.0 if fmnist else 255.0, dtype=np.float32)
     mask = np.zeros((size, size), dtype=np.int64)
+    instances = np.zeros((size, size), dtype=np.uint8)
     lo, hi = (round(s * size / CANVAS) for s in ITEM_SIDE)
     boxes = []
-    for i in chosen:
+    for j, i in enumerate(chosen):
         side = int(rng.integers(lo, hi + 1))
         y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
         boxes.append((y, x, side))
-        _paste(canvas, mask, pool.rgba(int(i)), int(pool.labels[i]) + 1, side, y, x, binary_alpha=fmnist)
+        seen = _paste(canvas, mask, pool.rgba(int(i)), int(pool.labels[i]) + 1, side, y, x, binary_alpha=fmnist)
+        instances[y:y + side, x:x + side][seen] = j + 1
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-    return image, mask, tuple(pool.src.locate(int(i)) for i in chosen), tuple(boxes)
+    return image, mask, tuple(pool.src.locate(int(i)) for i in chosen), tuple(boxes), instances
 
 
 @lru_cache(maxsize=8)
@@ -128,13 +135,14 @@ def make_scenes(dataset: str, split: str = "train", n: int | None = None, seed: 
     if n < 1:
         raise ValueError(f"{dataset}: number of canvases must be positive, got {n}")
     pool = _Items(dataset, split)
-    images, masks, items, boxes = [], [], [], []
+    images, masks, items, boxes, instances = [], [], [], [], []
     for i in range(n):
-        image, mask, where, box = render_scene(pool, dataset, split, seed, i, size)
+        image, mask, where, box, inst = render_scene(pool, dataset, split, seed, i, size)
         images.append(image)
         masks.append(mask)
         items.append(where)
         boxes.append(box)
+        instances.append(inst)
     images_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return Scenes(f"{dataset}:{split}", split, images_t, torch.from_numpy(np.stack(masks)), items, boxes,
-                  pool.classes)
+                  pool.classes, torch.from_numpy(np.stack(instances)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .index import IMAGE_EXTENSIONS, open_index
+from .index import IMAGE_EXTENSIONS, damage, open_index
 from .source import ReadFailed, Source, clean_caption, decode_image, label_space, parse_label, warn_once
 from .spec import Spec, register_source
 
@@ -70,6 +70,7 @@ class Shards(Source):
     """
 
     provides_captions = True
+    image_files = True
     MAX_OPEN = 128  # shard files kept open per process
 
     def __init__(self, urls: str | Sequence[str], labels: bool = True, captions: bool = True,
@@ -79,17 +80,31 @@ class Shards(Source):
         self.urls = expand_shards(urls)
         self._require_samples(len(self.urls), "the shard list is empty")
         self.index = open_index(self.urls, processes=index_processes, progress=progress)
-        for s in self.index.shards:
-            if s["truncated"]:  # how many samples the cut took is unknown: counted as one
-                self._drop(f"{s['path']}: truncated; its samples up to the cut are used")
-                msg = (f"shard {s['path']!r} is truncated; its {s['samples']} whole samples are used, "
-                       "the rest is lost")
-                warn_once(msg)
-        self._require_samples(len(self.index), f"no KEY.jpg|png|jpeg|webp members in {len(self.urls)} shard(s)")
+        try:
+            self.index.check()  # a set without a sample: one line naming its damaged shards
+        except ValueError as e:
+            raise ValueError(f"source {self.name!r}: {e}") from None
+        self._drop_damaged()
         self.provides_captions = bool(np.count_nonzero(np.asarray(self.index.text_size)))
         self._label_of = self._label_table()  # code of a raw .cls value -> label; the last entry: none
         self._key_pos: dict[str, int] | None = None
         self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def _drop_damaged(self) -> None:
+        """Count what the damaged shards lost among the dropped entries, each shard named, and warn
+        once. What a shard lost is unknown: it is taken as an intact shard's mean count less the
+        samples it kept (at least 1), so that ``data.max_lost`` weighs a set of mostly broken shards."""
+        shards, bad = self.index.shards, self.index.damaged()
+        if not bad:
+            return
+        whole = [s["samples"] for s in shards if not damage(s)]
+        mean = round(sum(whole) / len(whole)) if whole else 0
+        for s in bad:
+            lost = max(1, mean - s["samples"])
+            est = f"about {lost:,} lost (an intact shard holds {mean:,})" if whole else "the rest lost"
+            self._drop(f"{s['path']}: {damage(s)}; {s['samples']:,} whole samples used, {est}", lost)
+        warn_once(f"{len(bad):,} of {len(shards):,} shards are damaged (first: {self.dropped[0]}); "
+                  f"`m3i data info` lists them")
 
     def _label_table(self) -> np.ndarray:
         """Code of each raw ``.cls`` value (the index's table) -> label id, the last entry meaning none:
@@ -170,9 +185,17 @@ class Shards(Source):
     def locate(self, i):
         return f"{self._where(i)[0]}:{self.index.key(i)}.{IMAGE_EXTENSIONS[int(self.index.ext[i])]}"
 
-    def summary(self) -> dict[str, Any]:
+    def _peek(self, i: int, head: int, tail: int) -> tuple[bytes, bytes, int]:
+        at, n = int(self.index.image_offset[i]), int(self.index.image_size[i])
+        return self._read(i, at, min(head, n)), self._read(i, at + max(0, n - tail), min(tail, n)), n
+
+    def _group(self, i: int) -> str:
+        return self._where(i)[0]
+
+    def summary(self, check: bool = True, decode: bool = False) -> dict[str, Any]:
         ix = self.index
-        out = super().summary()
+        out = super().summary(check, decode)
+        bad = ix.damaged()
         out.update(
             labelled=int(np.count_nonzero(self._label_of[np.asarray(ix.label)] >= 0)) if self.has_labels else 0,
             captioned=int(np.count_nonzero(np.asarray(ix.text_size))) if self.has_captions else 0,
@@ -180,9 +203,11 @@ class Shards(Source):
             members=sum(s["members"] for s in ix.shards),
             broken={"keys without an image": sum(s["no_image"] for s in ix.shards),
                     "members cut off": sum(s["cut"] for s in ix.shards),
-                    "truncated shards": sum(bool(s["truncated"]) for s in ix.shards)},
+                    "damaged shards": len(bad), **out["broken"]},
+            damaged=[{"path": s["path"], "damage": damage(s), "samples": s["samples"]} for s in bad],
             index={"path": str(ix.path), "bytes": ix.nbytes, "created": ix.created},
         )
+        out["problems"] = ix.check() + [p for p in out["problems"] if not p.startswith("dropped: ")]
         return out
 
     def stream(self, shuffle_shards: bool = False, seed: int = 0):

@@ -16,12 +16,15 @@ Formats, one module each: :mod:`~m3i.data.folder` (class subfolders or a flat fo
 access) and the built-in sets :mod:`~m3i.data.fashion_mnist`, :mod:`~m3i.data.emoji` and
 :mod:`~m3i.data.digits`. :mod:`~m3i.data.spec` builds any of them from a short spec.
 
-Decoding errors are not caught here: ``get`` raises (``OSError``, ``ValueError``, ...) and the
-mixture decides what to do (skip and count). ``locate(i)`` names the file behind a sample for
-error messages. Entries that are broken before any image is read (a manifest row without a
-path or with a non-integer label, the unreadable tail of a truncated shard) are dropped while
-indexing and counted in ``num_dropped`` (reasons in ``dropped``). A caption that is empty,
-longer than ``MAX_CAPTION_CHARS`` or not UTF-8 is dropped (the image is kept without it).
+An image that cannot be read or decoded makes ``get`` raise :class:`ImageUnreadable` (a
+``ValueError``) naming the file (``locate(i)``) and what is wrong with it: missing, empty, not an
+image, truncated, corrupt, or above the decompression-bomb limit (PIL's
+``Image.MAX_IMAGE_PIXELS``; ``$M3I_MAX_IMAGE_PIXELS`` sets it); the mixture decides what to do
+(skip, count, name the first few). An I/O error that may pass is :class:`ReadFailed` instead.
+Entries that are broken before any image is read (a manifest row without a path or with a
+non-integer label, the unreadable tail of a damaged shard) are dropped while indexing and
+counted in ``num_dropped`` (reasons in ``dropped``). A caption that is empty, longer than
+``MAX_CAPTION_CHARS`` or not UTF-8 is dropped (the image is kept without it).
 """
 
 from __future__ import annotations
@@ -29,23 +32,102 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 FETCH_HINT = "fetch it with `m3i data fetch`"
 MAX_CAPTION_CHARS = 10_000
+MAX_PIXELS_ENV = "M3I_MAX_IMAGE_PIXELS"  # the decompression-bomb limit, when PIL's default is too low
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"), (b"GIF87a", "GIF"),
+          (b"GIF89a", "GIF"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, read with surrogateescape
 
 
 class ReadFailed(OSError):
     """The bytes of a sample could not be read: an I/O error that may pass (network storage, a
     busy disk), so the mixture tries the same sample again. Undecodable bytes and missing files
-    raise other errors: trying again would fail the same way."""
+    raise :class:`ImageUnreadable`: trying again would fail the same way."""
+
+
+class ImageUnreadable(ValueError):
+    """An image that cannot be read or decoded. ``kind``: ``missing``, ``empty``, ``not an image``,
+    ``truncated``, ``corrupt`` or ``too many pixels``; ``why``: what is wrong, in words; ``where``:
+    the file (or ``SHARD:MEMBER``) once the source that holds it adds it."""
+
+    def __init__(self, kind: str, why: str, where: str | None = None):
+        super().__init__(f"{where}: {why}" if where else why)
+        self.kind, self.why, self.where = kind, why, where
+
+    def at(self, where: str) -> ImageUnreadable:
+        return ImageUnreadable(self.kind, self.why, where)
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format the first bytes of a file announce (JPEG, PNG, WebP, BMP, GIF, TIFF), or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((f for magic, f in _MAGIC if head.startswith(magic)), None)
+
+
+def max_image_pixels() -> int | None:
+    """The decompression-bomb limit decoding applies: ``$M3I_MAX_IMAGE_PIXELS`` when set (0: none),
+    else PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        n = int(raw.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels (0: no limit)") from None
+    return n if n > 0 else None
+
+
+def _unreadable(e: BaseException, data: bytes, limit: int | None) -> ImageUnreadable:
+    """What is wrong with ``data``, which PIL failed to decode with ``e`` (``limit``: the
+    decompression-bomb limit it applied)."""
+    fmt = image_format(data[:16])
+    if isinstance(e, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = int(m.group(1)) if m else None
+        return ImageUnreadable("too many pixels", (
+            f"{fmt or 'image'} of {f'{n:,}' if n else 'more'} pixels, above the decompression-bomb limit of "
+            f"{limit or 0:,} (PIL's Image.MAX_IMAGE_PIXELS); set {MAX_PIXELS_ENV}={n or 'N'} or more to read it"))
+    if not data:
+        return ImageUnreadable("empty", "empty file (0 bytes)")
+    if fmt is None:
+        return ImageUnreadable("not an image", f"not an image (no JPEG, PNG, WebP, BMP, GIF or TIFF starts with "
+                                               f"{bytes(data[:8]).hex(' ')})")
+    text = " ".join(str(e).split())[:160]
+    if "truncated" in text.lower() or isinstance(e, EOFError):
+        return ImageUnreadable("truncated", f"truncated {fmt} file ({len(data):,} bytes: {text})")
+    if isinstance(e, UnidentifiedImageError):  # PIL could not even read the header
+        return ImageUnreadable("corrupt", f"{fmt} header cut short or corrupt ({len(data):,} bytes)")
+    return ImageUnreadable("corrupt", f"corrupt {fmt} data ({type(e).__name__}: {text})")
+
+
+def unreadable_file(e: OSError) -> ImageUnreadable:
+    """A file that could not be opened for good (missing, a folder, closed to this user)."""
+    if isinstance(e, FileNotFoundError):
+        return ImageUnreadable("missing", "missing (no such file)")
+    if isinstance(e, IsADirectoryError):
+        return ImageUnreadable("missing", "a folder, not an image file")
+    return ImageUnreadable("missing", f"cannot be opened ({e.strerror or e})")
+
+
+class DamagedSet(ValueError):
+    """A file of a built-in set is there but cannot be read: ``where`` (the file, or None when
+    ``why`` names it) and ``why``; the message says how to fetch the set again."""
+
+    def __init__(self, where: str | os.PathLike | None, why: str, name: str):
+        super().__init__(f"{f'{where}: ' if where else ''}{why}; the set is damaged: `m3i data fetch {name}` "
+                         "fetches it again")
+        self.where, self.why = where, why
 
 
 def data_root() -> Path:
@@ -81,27 +163,39 @@ def decode_image(src: str | os.PathLike | bytes, draft: tuple[int, int] | None =
 
     ``draft`` (width, height) lets JPEG decoding pick a reduced scale that still covers that
     size, which makes decoding large photos for small training resolutions much cheaper.
-    Raises on unreadable, truncated or non-image data.
+    Raises :class:`ImageUnreadable` on missing, empty, non-image, truncated or corrupt data and
+    on images above the decompression-bomb limit (:func:`max_image_pixels`), :class:`ReadFailed`
+    on an I/O error that may pass.
     """
+    where = None
     if not isinstance(src, (bytes, bytearray, memoryview)):
-        src = read_file(src)
-    fp = io.BytesIO(src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, never decode
-        with Image.open(fp) as im:
-            if draft is not None and im.format == "JPEG":
-                im.draft("RGB", draft)
-            im.load()
-            return to_rgb(im)
+        where, src = str(src), read_file(src)
+    pil_limit, limit = Image.MAX_IMAGE_PIXELS, max_image_pixels()
+    try:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL reads its limit from here; put back below
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, never decode
+            with Image.open(io.BytesIO(src)) as im:
+                if draft is not None and im.format == "JPEG":
+                    im.draft("RGB", draft)
+                im.load()
+                return to_rgb(im)
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:  # what PIL's decoders raise on bad bytes, by format
+        bad = _unreadable(e, src, limit)
+        raise (bad.at(where) if where else bad) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a file; an I/O error other than a missing file is :class:`ReadFailed`."""
+    """The bytes of a file; :class:`ImageUnreadable` when it is missing, a folder or closed to this
+    user, :class:`ReadFailed` for another I/O error (one that may pass)."""
     try:
         with open(path, "rb") as f:
             return f.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise unreadable_file(e).at(str(path)) from e
     except OSError as e:
         raise ReadFailed(f"{path}: {e}") from e
 
@@ -118,15 +212,19 @@ class Source:
 
     Subclasses implement ``__len__``, ``_image(i, draft)``, and where they have annotations
     ``_label(i)`` / ``_caption(i)``, ``_all_captions()`` and ``locate(i)``. They set
-    ``self._class_names`` (empty when the data has no labels) and ``provides_captions``.
+    ``self._class_names`` (empty when the data has no labels) and ``provides_captions``. A source
+    whose images are encoded files sets ``image_files`` (``locate(i)`` is then the file, or
+    ``_peek`` reads the ends of the image some other way) for :func:`~m3i.data.check.check_images`.
     """
 
     provides_captions: bool = False
+    image_files: bool = False
 
     def __init__(self, *, labels: bool = True, captions: bool = True, name: str | None = None):
         self.labels = bool(labels)
         self.captions = bool(captions)
         self.name = name or type(self).__name__
+        max_image_pixels()  # a malformed $M3I_MAX_IMAGE_PIXELS stops here, not at every image
         self._class_names: list[str] = []
         self.num_dropped = 0  # entries dropped while indexing
         self.dropped: list[str] = []  # the first reasons, for messages
@@ -164,7 +262,14 @@ class Source:
     def get(self, i: int, draft: tuple[int, int] | None = None) -> dict[str, Any]:
         """Sample ``i`` as ``dict(image=RGB PIL image, label=int (-1 none), caption=str|None)``."""
         i = self._index(i)
-        image = self._image(i, draft)
+        try:
+            image = self._image(i, draft)
+        except ImageUnreadable as e:
+            raise e.at(self.locate(i)) from e
+        except ReadFailed:
+            raise  # may pass: the mixture reads it again
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:  # e.g. a shard gone since indexed
+            raise unreadable_file(e).at(self.locate(i)) from e
         label = self._label(i) if self.has_labels else -1
         caption = self._caption(i) if self.has_captions else None
         return {"image": image, "label": int(label), "caption": caption}
@@ -182,14 +287,31 @@ class Source:
             return []
         return [c for c in self._all_captions() if c]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, check: bool = True, decode: bool = False) -> dict[str, Any]:
         """What the source holds: ``samples``, ``labelled`` and ``captioned`` (counts of samples
-        with a label / a caption, 0 when hidden), ``classes``, and ``dropped`` (entries dropped
-        while indexing, with the first reasons). Formats add their own fields."""
+        with a label / a caption, 0 when hidden), ``classes``, ``dropped`` (entries dropped while
+        indexing, with the first reasons), ``images`` (with ``check``, every image checked by
+        :func:`~m3i.data.check.check_images`; ``decode``: each decoded in full), ``broken``
+        ({what: count}) and ``problems`` (lines naming what is broken). Formats add their own fields."""
+        from .check import check_images, problem_lines
+
         labelled = sum(self._label(i) >= 0 for i in range(len(self))) if self.has_labels else 0
         captioned = sum(1 for c in self._all_captions() if c) if self.has_captions else 0
+        images = check_images(self, decode) if check else None
         return {"name": self.name, "samples": len(self), "labelled": int(labelled), "captioned": int(captioned),
-                "classes": self.num_classes, "dropped": self.num_dropped, "dropped_reasons": list(self.dropped)}
+                "classes": self.num_classes, "dropped": self.num_dropped, "dropped_reasons": list(self.dropped),
+                "images": images, "broken": {"unreadable images": images["broken"]} if images else {},
+                "problems": [f"dropped: {r}" for r in self.dropped] + (problem_lines(images) if images else [])}
+
+    def _peek(self, i: int, head: int, tail: int) -> tuple[bytes, bytes, int]:
+        """The first ``head`` and last ``tail`` bytes of sample ``i``'s image file and its size."""
+        from .check import peek_file
+
+        return peek_file(self.locate(i), head, tail)
+
+    def _group(self, i: int) -> str:
+        """What holds sample ``i`` (a shard), for the report of broken images."""
+        return self.name
 
     def _image(self, i: int, draft: tuple[int, int] | None) -> Image.Image:  # pragma: no cover
         raise NotImplementedError
@@ -208,8 +330,8 @@ class Source:
             first = f" (first dropped: {self.dropped[0]})" if self.dropped else ""
             raise ValueError(f"source {self.name!r} has no usable sample: {what}{first}")
 
-    def _drop(self, reason: str) -> None:
-        self.num_dropped += 1
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.num_dropped += n
         if len(self.dropped) < 5:
             self.dropped.append(reason)
 
