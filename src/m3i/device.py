@@ -6,6 +6,10 @@ Ampere on; CPUs whose oneDNN runs bfloat16 natively, AVX512-BF16 or AMX). Elsewh
 emulated: on an AVX2-only CPU a bf16 convolution falls back to a reference kernel and the demo's
 training step runs ~17× slower than in float32 (``benchmarks/precision.py``). So ``auto`` takes
 bf16 where it is native, fp16 (with a gradient scaler) on a GPU without it, fp32 on other CPUs.
+fp16 asked for on a CPU is warned about: a CPU without float16 kernels emulates it (on one with
+AVX-512 and bfloat16 but no float16, a 32-channel 3×3 convolution ran ~100× slower than in fp32, a
+linear layer ~6×), and its gradient scaler skips the first steps of a run while it lowers its loss
+scale.
 """
 from __future__ import annotations
 
@@ -60,9 +64,18 @@ def native_bf16(device: torch.device | str) -> bool:
     return False  # mps: auto keeps float32 there
 
 
+def native_fp16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes float16 in its own kernels (every CUDA GPU; CPUs with AVX512-FP16
+    or AMX-FP16)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return device.type in ("cuda", "mps")
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` -> the fastest format ``device`` computes well; any other value as given (bf16 where
-    it is emulated with a warning, since the user asked for it)."""
+    it is emulated, and fp16 on a CPU, with a warning, since the user asked for it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
@@ -70,10 +83,17 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         if native_bf16(device):
             return "bf16"
         return "fp16" if device.type == "cuda" else "fp32"
+    auto = resolve_precision("auto", device)
     if precision == "bf16" and not native_bf16(device):
         warnings.warn(f"precision bf16 on a {device.type} without native bfloat16 kernels: it is emulated and "
-                      "can be many times slower than fp32; precision auto (the default) picks fp32 here",
+                      f"can be many times slower than fp32; precision auto (the default) picks {auto} here",
                       stacklevel=2)
+    if precision == "fp16" and device.type == "cpu":
+        emulated = "" if native_fp16(device) else ("this CPU has no float16 kernels, so it is emulated and can be many "
+                                                   "times slower than fp32; ")
+        warnings.warn(f"precision fp16 on a cpu: float16 with a gradient scaler is meant for GPUs without bfloat16; "
+                      f"{emulated}its scaler skips the first steps of a run while it lowers its loss scale; "
+                      f"precision auto (the default) picks {auto} here", stacklevel=2)
     return precision
 
 

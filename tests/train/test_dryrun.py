@@ -48,10 +48,18 @@ def test_dry_run_with_accumulation_counts_its_pass_without_gradient():
     assert info["flops_per_image"] == pytest.approx(vit_training_flops(64, 2, 17, 1000) * 4 / 3, rel=0.05)
 
 
+def gpu_check(folder, flops_per_image: float, tflops: float = 100.0):
+    """A gpu_check.py result: ``tflops`` achieved on a step of ``flops_per_image``."""
+    path = folder / "gpu.json"
+    path.write_text(json.dumps({"environment": {"gpu": "Test GPU"}, "sections": {"vit": {
+        "achieved_tflops": tflops, "img_per_s": tflops * 1e12 / flops_per_image, "model": "ViT-B/16", "batch": 256,
+        "precision": "bf16"}}}))
+    return path
+
+
 def test_dry_run_prints_its_figures_and_the_wall_time_from_gpu_check(tmp_path, capsys, monkeypatch):
-    check = tmp_path / "gpu.json"
-    check.write_text(json.dumps({"environment": {"gpu": "Test GPU"}, "sections": {"vit": {
-        "achieved_tflops": 100.0, "img_per_s": 1000.0, "model": "ViT-B/16", "batch": 256, "precision": "bf16"}}}))
+    # a measured step no larger than this small ViT's, at 0.1 TFLOP/s: hours, not minutes
+    check = gpu_check(tmp_path, flops_per_image=1e3, tflops=0.1)
     monkeypatch.setenv("M3I_GPU_CHECK", str(check))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "run"
@@ -62,8 +70,8 @@ def test_dry_run_prints_its_figures_and_the_wall_time_from_gpu_check(tmp_path, c
     recipe = load_recipe("mae-vitb16", overrides=SMALL + ["terms.0.decoder.width=64", "terms.0.decoder.heads=2",
                                                           "terms.0.decoder.depth=1"])
     info = dry_run(recipe, gpus=4, gpu_check=check)
-    hours = recipe.train.steps * info["flops_per_step"] / (100e12 * 4) / 3600
-    assert info["estimate"]["hours"] == pytest.approx(hours)
+    hours = recipe.train.steps * info["flops_per_step"] / (0.1e12 * 4) / 3600
+    assert info["estimate"]["hours"] == pytest.approx(hours) and hours > 1
     assert f"wall time:       {hours:.0f} h" in text and "4 × Test GPU" in text
     assert not out.exists()  # nothing trained, nothing written
 
@@ -110,3 +118,60 @@ def test_a_step_counts_a_frozen_text_towers_cached_embeddings_not_the_tower():
     want = resnet_training_flops(32, 2, (32, 64, 128), 10) + 3 * extra
     assert step_flops(clip, 0, batch=4) / 4 == pytest.approx(want, rel=0.05)  # the tower alone would be ~150 M
     assert step_flops(sup, 10, batch=4) / 4 < want
+
+
+def printed(capsys, key: str) -> str:
+    """The value of ``key:`` in what the dry run printed."""
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(key + ":")]
+    return line.split(":", 1)[1].strip()
+
+
+def test_a_trained_text_towers_step_counts_every_token_a_caption_keeps(capsys):
+    """CLIP's text tower trains with the run: its step costs its blocks at the tower's full 32
+    tokens (a batch pads to its longest caption, which at scale reaches the cut), not at the
+    length of a few short synthetic captions."""
+    w, depth, tokens = 256, 4, 32
+    ov = ["backbone.name=resnet_nano", "backbone.patch_size=8", "terms.0.target_encoder.tower=scratch",
+          f"terms.0.target_encoder.width={w}", f"terms.0.target_encoder.depth={depth}", "terms.0.target_encoder.heads=4"]
+    assert main(["pretrain", "--recipe", "clip", "--dry-run", *ov]) == 0
+    value, unit = printed(capsys, "FLOPs per image").split()[:2]
+    counted = float(value) * {"MFLOP": 1e6, "GFLOP": 1e9}[unit]
+    # by hand: the ResNet without its class table; per caption, each block's matmuls (24 w² a token)
+    # and attention (4 L w a token), forward and backward; CLIP's projection to 128 of the image
+    # and of the caption, and the B × B logits
+    backbone = resnet_training_flops(32, 2, (32, 64, 128), 10) - 3 * 2 * 128 * 10
+    text = 3 * depth * (24 * w * w * tokens + 4 * tokens * tokens * w)
+    heads = 3 * (2 * 128 * 128 + 2 * w * 128 + 2 * 2 * 128 * 4)
+    assert text > 5 * backbone  # the tower dominates: a count at a few tokens a caption would be far off
+    assert counted == pytest.approx(backbone + text + heads, rel=0.05)
+
+
+def test_a_cpu_recipes_dry_run_tells_how_to_time_it(tmp_path, capsys, monkeypatch):
+    """No wall time from a throughput measured on a far larger step, and no file that a pip install
+    lacks named as if it were there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ov = ["backbone.name=resnet_nano", "backbone.patch_size=8"]
+    monkeypatch.setenv("M3I_GPU_CHECK", str(tmp_path / "absent.json"))
+    assert main(["pretrain", "--recipe", "supervised", "--dry-run", *ov]) == 0
+    assert printed(capsys, "wall time") == (
+        "not estimated: no measured throughput for this machine (cpu); time a few steps of the run itself (the same "
+        "command without --dry-run, with --steps 20, prints img/s), or, for GPUs, point $M3I_GPU_CHECK at the "
+        "results/gpu.json that benchmarks/gpu_check.py of m3i's source repository writes")
+    monkeypatch.setenv("M3I_GPU_CHECK", str(gpu_check(tmp_path, flops_per_image=90e9)))  # a ViT-B/16 step's
+    assert main(["pretrain", "--recipe", "supervised", "--dry-run", *ov]) == 0
+    said = printed(capsys, "wall time")
+    assert said.startswith("not estimated: a step of this recipe (") and "90.00 GFLOP per image" in said
+    assert said.endswith("time a few steps of the run itself (the same command without --dry-run, with --steps 20, "
+                         "prints img/s)")
+
+
+def test_a_wall_time_under_an_hour_is_given_in_minutes_or_seconds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ov = SMALL + ["train.steps=2"]
+    per_step = dry_run(load_recipe("supervised-vitb16", overrides=ov), gpu_check=tmp_path / "absent.json")["flops_per_step"]
+    for seconds, said in ((30, "30 s"), (300, "5 min")):
+        # a throughput at which the run's 2 steps take ``seconds`` on one GPU
+        check = gpu_check(tmp_path, flops_per_image=1e3, tflops=2 * per_step / seconds / 1e12)
+        monkeypatch.setenv("M3I_GPU_CHECK", str(check))
+        assert main(["pretrain", "--recipe", "supervised-vitb16", "--dry-run", "--gpus", "1", *ov]) == 0
+        assert printed(capsys, "wall time").startswith(f"{said} on 1 × Test GPU at ")

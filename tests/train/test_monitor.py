@@ -48,3 +48,44 @@ def test_monitor_scores_are_logged_and_change_nothing_else(tmp_path, monkeypatch
     c = metrics(tmp_path / "resumed")
     keys = ["caption", "monitor/knn_top1", "monitor/retrieval_i2t_R@1"]
     assert [[r.get(k) for k in keys] for r in c] == [[r.get(k) for k in keys] for r in b]
+
+
+class Clock:
+    """loop.py's clock: the real one, plus the time added where a test says a part of the run took long."""
+
+    def __init__(self):
+        import time
+
+        self.real, self.added = time.perf_counter, 0.0
+
+    def perf_counter(self) -> float:
+        return self.real() + self.added
+
+
+def taking(clock: Clock, seconds: float, work):
+    def slow(*a, **k):
+        out = work(*a, **k)
+        clock.added += seconds
+        return out
+    return slow
+
+
+@pytest.mark.slow
+def test_img_per_s_is_training_alone_the_monitors_time_logged_apart(tmp_path, monkeypatch):
+    """Each monitor pass and each checkpoint write is made to take 10^6 s on loop.py's clock: were
+    they in the training time, img/s could be no more than the images over 10^6 s."""
+    from m3i.eval.monitor import Monitor
+
+    clock, long = Clock(), 1e6
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(Monitor, "__call__", taking(clock, long, Monitor.__call__))
+    monkeypatch.setattr(loop, "_save", taking(clock, long, loop._save))
+    loop.pretrain(load_recipe("clip", overrides=SMALL + MONITOR), tmp_path / "run", device="cpu", progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        images = r["step"] * 8
+        # 10^5 s for a few steps of a tiny model: a guard against a hang, not a speed
+        assert r["img_per_s"] > images / 1e5, r
+    assert [r["step"] for r in rows if "monitor_s" in r] == [2, 4]
+    assert all(r["monitor_s"] >= long for r in rows if "monitor_s" in r)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ..data import ImageFolder, build_source
 from ..data.layout import split_folders
+from ..data.mixture import unreadable_line
 from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from .. import memory
 from ..device import autocast_for, resolve_device, resolve_precision
@@ -98,19 +99,19 @@ def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, 
     """uint8 (N, 3, S, S), labels (N,), captions for the given indices; unreadable ones counted."""
     from PIL import Image
 
-    images, labels, captions, bad = [], [], [], 0
+    images, labels, captions, bad = [], [], [], []
     for i in tqdm(indices, desc=f"load {src.name}", disable=not progress, leave=False):
         try:
             s = src.get(int(i))
-        except Exception:  # unreadable image: counted and reported below
-            bad += 1
+        except Exception as e:  # unreadable image: counted and reported below, the first ones named
+            bad.append(unreadable_line(src, int(i), e))
             continue
         im = s["image"].convert("RGB").resize((size, size), Image.BICUBIC)
         images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
         labels.append(s["label"])
         captions.append(s["caption"])
     if bad:
-        print(f"{src.name}: skipped {bad} unreadable images of {len(indices)}")
+        print(f"{src.name}: skipped {len(bad)} unreadable images of {len(indices)} (first: {'; '.join(bad[:3])})")
     if not images:
         raise ValueError(f"{src.name}: no readable image")
     return torch.stack(images), torch.tensor(labels), captions

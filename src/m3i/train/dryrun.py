@@ -6,8 +6,10 @@ under ``torch.utils.flop_counter``, and with ``train.accum_steps`` > 1 the pass 
 that exact accumulation adds (one more forward); the FLOPs per image are that count over
 the batch, the FLOPs per step that times the global batch (the batch-quadratic parts, contrastive
 logits over the batch, are a small share and scale as they would not: an approximation). The wall
-time divides the run's FLOPs by the throughput ``benchmarks/gpu_check.py`` last measured
-(``results/gpu.json``: the m3i ViT-B/16 step's achieved FLOP/s) times the number of GPUs.
+time divides the run's FLOPs by the throughput ``benchmarks/gpu_check.py`` (in m3i's source
+repository) last measured (``results/gpu.json`` or ``$M3I_GPU_CHECK``: the m3i ViT-B/16 step's
+achieved FLOP/s) times the number of GPUs; a recipe whose step is far smaller than that one (the
+CPU recipes) would not reach its throughput, and gets no estimate.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ import yaml
 from ..config import Recipe
 
 GPU_CHECK = "results/gpu.json"
+# a step under this share of the measured step's FLOPs is bound by other costs (launches, the
+# loader): the measured FLOP/s say nothing of its time
+SMALL_STEP = 0.1
+TIME_IT = "time a few steps of the run itself (the same command without --dry-run, with --steps 20, prints img/s)"
 
 
 def source_sizes(recipe: Recipe) -> list[tuple[int | None, str]]:
@@ -37,12 +43,19 @@ def source_sizes(recipe: Recipe) -> list[tuple[int | None, str]]:
     return out
 
 
+# words of each synthetic caption: more tokens than any text tower keeps (its max_length, 32), so
+# that every caption is cut to it. A run pads each batch to its longest caption, and among the
+# hundreds of captions of a batch at scale the longest reaches the cut: a trained tower's step
+# costs its full max_length, and a dry run with short captions would count a fraction of it.
+CAPTION_WORDS = 600
+
+
 def synthetic_batch(recipe: Recipe, b: int, num_classes: int) -> dict:
     g = torch.Generator().manual_seed(0)
     s = recipe.data.image_size
     return {"image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
             "label": torch.randint(0, max(num_classes, 1), (b,), generator=g) if num_classes else torch.full((b,), -1),
-            "caption": [f"a photo of thing {i}" for i in range(b)]}
+            "caption": [" ".join([f"a photo of thing {i}"] + ["and"] * CAPTION_WORDS) for i in range(b)]}
 
 
 def count_cpu_attention() -> None:
@@ -97,8 +110,8 @@ def gpu_figure(path: str | Path | None = None) -> dict | None:
         res = json.loads(path.read_text())
         vit = res["sections"]["vit"]
         return {"gpu": res["environment"]["gpu"], "flops_per_s": vit["achieved_tflops"] * 1e12,
-                "img_per_s": vit["img_per_s"], "path": str(path), "what": f"{vit['model']} m3i step, batch "
-                f"{vit['batch']}, {vit['precision']}"}
+                "img_per_s": vit["img_per_s"], "flops_per_image": vit["achieved_tflops"] * 1e12 / vit["img_per_s"],
+                "path": str(path), "what": f"{vit['model']} m3i step, batch {vit['batch']}, {vit['precision']}"}
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
@@ -135,15 +148,23 @@ def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, 
                         "epochs": images / n if n else None})
     fig = gpu_figure(gpu_check)
     here = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    estimate = None
-    if fig is not None and (here is None or here == fig["gpu"]):
+    estimate, why_not = None, None
+    if fig is None or (here is not None and here != fig["gpu"]):
+        why_not = (f"no measured throughput for this machine ({here or 'cpu'}); {TIME_IT}, or, for GPUs, point "
+                   f"$M3I_GPU_CHECK at the results/gpu.json that benchmarks/gpu_check.py of m3i's source repository "
+                   f"writes")
+    elif per_image < SMALL_STEP * fig["flops_per_image"]:
+        why_not = (f"a step of this recipe ({_n(per_image)}FLOP per image) is far smaller than the one whose "
+                   f"throughput was measured ({fig['what']}, {_n(fig['flops_per_image'])}FLOP per image) and would "
+                   f"not reach it; {TIME_IT}")
+    else:
         hours = tr.steps * per_step / (fig["flops_per_s"] * gpus) / 3600
         estimate = {**fig, "gpus": gpus, "hours": hours}
     return {"recipe": recipe.model_dump(mode="json"), "parameters": {"trainable": trainable, "frozen": frozen,
             "backbone": backbone}, "num_classes": num_classes, "classes_from": classes_from, "flops_per_image": per_image,
             "flops_per_step": per_step, "flops_batch": flop_batch, "steps": tr.steps, "warmup_steps": tr.warmup_steps,
             "global_batch": d.batch_size, "images_seen": seen, "sources": sources,
-            "estimate": estimate, "device_here": here or "cpu"}
+            "estimate": estimate, "no_estimate": why_not, "device_here": here or "cpu"}
 
 
 def _n(x: float) -> str:
@@ -169,12 +190,17 @@ def format_dry_run(info: dict) -> str:
         ep = f"{s['epochs']:.1f} epochs" if s["epochs"] is not None else "epochs unknown"
         size = f"{s['size']:,} samples, {s['size_from']}" if s["size"] else s["size_from"]
         lines.append(f"  {s['spec']}: {_n(s['images'])} images, {ep} ({size})")
+    lines.append(f"wall time:       {wall_time(info)}")
+    return "\n".join(lines)
+
+
+def wall_time(info: dict) -> str:
+    """The wall-time line's text: the estimate, or why there is none and how to get a figure."""
     e = info["estimate"]
     if e is None:
-        lines.append(f"wall time:       no gpu_check.py figure for this device ({info['device_here']}); run "
-                     f"benchmarks/gpu_check.py on it (results/gpu.json, or $M3I_GPU_CHECK)")
-    else:
-        lines.append(f"wall time:       {e['hours']:.0f} h ({e['hours'] / 24:.1f} days) on {e['gpus']} × {e['gpu']} at "
-                     f"{e['flops_per_s'] / 1e12:.0f} TFLOP/s each, the throughput gpu_check.py measured "
-                     f"({e['what']}; {e['path']}), assuming it scales linearly over the GPUs")
-    return "\n".join(lines)
+        return f"not estimated: {info['no_estimate']}"
+    hours = e["hours"]
+    took = (f"{hours:.0f} h ({hours / 24:.1f} days)" if hours >= 1 else
+            f"{hours * 60:.0f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s")
+    return (f"{took} on {e['gpus']} × {e['gpu']} at {e['flops_per_s'] / 1e12:.0f} TFLOP/s each, the throughput "
+            f"gpu_check.py measured ({e['what']}; {e['path']}), assuming it scales linearly over the GPUs")

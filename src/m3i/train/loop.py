@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import preflight, runs, strategy, trackers
 from .runlock import RunLock
 from .signals import Preemption, worker_init
-from .step import BadSteps, TrainStep, keep_fused, make_optimizer, make_scaler
+from .step import BadSteps, Skips, TrainStep, keep_fused, make_optimizer, make_scaler
 from .strategy import compile_blocks
 
 SHARDED_OPTIMIZER = "optimizer"  # the checkpoint's folder of the sharded optimizer state (FSDP runs)
@@ -65,6 +65,10 @@ class MetricLog:
     (TensorBoard, W&B, MLflow), written by rank 0."""
 
     def __init__(self, run_dir: Path, resume_step: int, recipe: Recipe | None = None):
+        report_to = recipe.train.report_to if recipe is not None else ["tensorboard"]
+        config = recipe.model_dump(mode="json") if recipe is not None else {}
+        # the trackers first: one that cannot start leaves the run folder as it was
+        self.trackers = trackers.open_trackers(report_to, run_dir, config, resume_step)
         self.path = run_dir / runs.METRICS
         if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -72,19 +76,20 @@ class MetricLog:
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif not resume_step:
             self.path.write_text("")
-        report_to = recipe.train.report_to if recipe is not None else ["tensorboard"]
-        config = recipe.model_dump(mode="json") if recipe is not None else {}
-        self.trackers = trackers.open_trackers(report_to, run_dir, config, resume_step)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for t in self.trackers:
-            t.log(record, record["step"])
+        self.trackers = trackers.log_all(self.trackers, record, record["step"])
+
+    def where(self) -> list[str]:
+        """Where the run's records are: metrics.jsonl and each tracker's, one line each."""
+        return [f"metrics:     {self.path}"] + [t.where() for t in self.trackers]
 
     def close(self) -> None:
-        for t in self.trackers:
-            t.close()
+        for line in trackers.close_all(self.trackers):
+            warnings.warn(line, RuntimeWarning, stacklevel=2)
+        self.trackers = []
 
 
 class TrainingError(RuntimeError):
@@ -156,7 +161,7 @@ def pretrain(recipe: Recipe, out: str | Path, resume: str | Path | None = None, 
     out = Path(out)
     recipe = preflight.with_absolute_paths(recipe)
     main = int(os.environ.get("RANK", 0)) == 0
-    trackers.check_installed(recipe.train.report_to)  # before any work
+    trackers.preflight(recipe.train.report_to)  # before any work: a tracker that cannot start is named now
     with RunLock(out) if main else nullcontext(), Preemption() as stop:
         dev = setup_device(device)
         with flush_subnormals(dev):
@@ -198,10 +203,30 @@ def _pretrain(recipe: Recipe, out: Path, resume, dev: torch.device, progress, in
     # DDP around the objective, or its parameters sharded in place (FSDP), under torchrun
     model: nn.Module = strategy.wrap(objective, dev, tr)
     opt, sched = make_schedule(objective, tr, state, resume)
-    if rank == 0:
-        runs.write_recipe(out, recipe)
-        preflight.write_classes(out, recipe, mixture)
-    return train(recipe, objective, model, opt, sched, mixture, out, dev, start, state or {}, stop, progress)
+    log = open_log(out, start, recipe, dev)  # before the run's files: a tracker that fails to start writes none
+    try:
+        if rank == 0:
+            runs.write_recipe(out, recipe)
+            preflight.write_classes(out, recipe, mixture)
+        return train(recipe, objective, model, opt, sched, mixture, log, out, dev, start, state or {}, stop, progress)
+    finally:
+        if log:
+            log.close()
+
+
+def open_log(out: Path, start: int, recipe: Recipe, dev: torch.device) -> MetricLog | None:
+    """Rank 0's metrics.jsonl and trackers. Every rank learns whether they started: a tracker that
+    cannot start stops every rank, where the others would wait for rank 0 in a collective."""
+    log, failed = None, None
+    if dist.rank() == 0:
+        try:
+            log = MetricLog(out, start, recipe)
+        except trackers.TrackerError as e:
+            failed = e
+    if dist.sum_over_ranks([failed is not None], dev)[0]:
+        raise failed or trackers.TrackerError("train.report_to: a tracker could not start on rank 0 (its error "
+                                              "says which and what to do)")
+    return log
 
 
 def start_from(objective: Objective, init_from: str | Path) -> None:
@@ -246,38 +271,24 @@ def make_schedule(objective: Objective, tr, state: dict | None, resume) -> tuple
     return opt, sched
 
 
-def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mixture: Mixture, out: Path,
-          dev: torch.device, start: int, counted: dict, stop: Preemption, progress: bool) -> Path | None:
-    """The steps from ``start`` to ``train.steps``: log, checkpoint, stop on SIGTERM or on too many
-    bad steps in a row. ``counted``: skipped images and steps before the resumed checkpoint."""
+def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mixture: Mixture,
+          log: MetricLog | None, out: Path, dev: torch.device, start: int, counted: dict, stop: Preemption,
+          progress: bool) -> Path | None:
+    """The steps from ``start`` to ``train.steps``: log (``log``, on rank 0), checkpoint, stop on SIGTERM
+    or on too many bad steps in a row. ``counted``: skipped images and steps before the resumed checkpoint."""
     tr, world, main = recipe.train, dist.world_size(), dist.rank() == 0
-    log = MetricLog(out, start, recipe) if main else None
-    # the loader draws its worker seed from its own generator, never from the global RNG that
-    # augmentations and masks use, so a resumed run continues the same random stream
-    loader = torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=recipe.data.num_workers,
-                                         prefetch_factor=4 if recipe.data.num_workers else None,
-                                         pin_memory=dev.type == "cuda",
-                                         worker_init_fn=worker_init,
-                                         generator=torch.Generator().manual_seed(tr.seed))
-    autocast = autocast_for(dev, tr.precision)
     bar = tqdm(total=tr.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     objective.train()
-    bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)))
     scaler = make_scaler(dev, tr.precision, counted.get("scaler"))
-    train_step = TrainStep(objective, model, opt, sched, tr, autocast, bad, scaler)
-    monitor = None
-    if tr.eval_every:  # on every rank: a sharded backbone embeds with all of them
-        from ..eval.monitor import Monitor
-
-        monitor = Monitor(recipe, objective.backbone.img_size)
+    bad = BadSteps(dev, total=int(counted.get("bad_steps", 0)), scaler=int(counted.get("scaler_skips", 0)))
+    skips = Skips(bad, start, scaler)
+    train_step = TrainStep(objective, model, opt, sched, tr, autocast_for(dev, tr.precision), bad, scaler)
+    monitor = make_monitor(recipe, objective)
     # skipped images: this rank's since the start, summed over ranks where they are reported
-    bad_seen, skipped_before, skipped = int(counted.get("bad_steps", 0)), int(counted.get("skipped_images", 0)), 0
-    read_at = start
+    skipped_before, skipped = int(counted.get("skipped_images", 0)), 0
     last_good: Path | None = None  # on rank 0
-    saved = False
-    t0, seen = time.perf_counter(), 0
-    step = start
-    batches = iter(loader)
+    saved, meter, step = False, Throughput(dev), start
+    batches = iter(make_loader(mixture, recipe, dev))
     try:
         for batch in batches:
             if step >= tr.steps:
@@ -287,39 +298,29 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
             batch = objective.stage(batch, dev)
             outputs = train_step(batch, step)  # queued on the device: nothing read back here
             step += 1
-            seen += len(batch["label"]) * world
+            meter.images += len(batch["label"]) * world
             bar.update(1)
             evaluating = monitor is not None and (step % tr.eval_every == 0 or step == tr.steps)
-            scores = monitor(objective) if evaluating else {}
+            scores = meter.monitor(monitor, objective) if evaluating else {}
             logged = step % tr.log_every == 0 or step == tr.steps or evaluating
             saving = step % tr.ckpt_every == 0 or step == tr.steps
             # SIGTERM / Ctrl-C: one process sees it at once; ranks agree where they read the counters anyway
             stopping = stop.requested is not None and world == 1
             if not (logged or saving or stopping or step % tr.max_bad_steps == 0):
                 continue
-            bad_total, bad_in_row, worst = bad.read()  # waits for the device
-            if bad_total > bad_seen and main:
-                tqdm.write(f"step {step}: {bad_total - bad_seen} step(s) skipped since step {read_at}"
-                           f" (loss or gradients not finite; {bad_in_row} in a row now, {bad_total} in all)")
-            bad_seen, read_at = bad_total, step
+            worst = skips.read(step, tqdm.write if main else None)  # waits for the device
             if worst >= tr.max_bad_steps:
-                raise TrainingError(
-                    f"the loss or its gradients were not finite for {worst} steps in a row (by step {step}); "
-                    f"stopping. The last good checkpoint is {last_good or 'none yet'}. Lower train.lr or "
-                    f"check the data.")
+                raise TrainingError(too_many_bad(worst, step, last_good, tr.precision))
             # the counts of every rank (a collective: every rank reads the counters at the same steps)
             n_skipped, *n_terms = dist.sum_over_ranks([skipped] + [int(outputs["n_" + t.name]) for t in objective.terms],
                                                       dev)
+            counters = {"skipped_images": skipped_before + n_skipped, **skips.counters()}
             if logged and main:
-                rate = seen / (time.perf_counter() - t0)
-                log_step(log, bar, objective, outputs, step, sched, rate, skipped_before + n_skipped, bad_total, n_terms,
+                log_step(log, bar, objective, outputs, step, sched, meter.rate(), counters, n_terms,
                          train_step.momentum, scores)
             stopping = stopping or (world > 1 and stop.agreed(dev))
-            counters = {"skipped_images": skipped_before + n_skipped, "bad_steps": bad_total}
-            if scaler is not None:  # fp16: the loss scale and its growth count, so a resumed run continues them
-                counters["scaler"] = scaler.state_dict()
-            if (saving or stopping) and bad_in_row == 0:  # a skipped step leaves the last good checkpoint the latest
-                last_good, saved = _save(out, step, objective, opt, sched, recipe, main, counters), True
+            if (saving or stopping) and skips.in_row == 0:  # a skipped step leaves the last good checkpoint the latest
+                last_good, saved = meter.apart(_save, out, step, objective, opt, sched, recipe, main, counters), True
             if stopping:
                 if main:
                     print(f"{stop.requested or 'a stop signal to another rank'} at step {step}: saved {last_good}; "
@@ -328,31 +329,91 @@ def train(recipe: Recipe, objective: Objective, model: nn.Module, opt, sched, mi
     finally:
         end_workers(batches)
         bar.close()
-        if log:
-            log.close()
-    skipped = skipped_before + dist.sum_over_ranks([skipped], dev)[0]
-    dist.barrier()  # the last checkpoint is whole when pretrain returns on any rank
-    if main and skipped:
-        print(f"skipped {skipped} unreadable images (counted in {runs.METRICS}: skipped_images)")
-    if not saved and step > start:  # every step that would have been saved was skipped
-        raise TrainingError(f"no checkpoint was written: {bad_seen - int(counted.get('bad_steps', 0))} of the "
-                            f"{step - start} steps had a loss or gradients that were not finite, the last one included; "
-                            f"lower train.lr or check the data")
-    if main:
-        print(f"checkpoint: {last_good}\nmetrics:    {out / runs.METRICS}\ntensorboard: {out / runs.TENSORBOARD}")
+    finish(log, dev, skipped_before, skipped, saved, step - start, skips.faults - skips.faults_before, last_good)
     return last_good
 
 
+def make_loader(mixture: Mixture, recipe: Recipe, dev: torch.device) -> torch.utils.data.DataLoader:
+    # the loader draws its worker seed from its own generator, never from the global RNG that
+    # augmentations and masks use, so a resumed run continues the same random stream
+    workers = recipe.data.num_workers
+    return torch.utils.data.DataLoader(mixture, batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, pin_memory=dev.type == "cuda",
+                                       worker_init_fn=worker_init, generator=torch.Generator().manual_seed(recipe.train.seed))
+
+
+def make_monitor(recipe: Recipe, objective: Objective):
+    """The monitors of ``train.eval_every`` (None without), on every rank: a sharded backbone embeds
+    with all of them."""
+    if not recipe.train.eval_every:
+        return None
+    from ..eval.monitor import Monitor
+
+    return Monitor(recipe, objective.backbone.img_size)
+
+
+class Throughput:
+    """Images per second of training alone, since the run (or its resumption) began: the monitors'
+    and the checkpoints' time is left out, so img/s reads the same with ``train.eval_every`` as
+    without; the monitors' own time is logged apart (``monitor_s``)."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.images, self.aside = dev, 0, 0.0
+        self.t0 = time.perf_counter()
+
+    def apart(self, work, *args):
+        """``work(*args)``, its time left out of the training time (``self.took``). The steps queued
+        before it finish first, on training's clock."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        t = time.perf_counter()
+        result = work(*args)
+        self.took = time.perf_counter() - t
+        self.aside += self.took
+        return result
+
+    def monitor(self, monitor, objective: Objective) -> dict[str, float]:
+        """The monitors' scores, and the seconds they took (``monitor_s``)."""
+        return self.apart(monitor, objective) | {"monitor_s": self.took}
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.t0 - self.aside, 1e-9)
+
+
+def too_many_bad(worst: int, step: int, last_good: Path | None, precision: str) -> str:
+    advice = "Lower train.lr or check the data"
+    if precision == "fp16":  # the scaler's own skips are not counted here: these gradients overflow unscaled
+        advice += ", or train in bf16 or fp32 (these gradients overflow float16 even at a loss scale below 1)"
+    return (f"the loss or its gradients were not finite for {worst} steps in a row (by step {step}); stopping. "
+            f"The last good checkpoint is {last_good or 'none yet'}. {advice}.")
+
+
+def finish(log: MetricLog | None, dev: torch.device, skipped_before: int, skipped: int, saved: bool, steps: int,
+           faults: int, last_good: Path | None) -> None:
+    """After the last step, on every rank: the skipped images of every rank, the last checkpoint
+    whole, and an error if none was written (every step that would have been saved was skipped)."""
+    skipped = skipped_before + dist.sum_over_ranks([skipped], dev)[0]
+    dist.barrier()  # the last checkpoint is whole when pretrain returns on any rank
+    main = dist.rank() == 0
+    if main and skipped:
+        print(f"skipped {skipped} unreadable images (counted in {runs.METRICS}: skipped_images)")
+    if not saved and steps:
+        raise TrainingError(f"no checkpoint was written: {faults} of the {steps} steps had a loss or gradients that "
+                            f"were not finite, the last one included; lower train.lr or check the data")
+    if log:
+        print("\n".join([f"checkpoint:  {last_good}"] + log.where()))
+
+
 def log_step(log: MetricLog, bar, objective: Objective, outputs: dict, step: int, sched, rate: float,
-             skipped: int, bad_total: int, counts: list[int], momentum: float | None = None,
-             scores: dict | None = None) -> None:
-    """One metrics row; ``skipped`` and ``counts`` (samples per term) are those of every rank;
-    ``scores``: the monitors' figures at this step."""
+             counters: dict, counts: list[int], momentum: float | None = None, scores: dict | None = None) -> None:
+    """One metrics row; ``counters`` (skipped images and steps) and ``counts`` (samples per term)
+    are those of every rank; ``scores``: the monitors' figures at this step."""
     names = [t.name for t in objective.terms]
     values = torch.stack([outputs["loss"].detach().float()] + [outputs[n].detach().float() for n in names]).tolist()
     terms = dict(zip(names, values[1:]))
+    skipped = {k: v for k, v in counters.items() if k in ("skipped_images", "bad_steps", "scaler_skips")}
     rec = {"step": step, "loss": values[0], **terms, **{f"n_{n}": c for n, c in zip(names, counts)},
-           "lr": sched.get_last_lr()[0], "img_per_s": rate, "skipped_images": skipped, "bad_steps": bad_total}
+           "lr": sched.get_last_lr()[0], "img_per_s": rate, **skipped}
     if momentum is not None:
         rec["ema_momentum"] = momentum
     log.write(rec | (scores or {}))
