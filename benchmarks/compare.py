@@ -53,6 +53,12 @@ TASKS = {  # name -> (task, dataset, metric)
 DENSE = ("fmnist_scenes_mIoU", "fashion-mnist-scenes")
 FINETUNE = ("fmnist_finetune", "fashion-mnist")
 SCRATCH = "scratch"  # the fine-tuning row from a random initialisation: what pre-training must beat
+# detection (docs/detection.md, opt-in with --detection: minutes per row): COCO-style box AP on
+# fashion-mnist-scenes, AP and LVIS's AP_r on the emoji subcategories, each as <column>_frozen and
+# <column>_finetuned; pixels stand for both settings (nothing to fine-tune), scratch fills the fine-tuned ones
+DETECTION = {"fmnist_scenes_AP": ("fashion-mnist-scenes", "AP"), "emoji_sub_AP": ("emoji-scenes:subcategory", "AP"),
+             "emoji_sub_APr": ("emoji-scenes:subcategory", "AP_r")}
+DETECTION_SETTINGS = ("frozen", "finetuned")
 BACKBONES = {
     # the demo's backbone (stride 8), set for every recipe: the m3i recipe names it, the others inherit
     # the default stride 4, which would give them a stride-1 stem at 4 × the FLOPs per image
@@ -238,6 +244,24 @@ def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu", a: ar
                                               limit=a.dense_limit)["metrics"]["mIoU"]
     if a is not None and a.finetune_steps:
         scores[FINETUNE[0]] = None if checkpoint == PIXELS else finetune_top1(checkpoint, a, backbone)
+    if a is not None and a.detection:
+        scores.update(detection_columns(obj, a, backbone))
+    return scores
+
+
+def detection_columns(model, a: argparse.Namespace, backbone: str) -> dict[str, float | None]:
+    """The detection columns of one row (a loaded run, ``pixels`` or ``scratch``), same head and steps for all."""
+    from m3i.eval.detection import detection_score
+
+    kw = {"recipe": load_recipe("m3i", overrides=BACKBONES[backbone])} if model == SCRATCH else {}
+    scores: dict[str, float | None] = {}
+    for dataset in dict.fromkeys(d for d, _ in DETECTION.values()):
+        r = detection_score(model, dataset, split=a.split, steps=a.detection_steps, limit=a.detection_limit,
+                            device=a.device, **kw)["metrics"]
+        for column, (d, metric) in DETECTION.items():
+            for s in DETECTION_SETTINGS if d == dataset else ():
+                m = r.get(s) or (r["frozen"] if model == PIXELS else None)
+                scores[f"{column}_{s}"] = None if m is None else m[metric]
     return scores
 
 
@@ -354,6 +378,8 @@ def run(a: argparse.Namespace) -> dict:
                 continue
             row = {k: None for k in (*TASKS, *((DENSE[0],) if a.dense else ()))}
             row[FINETUNE[0]] = finetune_top1(SCRATCH, a, a.backbone)
+            if a.detection:
+                row.update(detection_columns(SCRATCH, a, a.backbone))
             results["runs"].append({"recipe": SCRATCH, "seed": seed, "train_seconds": 0.0, "images": 0,
                                     "img_per_s": None, "scores": row})
     res_path.write_text(json.dumps(results, indent=2))
@@ -484,6 +510,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, help="fine-tuning budget per row (default 60, with --quick 0; 0: no fine-tuning column)")
     p.add_argument("--finetune-batch", type=int, default=64)
     p.add_argument("--finetune-test", type=int, default=2000, help="test images scored after fine-tuning")
+    p.add_argument("--detection", action="store_true",
+                   help="add the detection columns (docs/detection.md): box AP frozen and fine-tuned, minutes per row")
+    p.add_argument("--detection-steps", type=int, help="the detection head's steps (default: m3i eval's)")
+    p.add_argument("--detection-limit", type=int, help="train canvases for detection (default all; LIMIT/4 scored)")
     p.add_argument("--out", help="output folder (default results/compare-<backbone>[-quick|-gpu])")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="no training: OUT's table from these comparisons' rows, a later one's recipes replacing "

@@ -355,9 +355,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if command is None or any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
         return parser.parse_args(argv)  # no command, or one with commands of its own (m3i data ...)
     head = parser.parse_args(argv[:at] + ["recipes"])  # m3i's own options, checked by its parser
-    args = command.parse_intermixed_args(argv[at + 1:])
-    args.command, args.plugin = argv[at], head.plugin
+    rest, later = _take_plugins(argv[at + 1:])
+    args = command.parse_intermixed_args(rest)
+    args.command, args.plugin = argv[at], head.plugin + later
     return args
+
+
+def _take_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--plugin MODULE`` given after the command, as users also write it -> (the rest, the modules)."""
+    rest, modules, it = [], [], iter(argv)
+    for a in it:
+        if a == "--plugin":
+            module = next(it, None)
+            if module is None:
+                raise SystemExit("m3i: error: --plugin: expected a module name after it")
+            modules.append(module)
+        elif a.startswith("--plugin="):
+            modules.append(a.removeprefix("--plugin="))
+        else:
+            rest.append(a)
+    return rest, modules
 
 
 def main(argv: list[str] | None = None) -> int:

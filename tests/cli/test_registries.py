@@ -223,3 +223,12 @@ def test_a_backbone_is_built_by_its_class_not_by_its_name(plugin_dir, monkeypatc
         cfg = load_recipe("supervised", overrides=args).backbone
         built = build_backbone(backbone, **cfg.kwargs())
         assert (built.patch_size, built.grid_size) == (8, (cfg.img_size // 8,) * 2)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_plugin_is_taken_before_or_after_the_command(where, plugin_dir, capsys):
+    args = (["--plugin", "m3i_no_such_plugin", "recipes"] if where == "before"
+            else ["recipes", "--plugin=m3i_no_such_plugin"])
+    status, _, err = cli(capsys, *args)
+    assert status == 2  # the plugin was read (and is missing), not refused as an unknown option
+    assert "cannot import plugin 'm3i_no_such_plugin'" in error_line(err)
