@@ -19,7 +19,7 @@ from compare import fit_mix_override, run_parallel, text_tower_overrides
 
 from m3i.config import load_recipe
 from m3i.eval.run import PIXELS, load_evalset, score
-from m3i.train.runs import load_run
+from m3i.runs import load_run
 from m3i.train.loop import pretrain
 
 TASKS = {  # name -> (task, dataset, metric), scored on the val split

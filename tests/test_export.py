@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from m3i.train.runs import load_run
+from m3i.runs import load_run
 from m3i.backbones import build_backbone
 from m3i.cli import main
 from m3i.config import load_recipe

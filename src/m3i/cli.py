@@ -44,7 +44,7 @@ def _recipes(args) -> int:
 
 def _pretrain(args) -> int:
     from .config import load_recipe
-    from .train import runs
+    from . import runs
     from .train.loop import pretrain
 
     demo = args.recipe is None and args.resume is None
@@ -109,7 +109,7 @@ def _eval(args) -> int:
         raise ValueError("--setting, --recipe and --steps are options of --task detection")
     if args.task == "detection":  # docs/detection.md; the library takes a loaded model
         from .eval.detection import evaluate_detection
-        from .train.runs import load_run, read_recipe
+        from .runs import load_run, read_recipe
 
         model = args.checkpoint if args.checkpoint in ("pixels", "scratch") else load_run(args.checkpoint)
         recipe = read_recipe(args.recipe) if args.recipe and Path(args.recipe).is_dir() else args.recipe
@@ -133,7 +133,7 @@ def _eval(args) -> int:
 def _finetune(args) -> int:
     from .eval.finetune import SCRATCH, default_out, finetune, load_config
     from .export import writable_file
-    from .train import runs
+    from . import runs
 
     if args.json:
         writable_file(Path(args.json), "--json")  # before any work

@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from . import plugins
-from .accumulation import check_accum_steps
 from .backbones import BackboneCfg, input_modes
+from .backbones.registry import registered_by
 from .decoders import DECODERS
 from .decoders.mlp import GlobalDecoderCfg
 from .encoders import TARGET_ENCODERS
@@ -132,7 +132,7 @@ class TrainCfg(Strict):
     max_bad_steps: int = Field(10, ge=1)
     # micro-batches per optimiser step: the gradient of data.batch_size from micro-batches of
     # data.batch_size / (ranks · accum_steps), exactly, contrastive and UniGrad terms included
-    # (m3i.accumulation: one extra forward without gradient)
+    # (m3i.train.accumulation: one extra forward without gradient)
     accum_steps: int = Field(1, ge=1)
     # torch.compile every block (ViT) or stage block (ConvNeXt) of the backbones, and the decoders' blocks
     compile: bool = False
@@ -517,7 +517,6 @@ def registered_parts() -> dict[str, dict[str, str | None]]:
     """Every registered kind of each part (plugins' included): kind -> the module outside m3i that
     added it (None: m3i's own)."""
     from .backbones import backbone_names
-    from .backbones.base import registered_by
     from .data.spec import SPEC_FORMS, module_of_spec
 
     own = lambda m: None if m is None or m == "m3i" or m.startswith("m3i.") else m  # noqa: E731
@@ -538,3 +537,34 @@ def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
         source += ", both ways"
     return {"input": source, "target": TARGETS[t.target.kind].describe(t),
             "target_encoder": t.target_encoder.describe(), "estimator": ESTIMATORS[t.estimator.kind].describe(t.estimator)}
+
+
+def check_accum_steps(k: int, batch_size: int, world_size: int, paired: bool) -> None:
+    """Raise ValueError, naming the fields, when ``k`` micro-batches do not cut the batch of
+    each of ``world_size`` ranks (``data.batch_size`` is the global batch) into equal ones."""
+    per = batch_size // world_size
+    ranks = f"the batch of each of the {world_size} ranks ({per} = data.batch_size {batch_size} / {world_size})" \
+        if world_size > 1 else f"data.batch_size {batch_size}"
+    if paired and (per // 2) % k:
+        raise ValueError(f"train.accum_steps: {k} micro-batches do not divide half of {ranks}: the 'mix' input "
+                         f"keeps the two images of each canvas (b and b + B/2) in one micro-batch, so "
+                         f"{per // 2} must divide by {k}")
+    if per % k:
+        raise ValueError(f"train.accum_steps: {k} micro-batches do not divide {ranks}")
+
+
+def plugins_used_by(recipe: Recipe) -> list[str]:
+    """The plugins a run of ``recipe`` needs: those it names, every plugin imported so far (however
+    it was named: it may change a part without registering one the recipe names), and the modules
+    outside m3i that registered a part ``recipe`` uses (its backbone, data formats, and each term's
+    target, target encoder, decoder and estimator)."""
+    from .data.spec import module_of_spec
+
+    mods = list(dict.fromkeys([*recipe.plugins, *plugins.loaded()]))
+    found = [registered_by(recipe.backbone.name)] + [module_of_spec(s.spec) for s in recipe.data.sources]
+    for t in recipe.terms:
+        found += [reg.module_of(getattr(t, field).kind) for field, reg in PARTS.items()]
+    for m in found:
+        if m and not (m == "m3i" or m.startswith("m3i.")) and m not in mods:
+            mods.append(m)
+    return mods

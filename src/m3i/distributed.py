@@ -9,9 +9,11 @@ no-op with one process, and works with the gloo (CPU) and nccl (GPU) backends.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_dist() -> bool:
@@ -123,3 +125,19 @@ def all_ranks(flag: Tensor) -> Tensor:
     x = flag.to(torch.float32).reshape(1)  # gloo reduces no bools
     dist.all_reduce(x, op=dist.ReduceOp.MIN)
     return x[0] > 0
+
+
+@contextmanager
+def gathered(objective: nn.Module):
+    """Work with ``objective`` outside its forward pass (the monitors' embeddings): the parameters
+    its root holds (stems, norms, heads) gathered whole meanwhile, as its forward pass gathers them;
+    each sharded block gathers its own when called. Not sharded: nothing to do. Every rank must
+    enter it."""
+    if not hasattr(objective, "unshard"):  # FSDP2 makes the sharded module an FSDPModule
+        yield objective
+        return
+    objective.unshard()
+    try:
+        yield objective
+    finally:
+        objective.reshard()

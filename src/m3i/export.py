@@ -27,14 +27,14 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .runs.exports import DIR_FILES, FORMATS, SUFFIX, holds_export
 from .weights import shared_mode
 
 # timm entry points whose defaults the model_args below override (architecture names must exist in timm)
@@ -133,7 +133,6 @@ def timm_config(backbone, name: str, mean, std) -> dict:
             "pretrained_cfg": cfg}
 
 
-_FILES = ("config.json", "model.safetensors", "README.md")
 _CARD = """---
 library_name: timm
 tags:
@@ -154,59 +153,19 @@ features = model.forward_features(images)  # images normalised with mean {mean},
 """
 
 
-FORMATS = ("timm", "timm-dir", "pt2")
-_SUFFIX = {"timm": ".safetensors", "pt2": ".pt2"}
 # the modules of m3i.backbones whose weights have timm's names (m3i's ViT and ConvNeXt, timm's own models)
 _TIMM_LAYOUT = tuple(f"{__package__}.backbones.{m}" for m in ("vit", "convnext", "timm"))
-_LOADED_BY = {"timm": "timm's weights of one model",
-              "timm-dir": "timm.create_model('local-dir:{path}', pretrained=True) builds it",
-              "pt2": "torch.export.load('{path}').module() runs it"}
-
-
-def export_format(path: str | Path) -> str | None:
-    """The format of the m3i export at ``path`` (one of :data:`FORMATS`), or None: a timm-dir folder
-    holds config.json and model.safetensors (and its card); a timm file says so in its metadata;
-    a pt2 archive carries m3i.json."""
-    path = Path(path)
-    if path.is_dir():
-        names = {p.name for p in path.iterdir()}
-        return "timm-dir" if set(_FILES[:2]) <= names <= set(_FILES) else None
-    if not path.is_file():
-        return None
-    try:
-        if path.suffix == ".pt2":
-            with zipfile.ZipFile(path) as z:
-                return "pt2" if any(n.endswith("/extra/m3i.json") for n in z.namelist()) else None
-        with safe_open(str(path), "pt") as f:
-            return "timm" if (f.metadata() or {}).get("layout") == "timm" else None
-    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError):
-        return None
-
-
-def holds_export(out: Path, fmt: str) -> bool:
-    """Whether ``out`` holds an earlier export of format ``fmt`` (what ``--overwrite`` may move aside)."""
-    return export_format(out) == fmt
-
-
-def refuse_export(path: Path) -> None:
-    """Raise a one-line ValueError when ``path``, given for a run or a checkpoint, is an export."""
-    fmt = export_format(path)
-    if fmt is not None:
-        raise ValueError(f"{path}: an m3i export (--format {fmt}; {_LOADED_BY[fmt].format(path=path)}), not a run or checkpoint; "
-                         f"give the run folder it was exported from")
-
-
 def _check_out(out: Path, fmt: str) -> None:
     """The refusals of ``--out`` itself: the wrong kind of name, or something there that is not an
     earlier export of this format (only those are ever moved aside)."""
     if fmt == "timm-dir":
-        if out.suffix in _SUFFIX.values() or (out.exists() and not out.is_dir()):
+        if out.suffix in SUFFIX.values() or (out.exists() and not out.is_dir()):
             raise ValueError(f"--out {out}: expected a folder for --format timm-dir")
         if out.is_dir() and any(out.iterdir()) and not holds_export(out, fmt):
-            raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(_FILES)}); "
+            raise ValueError(f"--out {out}: the folder holds files other than an export's ({', '.join(DIR_FILES)}); "
                              f"give a new or empty folder")
         return
-    suffix = _SUFFIX[fmt]
+    suffix = SUFFIX[fmt]
     if out.suffix != suffix:
         raise ValueError(f"--out {out}: expected a {suffix} file name for --format {fmt}")
     if out.is_dir():
@@ -216,7 +175,7 @@ def _check_out(out: Path, fmt: str) -> None:
 
 
 def _check_not_in_checkpoints(source: Path, out: Path) -> None:
-    from .train.runs import same_or_inside
+    from .runs import same_or_inside
 
     keep = source.parent if source.parent.name == "checkpoints" else source
     if same_or_inside(out, keep):
@@ -224,7 +183,7 @@ def _check_not_in_checkpoints(source: Path, out: Path) -> None:
 
 
 def _check_layout(backbone: str, fmt: str, checkpoint, out: Path) -> None:
-    from .backbones.base import module_of
+    from .backbones.registry import module_of
 
     if fmt != "pt2" and module_of(backbone) not in _TIMM_LAYOUT:
         raise ValueError(f"--format {fmt}: backbone {backbone} has no timm layout (only vit_*, convnext_* and "
@@ -237,7 +196,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", overwrite
     in format ``fmt``. Every refusal comes before any work and before anything is written or
     moved; an earlier export at ``out`` is moved aside (``overwrite``) only once the new one is
     ready, and a failed write leaves nothing behind."""
-    from .train import checkpoint as ckpt, runs
+    from . import runs
+    from .runs import checkpoint as ckpt
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")

@@ -12,7 +12,7 @@ here knows a recipe: recipes are lists of terms in YAML.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,27 @@ from .layers import no_weight_decay
 from .targets import TARGETS, Embedding
 from .targets.base import whole
 from .targets.caption import Caption
-from .terms import Context, Term, Views, draw_visible, visible_count
-from .views import LoaderViews, ViewAugment
+from .terms import Context, Term, Views
+from .views import LoaderViews, ViewAugment, draw_visible, visible_count
 from .weights import load_weights_into
 
-if TYPE_CHECKING:
-    from .accumulation import MicroBatches
+
+
+class EmbeddingCache(Protocol):
+    """What :meth:`Objective.forward` reads of gradient accumulation's cache of a batch's micro-batches
+    (``m3i.train.accumulation.MicroBatches``): while ``filling``, it keeps every micro-batch's
+    embeddings; then it splices the current micro-batch's, with gradient, among the kept ones."""
+
+    filling: bool
+
+    @property
+    def target_cache(self) -> dict | None: ...
+
+    def keep(self, embeddings: dict[tuple[str, int], Embedding], features: dict) -> None: ...
+
+    def splice(self, fresh: dict[tuple[str, int], Embedding]) -> dict[tuple[str, int], Embedding]: ...
+
+    def share(self, x: Tensor) -> Tensor: ...
 
 
 def to_device(tree, device: torch.device):
@@ -179,10 +194,10 @@ class Objective(nn.Module):
         out["loss"] = total
         return out
 
-    def forward(self, batch: dict, views: Views | None = None, cache: MicroBatches | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: dict, views: Views | None = None, cache: EmbeddingCache | None = None) -> dict[str, Tensor]:
         """-> {"loss": weighted total, <term>: value, "n_<term>": samples used}. ``batch`` as
         :meth:`stage` made it (a batch that was not staged is staged here, on its images' device).
-        ``cache``: ``batch`` is one micro-batch of a larger one (:mod:`m3i.accumulation`); the
+        ``cache``: ``batch`` is one micro-batch of a larger one (:mod:`m3i.train.accumulation`); the
         outputs are those of the larger batch, with gradient through this micro-batch (none
         while the cache is being filled: then its embeddings are kept and nothing returned)."""
         if "drawn" not in batch:

@@ -93,22 +93,3 @@ def load_configured() -> None:
 def loaded() -> list[str]:
     """The plugin modules imported so far."""
     return list(_loaded)
-
-
-def used_by(recipe) -> list[str]:
-    """The plugins a run of ``recipe`` needs: those it names, every plugin imported so far (however
-    it was named: it may change a part without registering one the recipe names), and the modules
-    outside m3i that registered a part ``recipe`` uses (its backbone, data formats, and each term's
-    target, target encoder, decoder and estimator)."""
-    from .backbones.base import registered_by
-    from .config import PARTS
-    from .data.spec import module_of_spec
-
-    mods = list(dict.fromkeys([*recipe.plugins, *loaded()]))
-    found = [registered_by(recipe.backbone.name)] + [module_of_spec(s.spec) for s in recipe.data.sources]
-    for t in recipe.terms:
-        found += [reg.module_of(getattr(t, field).kind) for field, reg in PARTS.items()]
-    for m in found:
-        if m and not (m == "m3i" or m.startswith("m3i.")) and m not in mods:
-            mods.append(m)
-    return mods

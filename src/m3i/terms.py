@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, Features
 from .encoders.copies import CopiedEncoder
-from .views import block_mask, mix_visible, num_masked, random_mask
+from .views import draw_visible, visible_count
 
 
 @dataclass
@@ -38,25 +38,6 @@ class Views:
     # patches visible per row of the masks in ``visible``, when known (drawn from the recipe's mask):
     # the backbone then reads nothing back; None: read from the masks (a wait for the device)
     count: int | None = None
-
-
-def visible_count(views_cfg, num_patches: int) -> int:
-    """Patches every mask of the recipe's views (``views_cfg``) shows per row: half the grid in
-    the mixed input."""
-    if views_cfg.input_mode == "mix":
-        return num_patches // 2
-    return num_patches - num_masked(num_patches, views_cfg.mask.ratio)
-
-
-def draw_visible(views_cfg, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
-    """A (B, N) bool visible set of the recipe's mask, drawn on the host (from ``generator``, torch's
-    global CPU generator when None)."""
-    m, g = views_cfg.mask, generator
-    if views_cfg.input_mode == "mix":
-        return mix_visible(batch_size, grid, kind=m.kind, generator=g)
-    if m.kind == "block":
-        return ~block_mask(batch_size, grid, m.ratio, min_patches=m.min_block, generator=g)
-    return ~random_mask(batch_size, grid, m.ratio, generator=g)
 
 
 @dataclass(frozen=True)

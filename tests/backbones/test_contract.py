@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from m3i.backbones import Backbone, Features, backbone_names, build_backbone
-from m3i.backbones.base import _REGISTRY
+from m3i.backbones.registry import _REGISTRY
 from m3i.backbones.convnext import ConvNeXt
 from m3i.backbones.resnet import ResNet
 from m3i.backbones.vit import VisionTransformer

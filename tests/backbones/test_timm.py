@@ -23,7 +23,7 @@ timm = pytest.importorskip("timm")
 from m3i.backbones import build_backbone  # noqa: E402
 from m3i.cli import main  # noqa: E402
 from m3i.config import ConfigError, load_recipe  # noqa: E402
-from m3i.train.runs import load_run  # noqa: E402
+from m3i.runs import load_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +134,7 @@ def test_trains_evaluates_and_exports_the_same_timm_model(tmp_path, spec, recipe
     assert proc.returncode == 0, proc.stderr[-3000:]
     # timm alone builds the model from the folder and loads the weights; it computes what m3i's backbone does
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    from m3i.train.runs import load_run
+    from m3i.runs import load_run
 
     backbone = load_run(run).backbone
     x = torch.randn(2, 3, size, size)

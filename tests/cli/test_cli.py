@@ -21,7 +21,7 @@ from ranks import run_ranks
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.data import Mixture, build_source
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 ROOT = Path(__file__).parents[2]
 SCRATCH_CLIP = ["backbone.name=vit_nano", "backbone.depth=1", "data.batch_size=8",

@@ -204,7 +204,7 @@ def test_a_run_records_every_plugin_loaded_and_export_names_the_missing_one(tmp_
 def test_a_backbone_is_built_by_its_class_not_by_its_name(plugin_dir, monkeypatch, capsys):
     """A ConvNeXt registered under a name of the plugin's own takes ``patch_size`` (its stem picks
     the stride) as m3i's ConvNeXts do, and a ViT named ``convnext_*`` takes it as a ViT."""
-    from m3i.backbones import base
+    from m3i.backbones import registry as base
     from m3i.config import load_recipe
 
     for table in ("_REGISTRY", "_CLASSES", "_DEFINERS"):

@@ -11,7 +11,7 @@ from m3i.config import ConfigError, load_recipe
 from m3i.eval.finetune import (FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
                                load_config)
 from m3i.eval.run import load_evalset, score, splits
-from m3i.train.runs import load_run
+from m3i.runs import load_run
 from m3i.train.loop import lr_lambda, pretrain
 
 TINY_BACKBONE = ["backbone.name=vit_nano", "backbone.depth=2"]

@@ -83,7 +83,8 @@ def _pause(point: str, step: int, fd: int) -> None:
     """Run in the child (see :class:`Child`): install the pause at ``point`` of step ``step``."""
     import pathlib
 
-    from m3i.train import checkpoint, loop
+    from m3i.runs import checkpoint
+    from m3i.train import loop
     from m3i.train import step as train_step
 
     name, done = f"step_{step:06d}", []

@@ -14,7 +14,7 @@ import torch
 
 from faultkit import error_lines, image_folder, pretrain_args
 from m3i.cli import main
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 
 class Payload:

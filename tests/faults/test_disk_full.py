@@ -10,7 +10,7 @@ import torch
 
 from faultkit import error_lines, final_weights, image_folder, pretrain_args
 from m3i.cli import main
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 
 @pytest.mark.slow

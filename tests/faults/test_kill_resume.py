@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from faultkit import Child, error_lines, final_weights, finished_run, image_folder, metrics, pretrain_args, run_m3i
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 STEPS = 40
 KILLS = 10  # in all: two inside checkpoint writes, the others at random steps

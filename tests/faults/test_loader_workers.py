@@ -11,7 +11,7 @@ import pytest
 
 from conftest import HANG
 from faultkit import ENV, image_folder, m3i_cmd, pretrain_args
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 # each worker registers os.abort() among the exit handlers of its own process
 ABORT_AT_WORKER_EXIT = """

@@ -9,7 +9,7 @@ import torch
 from faultkit import error_lines, image_folder, metrics, pretrain_args
 from m3i.cli import main
 from m3i.objective import Objective, Term
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 KINDS = [f"{where}-{value}" for where in ("input", "term-loss", "gradient") for value in ("nan", "inf")]
 

@@ -10,7 +10,7 @@ import yaml
 
 from faultkit import error_lines, finished_run, image_folder, metrics, pretrain_args, run_m3i
 from m3i import device
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 from m3i.device import resolve_precision
 
 

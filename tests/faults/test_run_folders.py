@@ -15,8 +15,8 @@ import yaml
 from faultkit import error_lines, final_weights, finished_run, image_folder, metrics, pretrain_args, run_m3i
 from m3i.cli import main
 from m3i.config import load_recipe
-from m3i.train import checkpoint as ckpt
-from m3i.train import runs
+from m3i.runs import checkpoint as ckpt
+from m3i import runs
 
 STEPS = 6
 

@@ -19,7 +19,7 @@ import torch
 from conftest import HANG, needs_data
 from faultkit import ENV, Child, error_lines, final_weights, finished_run, image_folder, m3i_cmd, metrics, pretrain_args, run_m3i
 from m3i.cli import main
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 
 STEPS = 40
 # no periodic checkpoint: the one a stop signal writes is the only one there is

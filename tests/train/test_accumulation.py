@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from m3i.accumulation import MicroBatches, check_accum_steps, micro_rows
+from m3i.config import check_accum_steps
+from m3i.train.accumulation import MicroBatches, micro_rows
 from m3i.config import ConfigError, load_recipe, recipe_names
 from m3i.objective import Objective
 from m3i.train import loop

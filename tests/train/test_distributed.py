@@ -190,7 +190,7 @@ def metrics(run):
 @needs_data
 @pytest.mark.slow
 def test_pretrain_on_two_ranks_writes_on_rank_0_and_resumes_exactly(tmp_path, capfd):
-    from m3i.train import checkpoint as ckpt
+    from m3i.runs import checkpoint as ckpt
 
     a, b = tmp_path / "a", tmp_path / "b"
     run_ranks(_pretrain_worker, str(a), str(b), world=WORLD, rendezvous="env")

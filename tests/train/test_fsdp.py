@@ -146,7 +146,7 @@ def metrics(run):
 @pytest.mark.slow
 def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     from m3i.cli import main
-    from m3i.train import checkpoint as ckpt
+    from m3i.runs import checkpoint as ckpt
     from m3i.train import loop
 
     run_ranks(_pretrain_worker, str(tmp_path), world=WORLD, rendezvous="env")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from m3i.cli import main
 from m3i.config import load_recipe
-from m3i.train import checkpoint as ckpt
+from m3i.runs import checkpoint as ckpt
 from m3i.train import loop
 from conftest import killed_and_resumed, needs_data
 

@@ -109,7 +109,7 @@ def test_the_matrix_reaches_every_kind_of_every_part(how):
 @pytest.mark.slow  # gloo ranks
 @pytest.mark.parametrize("how", STRATEGIES)
 def test_every_builtin_recipe_trains_on_two_ranks(trained, how, frozen_weights):
-    from m3i.train import checkpoint as ckpt
+    from m3i.runs import checkpoint as ckpt
 
     root = trained(how)
     for name, (recipe, overrides) in runs(frozen_weights, how).items():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from m3i.config import ConfigError, load_recipe, recipe_names
-from m3i.train import runs
+from m3i import runs
 
 OLD = Path(__file__).resolve().parents[1] / "fixtures" / "old_run_config.yaml"
 # what the m3i recipe chose after the fixture's run, as that run had it: bf16 (now the device's

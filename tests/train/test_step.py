@@ -206,7 +206,7 @@ def test_fp16_step_follows_the_fp32_step():
 @pytest.mark.slow
 @needs_data
 def test_fp16_run_saves_its_loss_scale_in_the_checkpoint(tmp_path):
-    from m3i.train import checkpoint as ckpt
+    from m3i.runs import checkpoint as ckpt
 
     recipe = load_recipe("mae", overrides=TINY + ["train.precision=fp16", "train.steps=2", "train.ckpt_every=1",
                                                   "train.log_every=1", "data.sources=[{spec: fashion-mnist}]"])

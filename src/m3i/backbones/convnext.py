@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, Features, reads_values, register, visible_indices
+from .base import Backbone, Features, reads_values, visible_indices
+from .registry import register
 from ..layers import DropPath, Mlp
 
 _MODES = ("drop", "mix", "fill")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import register
+from .registry import register
 from .convnext import _STEM_STRIDES, ConvNeXt, ConvNeXtHead, build_stages
 from ..layers import DropPath
 

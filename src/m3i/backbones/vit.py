@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block
-from .base import Backbone, Features, reads_values, register, visible_indices
+from .base import Backbone, Features, reads_values, visible_indices
+from .registry import register
 
 _MODES = ("drop", "mix", "fill")
 

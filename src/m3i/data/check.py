@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .source import ImageUnreadable, ReadFailed, Source, image_format, max_image_pixels, unreadable_file
+from .images import ImageUnreadable, ReadFailed, image_format, max_image_pixels, unreadable_file
 
 HEAD, TAIL = 32, 16  # bytes read from each end of an image
 SAMPLE = 256  # images decoded in full, seeded, besides the suspect ones
@@ -58,7 +58,7 @@ def suspect(head: bytes, tail: bytes, size: int) -> bool:
     return False
 
 
-def check_images(src: Source, decode: bool = False, sample: int = SAMPLE, progress: bool | None = None) -> dict | None:
+def check_images(src, decode: bool = False, sample: int = SAMPLE, progress: bool | None = None) -> dict | None:
     """Every image of ``src`` checked (see the module docstring): ``checked`` (images looked at),
     ``decoded`` (in full), ``broken`` (that cannot be read), ``kinds`` ({kind: count}, the kinds of
     :class:`~m3i.data.source.ImageUnreadable`), and ``where``: per shard (or the source) holding

@@ -30,10 +30,10 @@ from ..device import resolve_device, resolve_precision
 from ..layers import DropPath, no_weight_decay
 from ..config import ConfigError, Strict, apply_override, load_recipe, validate
 from ..objective import Objective
-from ..train import checkpoint as ckpt
-from ..train import runs
+from ..runs import checkpoint as ckpt
+from .. import runs
 from ..train.loop import TrainingError, lr_lambda
-from ..train.runs import load_run
+from ..runs import load_run
 from ..views import ViewAugment
 from . import metrics
 from .run import load_images, splits

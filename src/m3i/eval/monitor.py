@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.spec import parse_spec
-from ..train.strategy import gathered
+from ..distributed import gathered
 from .run import load_evalset, score
 
 # a source kind -> the `m3i eval --dataset` it is monitored on (k-NN, retrieval)

@@ -15,7 +15,7 @@ from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from .. import memory
 from ..device import autocast_for, resolve_device, resolve_precision
 from ..objective import Objective
-from ..train import runs
+from .. import runs
 from . import DATASETS, metrics
 
 TASKS = ("knn", "linear", "zeroshot", "retrieval")

@@ -200,7 +200,7 @@ def segmentation_score(model, dataset: str, split: str = "test", device: str | N
         tr_f, te_f = (pixel_patches(s.images, mean, std, pixel_patch) for s in (tr, te))
     else:
         if isinstance(model, (str, Path)):
-            from ..train.runs import load_run
+            from ..runs import load_run
 
             obj = load_run(model, dev)
         else:

@@ -24,7 +24,7 @@ class TargetCfg(Strict):
 @dataclass
 class Embedding:
     """One batch's predictions ẑ and targets z of a term, row by row, before the estimator scores
-    them: what gradient accumulation keeps of the micro-batches not being re-run (:mod:`m3i.accumulation`)."""
+    them: what gradient accumulation keeps of the micro-batches not being re-run (:mod:`m3i.train.accumulation`)."""
 
     pred: Tensor                  # (R, D)
     target: Tensor                # (R, D); a label target's (R,) class of each row

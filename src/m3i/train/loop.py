@@ -16,15 +16,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed as dist
-from ..accumulation import check_accum_steps
+from ..config import check_accum_steps
 from ..config import Recipe
 from ..data import Mixture, build_source
 from ..device import autocast_for, resolve_device, resolve_precision
 from ..objective import Objective
 from ..weights import load_weights_into
-from . import checkpoint as ckpt
-from . import preflight, runs, strategy, trackers
-from .runlock import RunLock
+from ..runs import checkpoint as ckpt
+from .. import runs
+from . import preflight, strategy, trackers
+from ..runs.lock import RunLock
 from .signals import Preemption, worker_init
 from .step import BadSteps, Skips, TrainStep, keep_fused, make_optimizer, make_scaler
 from .strategy import compile_blocks

@@ -13,7 +13,7 @@ from ..config import Recipe
 from ..data import Mixture
 from ..data.spec import absolute_spec
 from ..targets import TARGETS
-from . import runs
+from .. import runs
 
 
 def check_targets(recipe: Recipe, sources) -> None:

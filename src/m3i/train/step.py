@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
-from ..accumulation import MicroBatches
+from .accumulation import MicroBatches
 from ..layers import running_stats
 from . import strategy
 
@@ -104,7 +104,7 @@ class TrainStep:
     skip of a non-finite step decided on the device. ``opt`` must be a fused AdamW. With
     ``train.accum_steps`` K > 1, forward and backward run once per micro-batch of B/K after a pass
     without gradient over all of them: the gradient of the batch of B, exactly
-    (:mod:`m3i.accumulation`), reduced across ranks once, at the last micro-batch."""
+    (:mod:`m3i.train.accumulation`), reduced across ranks once, at the last micro-batch."""
 
     def __init__(self, objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, sched, train,
                  autocast: AbstractContextManager, bad: BadSteps, scaler: torch.amp.GradScaler | None = None):

@@ -101,22 +101,6 @@ def host_parameters(objective: nn.Module) -> set[nn.Parameter]:
 
 
 @contextmanager
-def gathered(objective: nn.Module):
-    """Work with ``objective`` outside its forward pass (the monitors' embeddings): the parameters
-    its root holds (stems, norms, heads) gathered whole meanwhile, as its forward pass gathers them;
-    each sharded block gathers its own when called. Not sharded: nothing to do. Every rank must
-    enter it."""
-    if not hasattr(objective, "unshard"):  # FSDP2 makes the sharded module an FSDPModule
-        yield objective
-        return
-    objective.unshard()
-    try:
-        yield objective
-    finally:
-        objective.reshard()
-
-
-@contextmanager
 def gradient_sync(model: nn.Module, sync: bool):
     """Around the forward and backward of one micro-batch (``train.accum_steps``): DDP or FSDP
     reduce the gradients across ranks only when ``sync`` (the step's last micro-batch); before

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from . import runs
+from .. import runs
 
 EXTRAS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # tracker: (module, extra)
 WANDB_OFF = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no key

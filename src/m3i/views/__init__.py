@@ -1,7 +1,7 @@
 """Views: augmentation with recorded geometry, patch masks, relative positions (t_s, t_t)."""
 from .augment import ViewAugment, crop_boxes, resized_crop
 from .loader import LoaderViews, crop_view
-from .masks import block_mask, grid_shape, mix_visible, num_masked, random_mask
+from .masks import block_mask, draw_visible, grid_shape, mix_visible, num_masked, random_mask, visible_count
 from .relpos import absolute_positions, relative_positions, sincos_embed
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "mix_visible",
     "num_masked",
     "grid_shape",
+    "draw_visible",
+    "visible_count",
     "relative_positions",
     "absolute_positions",
     "sincos_embed",

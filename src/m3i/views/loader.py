@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from .augment import ViewAugment
+from .masks import draw_visible
 
 __all__ = ["LoaderViews", "crop_view", "decode_side"]
 
@@ -80,7 +81,6 @@ class LoaderViews:
         """RGB images of one batch -> (each view's crops, uint8 (B, 3, Sh, Sw); the drawn
         parameters: ``views`` (one dict per view, as :meth:`ViewAugment.draw` returns, boxes in
         each image's own pixels) and ``visible`` ({view: (B, N) bool}))."""
-        from ..terms import draw_visible  # terms imports the views package
 
         g = self.generator(step)
         b = len(images)

@@ -210,3 +210,22 @@ def mix_visible(
         second.scatter_(1, drop, False)
     visible = torch.cat([first, second], dim=0)
     return visible.to(device) if device is not None else visible
+
+
+def visible_count(views_cfg, num_patches: int) -> int:
+    """Patches every mask of the recipe's views (``views_cfg``) shows per row: half the grid in
+    the mixed input."""
+    if views_cfg.input_mode == "mix":
+        return num_patches // 2
+    return num_patches - num_masked(num_patches, views_cfg.mask.ratio)
+
+
+def draw_visible(views_cfg, batch_size: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+    """A (B, N) bool visible set of the recipe's mask, drawn on the host (from ``generator``, torch's
+    global CPU generator when None)."""
+    m, g = views_cfg.mask, generator
+    if views_cfg.input_mode == "mix":
+        return mix_visible(batch_size, grid, kind=m.kind, generator=g)
+    if m.kind == "block":
+        return ~block_mask(batch_size, grid, m.ratio, min_patches=m.min_block, generator=g)
+    return ~random_mask(batch_size, grid, m.ratio, generator=g)

@@ -34,28 +34,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .layers import running_stats
-from .targets.base import Embedding, Target
-from .terms import Views, draw_visible
+from ..config import check_accum_steps
+from ..layers import running_stats
+from ..targets.base import Embedding, Target
+from ..terms import Views
+from ..views import draw_visible
 
 if TYPE_CHECKING:
-    from .objective import Objective
+    from ..objective import Objective
 
 Rows = tuple[slice, ...]  # one micro-batch: a slice of the batch, or one of each half (the mixed input)
-
-
-def check_accum_steps(k: int, batch_size: int, world_size: int, paired: bool) -> None:
-    """Raise ValueError, naming the fields, when ``k`` micro-batches do not cut the batch of
-    each of ``world_size`` ranks (``data.batch_size`` is the global batch) into equal ones."""
-    per = batch_size // world_size
-    ranks = f"the batch of each of the {world_size} ranks ({per} = data.batch_size {batch_size} / {world_size})" \
-        if world_size > 1 else f"data.batch_size {batch_size}"
-    if paired and (per // 2) % k:
-        raise ValueError(f"train.accum_steps: {k} micro-batches do not divide half of {ranks}: the 'mix' input "
-                         f"keeps the two images of each canvas (b and b + B/2) in one micro-batch, so "
-                         f"{per // 2} must divide by {k}")
-    if per % k:
-        raise ValueError(f"train.accum_steps: {k} micro-batches do not divide {ranks}")
 
 
 def micro_rows(batch: int, k: int, paired: bool) -> list[Rows]:

@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from .. import plugins
-from ..config import ConfigError, Recipe, load_recipe, upgrade_saved, validate
-from . import checkpoint as ckpt
-from .runlock import held_by, locked
+from ..config import ConfigError, Recipe, load_recipe, plugins_used_by, upgrade_saved, validate
+from .checkpoint import MODEL_FILE, STATE_FILE, as_folder, find, load_weights, step_of
+from .lock import held_by, locked
 
 CONFIG = "config.yaml"
 CLASSES = "classes.json"
@@ -35,8 +35,8 @@ RUN_ENTRIES = (CONFIG, METRICS, TENSORBOARD, "checkpoints")  # any of them: the 
 def run_dir(path: str | Path) -> Path:
     """A run directory, or a checkpoint directory inside one (any path ``checkpoint.as_folder``
     takes) -> the run directory."""
-    path = ckpt.as_folder(path)
-    if (path / CONFIG).is_file() or not (path / ckpt.MODEL_FILE).is_file():
+    path = as_folder(path)
+    if (path / CONFIG).is_file() or not (path / MODEL_FILE).is_file():
         return path
     return path.parent.parent
 
@@ -44,7 +44,7 @@ def run_dir(path: str | Path) -> Path:
 def write_recipe(out: str | Path, recipe: Recipe) -> None:
     """The resolved recipe, with ``plugins`` listing every module outside m3i whose parts it uses."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    data = recipe.model_dump(mode="json") | {"plugins": plugins.used_by(recipe)}
+    data = recipe.model_dump(mode="json") | {"plugins": plugins_used_by(recipe)}
     (Path(out) / CONFIG).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -61,9 +61,9 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
     weights, in eval mode; the training state is never read."""
     from ..objective import Objective
 
-    path = ckpt.find(Path(checkpoint))
+    path = find(Path(checkpoint))
     recipe = read_recipe(path)
-    return Objective.from_checkpoint_state(recipe, ckpt.load_weights(path), str(path)).to(device).eval()
+    return Objective.from_checkpoint_state(recipe, load_weights(path), str(path)).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def load_run(checkpoint: str | Path, device: str = "cpu"):
 def newest(run: str | Path) -> Path | None:
     """The run's newest whole checkpoint (what ``latest`` names), or None."""
     try:
-        return ckpt.find(Path(run))
+        return find(Path(run))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -100,7 +100,7 @@ def describe(path: str | Path) -> str | None:
     what = f"a run of recipe {name!r}" if name else "a run"
     if last is None:
         return f"{what} with no checkpoint yet"
-    step = ckpt.step_of(last)
+    step = step_of(last)
     if _is_finetune(last):
         return f"a fine-tuning run ({step} steps)"
     if total is None:
@@ -112,12 +112,12 @@ def finished(path: str | Path, steps: int | None = None) -> bool:
     """Whether the run's newest checkpoint reached ``steps`` (default: the steps its config asks for)."""
     _, last, total = _progress(Path(path))
     total = steps or total
-    return last is not None and total is not None and ckpt.step_of(last) >= total
+    return last is not None and total is not None and step_of(last) >= total
 
 
 def _is_finetune(checkpoint: Path) -> bool:
     try:
-        return "finetune" in json.loads((checkpoint / ckpt.STATE_FILE).read_text())
+        return "finetune" in json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
 
@@ -174,14 +174,14 @@ def resume_into(resume: str | Path, out: str | Path, overwrite: bool = False) ->
     into the run itself only from its newest checkpoint (a continuation); from an older one it is
     a branch, a new run, which needs a folder of its own (claimed as any new run's)."""
     source, out = run_dir(resume), Path(out)
-    start, last = ckpt.find(Path(resume)), newest(source)
+    start, last = find(Path(resume)), newest(source)
     branch = branch_folder(source, start)
     if out.resolve() == source.resolve():
         if overwrite:
             raise ValueError(f"--overwrite: {out} is the run --resume continues; drop --overwrite, or give a "
                              f"branch of it another --out (e.g. --out {branch})")
-        if last is not None and ckpt.step_of(start) < ckpt.step_of(last):
-            raise ValueError(f"--resume {resume}: step {ckpt.step_of(start)} is older than the run's newest checkpoint "
+        if last is not None and step_of(start) < step_of(last):
+            raise ValueError(f"--resume {resume}: step {step_of(start)} is older than the run's newest checkpoint "
                              f"({last.name}); resuming it there would rewind {source}. A branch is a new run: give "
                              f"it a folder of its own, e.g. --out {branch}")
         return  # a continuation

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..weights import shared_mode
+from .exports import refuse_export
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
@@ -286,8 +287,6 @@ def as_folder(path: str | Path) -> Path:
 def find(path: Path) -> Path:
     """A run directory or a checkpoint directory (or any path :func:`as_folder` takes) -> the
     checkpoint directory to load (verified)."""
-    from ..export import refuse_export
-
     path = as_folder(path)
     refuse_export(path)  # an export is no checkpoint: say so, and what loads it
     if (path / MODEL_FILE).is_file():
