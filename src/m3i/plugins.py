@@ -24,12 +24,12 @@ import traceback
 from importlib.metadata import entry_points
 
 from .registry import RegistrationError
+from . import PACKAGE_DIR
 from .schema import ConfigError
 
 ENV = "M3I_PLUGINS"
 GROUP = "m3i.parts"
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # m3i's own files
 _loaded: dict[str, str] = {}  # module -> where it was asked for
 _configured = False
 
@@ -64,7 +64,7 @@ def _line(e: Exception) -> str:
     if isinstance(e, SyntaxError) and e.filename:
         return f", at {e.filename}:{e.lineno}"
     frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(("<frozen", _PACKAGE))]
+              if not f.filename.startswith(("<frozen", PACKAGE_DIR))]
     return f", at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 

@@ -8,7 +8,7 @@ from m3i.backbones import visible_indices
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import loop
-from m3i.train.host_sync import HostSyncs
+from host_sync import HostSyncs
 from m3i.device import autocast_for
 from m3i.train.step import BadSteps, TrainStep, make_optimizer, make_scaler
 from m3i.views import ViewAugment

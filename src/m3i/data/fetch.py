@@ -23,13 +23,13 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .emoji import EMOJI_PACKAGE
 from .source import data_root
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
-EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_IMAGES = "img/google/64"
 EMOJI_MIN_IMAGES = 1911  # the base emoji with an image
 SKLEARN_PACKAGE = "scikit-learn==1.7.2"
