@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import PACKAGE_DIR
 from .eval import DATASETS
 
 DEMO_OUT = "runs/demo"
@@ -405,9 +406,6 @@ def _run(args) -> int:
         raise
 
 
-_PACKAGE = str(Path(__file__).parent) + os.sep  # m3i's own files
-
-
 @contextlib.contextmanager
 def _warnings_as_lines():
     """m3i's own warnings as one line each (``m3i: warning: ...``) instead of Python's file, line
@@ -433,7 +431,7 @@ def _warned_by_m3i() -> bool:
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.endswith("warnings.py"):
         frame = frame.f_back
-    return frame is not None and frame.f_code.co_filename.startswith(_PACKAGE)
+    return frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR)
 
 
 # failures of a run that are not the user's input: one line, exit 1
