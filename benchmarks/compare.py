@@ -36,7 +36,7 @@ import numpy as np
 
 from m3i.config import load_recipe
 from m3i.eval.run import PIXELS, load_evalset, score
-from m3i.train.runs import load_run
+from m3i.runs import load_run
 from m3i.train.loop import pretrain
 
 RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
@@ -267,7 +267,7 @@ def detection_columns(model, a: argparse.Namespace, backbone: str) -> dict[str, 
 
 def finetune_top1(checkpoint: Path | str, a: argparse.Namespace, backbone: str) -> float:
     """End-to-end fine-tuning top-1 at the comparison's fixed budget (the same for every row)."""
-    from m3i.eval.finetune import finetune
+    from m3i.train.finetune import finetune
 
     ov = {"batch_size": a.finetune_batch, **({"test_limit": a.finetune_test} if a.finetune_test else {})}
     kw = {}
