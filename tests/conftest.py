@@ -33,9 +33,9 @@ def one_thread():
 
 def killed_and_resumed(monkeypatch, recipe, out, at_step: int, **kw):
     """``pretrain`` killed right after its step-``at_step`` checkpoint is written, then resumed."""
-    from m3i.train import loop
+    from m3i.train import hooks, loop
 
-    real_save = loop._save
+    real_save = hooks.save_checkpoint
 
     def crash_after_save(run, step, *a, **k):
         path = real_save(run, step, *a, **k)
@@ -43,8 +43,8 @@ def killed_and_resumed(monkeypatch, recipe, out, at_step: int, **kw):
             raise KeyboardInterrupt("killed")
         return path
 
-    monkeypatch.setattr(loop, "_save", crash_after_save)
+    monkeypatch.setattr(hooks, "save_checkpoint", crash_after_save)
     with pytest.raises(KeyboardInterrupt):
         loop.pretrain(recipe, out, progress=False, **kw)
-    monkeypatch.setattr(loop, "_save", real_save)
+    monkeypatch.setattr(hooks, "save_checkpoint", real_save)
     return loop.pretrain(recipe, out, resume=out, progress=False, **kw)

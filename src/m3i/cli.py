@@ -46,6 +46,7 @@ def _recipes(args) -> int:
 def _pretrain(args) -> int:
     from .config import load_recipe
     from . import runs
+    from .eval.monitor import Monitor  # train.eval_every's, handed to the loop
     from .train.loop import pretrain
 
     demo = args.recipe is None and args.resume is None
@@ -85,7 +86,7 @@ def _pretrain(args) -> int:
         print(f"m3i demo: recipe 'm3i' on the built-in mix (Fashion-MNIST with labels, emoji with captions, "
               f"both also unlabelled), {recipe.train.steps} steps -> {out}")
     pretrain(recipe, out, resume=resume, device=args.device, progress=not args.no_progress,
-             init_from=args.init_from)
+             init_from=args.init_from, monitor=Monitor)
     if demo:
         from .eval.run import quality_line
 
@@ -108,14 +109,11 @@ def _eval(args) -> int:
         writable_file(Path(args.json), "--json")  # before any work
     if args.task != "detection" and (args.setting or args.recipe or args.steps):
         raise ValueError("--setting, --recipe and --steps are options of --task detection")
-    if args.task == "detection":  # docs/detection.md; the library takes a loaded model
+    if args.task == "detection":  # docs/detection.md
         from .eval.detection import evaluate_detection
-        from .runs import load_run, read_recipe
 
-        model = args.checkpoint if args.checkpoint in ("pixels", "scratch") else load_run(args.checkpoint)
-        recipe = read_recipe(args.recipe) if args.recipe and Path(args.recipe).is_dir() else args.recipe
-        result = evaluate_detection(model, args.dataset, args.split, setting=args.setting, recipe=recipe,
-                                    steps=args.steps, limit=args.limit, device=args.device, name=args.checkpoint,
+        result = evaluate_detection(args.checkpoint, args.dataset, args.split, setting=args.setting, recipe=args.recipe,
+                                    steps=args.steps, limit=args.limit, device=args.device,
                                     png=Path(args.json).with_suffix(".boxes.png") if args.json else None,
                                     progress=not args.no_progress)
     elif args.task == "segmentation":
@@ -132,7 +130,7 @@ def _eval(args) -> int:
 
 
 def _finetune(args) -> int:
-    from .eval.finetune import SCRATCH, default_out, finetune, load_config
+    from .train.finetune import SCRATCH, default_out, finetune, load_config
     from .export import writable_file
     from . import runs
 
@@ -250,10 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "sources) register themselves (repeatable; also M3I_PLUGINS=a,b and entry points m3i.parts)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    for add in (_recipes_parser, _pretrain_parser, _export_parser, _eval_parser, _finetune_parser, _data_parser):
+        add(sub)
+    return p
+
+
+def _recipes_parser(sub) -> None:
+    """m3i recipes"""
     r = sub.add_parser("recipes", help="print the special-case table generated from the recipe files")
     r.add_argument("--json", action="store_true", help="print it as JSON")
     r.set_defaults(func=_recipes)
 
+
+def _pretrain_parser(sub) -> None:
+    """m3i pretrain"""
     t = sub.add_parser("pretrain", help="pre-train a backbone; with no argument, the demo")
     t.add_argument("--recipe", help="recipe name (m3i recipes) or a .yaml file")
     t.add_argument("--out", help="run directory (default runs/<recipe>); one that holds a run is refused")
@@ -273,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
     t.set_defaults(func=_pretrain)
 
+
+def _export_parser(sub) -> None:
+    """m3i export"""
     e = sub.add_parser("export", help="write the backbone alone, in timm's layout or as a PyTorch program")
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
     e.add_argument("--format", default="timm", choices=["timm", "timm-dir", "pt2"],
@@ -282,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     e.set_defaults(func=_export)
 
+
+def _eval_parser(sub) -> None:
+    """m3i eval"""
     v = sub.add_parser("eval", help="evaluate a checkpoint's frozen features")
     v.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline (detection: also 'scratch')")
@@ -300,11 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detection: the backbone frozen or fine-tuned (default: both; pixels frozen, scratch fine-tuned)")
     v.add_argument("--recipe", help="detection with --checkpoint scratch: a recipe or run whose backbone is built "
                                     "(default m3i, the demo's)")
-    v.add_argument("--steps", type=_at_least_one, help="detection: the head's training steps (default 300)")
+    v.add_argument("--steps", type=_at_least_one, help="detection: the head's training steps (default 1000)")
     v.add_argument("--device")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_eval)
 
+
+def _finetune_parser(sub) -> None:
+    """m3i finetune"""
     f = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone end to end with a classification head")
     f.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'scratch' for the same backbone randomly initialised")
@@ -324,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. lr=1e-3 layer_decay=0.65 mix_prob=0.5; scratch: backbone=convnext_atto")
     f.set_defaults(func=_finetune)
 
+
+def _data_parser(sub) -> None:
+    """m3i data index | info | fetch"""
     d = sub.add_parser("data", help="index a shard set, describe a source, fetch the built-in sets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     di = dsub.add_parser("index", help="build (or bring up to date) the index of a shard set ahead of training")
@@ -342,8 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     dfe.add_argument("sets", nargs="*", metavar="SET", help="fashion-mnist, emoji, digits (default: all)")
     dfe.add_argument("--root", help="where they go (default $M3I_DATA, else ~/.cache/m3i)")
     dfe.set_defaults(func=_data_fetch)
-    return p
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, its key=value overrides anywhere among a command's options (argparse's
@@ -399,6 +417,9 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`m3i recipes | head`): nothing more to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except RuntimeError as e:
         if type(e).__name__ in RUN_ERRORS:
             print(f"m3i {args.command}: error: {_own_message(e)}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""All that a part sees of the objective: a term, the views of a batch and the step's shared context.
+"""All that a part sees of the objective: a term, the views of a batch, the step's shared context
+and the rows a term hands its estimator.
 
 A target kind computes its term from two things, both defined here:
 
@@ -10,34 +11,81 @@ A target kind computes its term from two things, both defined here:
   copied target encoder (``target_features``, ``target_head``). Each is computed once per step on
   first use and shared by every term that reads it.
 
+It does so in two halves: the rows' predictions and targets (an :class:`Embedding`), then the
+estimator over them; gradient accumulation keeps the rows of micro-batches in between
+(:class:`EmbeddingCache`).
+
 Nothing here imports a target kind or the objective: the objective builds terms from the
 registries and hands each the context.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, Features
+from .batch import Batch
 from .encoders.copies import CopiedEncoder
-from .views import draw_visible, visible_count
+from .views.masks import draw_visible, visible_count
+from .views.stage import Views
 
 
 @dataclass
-class Views:
-    """The augmented views of one batch and how each was made."""
+class Embedding:
+    """One batch's predictions ẑ and targets z of a term, row by row, before the estimator scores
+    them: what gradient accumulation keeps of the micro-batches not being re-run (:mod:`m3i.train.accumulation`)."""
 
-    images: list[Tensor]   # each (B, C, S, S), normalised
-    boxes: list[Tensor]    # each (B, 4): crop (i, j, h, w) in source pixels
-    flips: list[Tensor]    # each (B,) bool
-    visible: dict[int, Tensor] = field(default_factory=dict)  # (B, N) bool per masked view; drawn when absent
-    # patches visible per row of the masks in ``visible``, when known (drawn from the recipe's mask):
-    # the backbone then reads nothing back; None: read from the masks (a wait for the device)
-    count: int | None = None
+    pred: Tensor                  # (R, D)
+    target: Tensor                # (R, D); a label target's (R,) class of each row
+    avail: Tensor | None = None   # (R,) bool: the rows that carry a target (None: every row)
+    samples: int | Tensor = 0     # the samples that carried the target (a number, or a device tensor)
+
+    @staticmethod
+    def cat(parts: list[Embedding]) -> Embedding:
+        """The embedding of the batch made of these batches, their rows in this order."""
+        avail = None if parts[0].avail is None else torch.cat([p.avail for p in parts])
+        return Embedding(torch.cat([p.pred for p in parts]), torch.cat([p.target for p in parts]), avail,
+                         sum((p.samples for p in parts[1:]), parts[0].samples))
+
+
+@dataclass
+class Scored:
+    """A term's loss as a target kind that computes it in one call (its own ``Target.loss``) gives
+    it: already scored, so it trains in one pass only."""
+
+    loss: Tensor
+    samples: int | Tensor
+
+
+def whole(x: Tensor) -> Tensor:
+    """What :meth:`Target.score` applies to what it reads off the term's own parameters (class
+    table, temperature): the tensor itself, unless gradient accumulation shares out its gradient."""
+    return x
+
+
+Embeddings = dict[tuple[str, int], Embedding | Scored]  # (term, direction) -> its rows
+
+
+class EmbeddingCache(Protocol):
+    """What the objective's forward pass reads of gradient accumulation's cache of a batch's micro-batches
+    (``m3i.train.accumulation.MicroBatches``): while ``filling``, it keeps every micro-batch's
+    embeddings; then it splices the current micro-batch's, with gradient, among the kept ones."""
+
+    filling: bool
+
+    @property
+    def target_cache(self) -> dict | None: ...
+
+    def keep(self, embeddings: Embeddings, features: dict) -> None: ...
+
+    def splice(self, fresh: Embeddings) -> Embeddings: ...
+
+    def share(self, x: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +108,7 @@ class Context:
     again with gradient), filled as they are computed.
     """
 
-    def __init__(self, batch: dict, views: Views, backbone: Backbone, views_cfg,
+    def __init__(self, batch: Batch, views: Views, backbone: Backbone, views_cfg,
                  copies: Mapping[str, CopiedEncoder] | None = None, teacher_layers: int = 0,
                  target_cache: dict | None = None):
         self.batch, self.views = batch, views
@@ -170,9 +218,24 @@ class Term(nn.Module):
             raise TypeError(f"term {self.name!r}: a {self.cfg.decoder.kind!r} decoder makes no global prediction")
         return self.predictor(self.decoder(pooled))
 
+    def view_pairs(self) -> list[tuple[int, int]]:
+        """(source view, target view) of each direction the term is computed in."""
+        return type(self.target).view_pairs(self.cfg)
+
+    def embed(self, ctx: Context, s: int, t: int) -> Embedding | Scored:
+        """The predictions from source view ``s`` and the targets of view ``t``, row by row; the
+        loss itself where the target kind computes it in one call."""
+        if self.target.in_one_call():
+            return Scored(*self.target.loss(self, ctx, s, t))
+        return self.target.embed(self, ctx, s, t)
+
+    def score(self, emb: Embedding | Scored, share: Callable[[Tensor], Tensor] = whole) -> Tensor:
+        """The term's loss over the rows of :meth:`embed` (``share``: see :meth:`Target.score`)."""
+        return emb.loss if isinstance(emb, Scored) else self.target.score(self, emb, share)
+
     def forward(self, ctx: Context, s: int, t: int) -> tuple[Tensor, int]:
         """-> (loss, number of samples that carried this target)."""
         return self.target.loss(self, ctx, s, t)
 
 
-__all__ = ["Context", "Pair", "Term", "Views"]
+__all__ = ["Context", "Embedding", "EmbeddingCache", "Embeddings", "Pair", "Scored", "Term", "Views", "whole"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from m3i.backbones import build_backbone
-from m3i.eval.finetune import layer_decay_groups
+from m3i.train.finetune import layer_decay_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,6 +27,7 @@ from m3i.data import (
     data_root,
 )
 from m3i.data.source import ReadFailed
+from m3i.batch import Batch
 
 COLORS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
 
@@ -91,13 +92,13 @@ def collect(mixture, num_workers=0):
 
 def same(a, b) -> bool:
     return (
-        a["step"] == b["step"]
-        and torch.equal(a["image"], b["image"])
-        and torch.equal(a["label"], b["label"])
-        and torch.equal(a["source"], b["source"])
-        and torch.equal(a["index"], b["index"])
-        and a["caption"] == b["caption"]
-        and a["n_skipped"] == b["n_skipped"]
+        a.step == b.step
+        and torch.equal(a.images, b.images)
+        and torch.equal(a.labels, b.labels)
+        and torch.equal(a.source, b.source)
+        and torch.equal(a.index, b.index)
+        and a.captions == b.captions
+        and a.n_skipped == b.n_skipped
     )
 
 
@@ -107,11 +108,11 @@ def test_batch_format_and_class_offsets(folder, fmnist, manifest):
     assert mix.class_names == ["a", "b", "c"] + FASHION_MNIST_CLASSES and mix.num_classes == 13
     assert list(mix.class_range(1)) == list(range(3, 13)) and list(mix.class_range(2)) == []
     b = mix.batch(0)
-    assert set(b) == {"image", "label", "caption", "source", "index", "step", "n_skipped", "n_replaced", "n_retries"}
-    assert b["image"].dtype == torch.uint8 and b["image"].shape == (48, 3, 16, 16)
-    assert b["label"].dtype == torch.long and b["source"].dtype == torch.long
-    assert len(b["caption"]) == 48 and b["step"] == 0 and b["n_skipped"] == 0
-    src, lab = b["source"], b["label"]
+    assert isinstance(b, Batch) and b.crops is None and b.drawn is None  # made into views on the device
+    assert b.images.dtype == torch.uint8 and b.images.shape == (48, 3, 16, 16)
+    assert b.labels.dtype == torch.long and b.source.dtype == torch.long
+    assert len(b.captions) == 48 and b.step == 0 and b.n_skipped == 0
+    src, lab = b.source, b.labels
     assert set(src.tolist()) == {0, 1, 2}
     assert ((lab[src == 0] >= 0) & (lab[src == 0] < 3)).all()
     assert ((lab[src == 1] >= 3) & (lab[src == 1] < 13)).all()
@@ -119,10 +120,10 @@ def test_batch_format_and_class_offsets(folder, fmnist, manifest):
     for j in range(48):
         if src[j] == 0:  # the pixel colour is the folder's class
             name = mix.class_names[lab[j]]
-            assert tuple(b["image"][j, :, 4, 4].tolist()) == COLORS[name]
-            assert b["caption"][j] is None
+            assert tuple(b.images[j, :, 4, 4].tolist()) == COLORS[name]
+            assert b.captions[j] is None
         if src[j] == 2:
-            assert b["caption"][j].startswith("pair ")
+            assert b.captions[j].startswith("pair ")
     assert mix.captions() == ["pair 0", "pair 1", "pair 2"]
 
 
@@ -132,7 +133,7 @@ def test_weights_are_honoured(folder, fmnist, manifest):
                   batch_size=64, image_size=8, seed=7, num_steps=30)
     counts = np.zeros(4)
     for b in mix:
-        counts += np.bincount(b["source"].numpy(), minlength=4)
+        counts += np.bincount(b.source.numpy(), minlength=4)
     freq = counts / counts.sum()
     assert counts.sum() == 64 * 30
     assert np.abs(freq - np.array(w)).max() < 0.04, freq
@@ -144,27 +145,27 @@ def test_determinism_and_resume(folder, fmnist, manifest):
         return Mixture([folder, fmnist, manifest], [2, 1, 1], batch_size=8, image_size=12, num_steps=6, **kw)
 
     full = collect(make(seed=5))
-    assert [b["step"] for b in full] == list(range(6))
+    assert [b.step for b in full] == list(range(6))
     again = collect(make(seed=5))
     assert all(same(x, y) for x, y in zip(full, again))
     resumed = make(seed=5)
     resumed.start_step = 3
     assert len(resumed) == 3
     tail = collect(resumed)
-    assert [b["step"] for b in tail] == [3, 4, 5]
+    assert [b.step for b in tail] == [3, 4, 5]
     assert all(same(x, y) for x, y in zip(full[3:], tail))
     assert same(make(seed=5).batch(4), full[4])
-    assert not torch.equal(collect(make(seed=6))[0]["image"], full[0]["image"])
+    assert not torch.equal(collect(make(seed=6))[0].images, full[0].images)
     other_rank = make(seed=5, rank=1, world_size=2).batch(0)
-    assert not torch.equal(other_rank["image"], full[0]["image"])
+    assert not torch.equal(other_rank.images, full[0].images)
 
 
-def cat(batches: list[dict]) -> dict:
+def cat(batches: list[Batch]) -> Batch:
     """The rank batches of one step joined in rank order."""
-    return {"image": torch.cat([b["image"] for b in batches]), "label": torch.cat([b["label"] for b in batches]),
-            "source": torch.cat([b["source"] for b in batches]), "index": torch.cat([b["index"] for b in batches]),
-            "caption": sum((b["caption"] for b in batches), []), "step": batches[0]["step"],
-            "n_skipped": sum(b["n_skipped"] for b in batches)}
+    return Batch(torch.cat([b.labels for b in batches]), sum((b.captions for b in batches), []),
+                 torch.cat([b.images for b in batches]), source=torch.cat([b.source for b in batches]),
+                 index=torch.cat([b.index for b in batches]), step=batches[0].step,
+                 n_skipped=sum(b.n_skipped for b in batches))
 
 
 def test_the_global_batch_is_the_same_on_any_world_size(folder, fmnist, manifest):
@@ -177,7 +178,7 @@ def test_the_global_batch_is_the_same_on_any_world_size(folder, fmnist, manifest
         for world in (2, 3, 4):
             assert same(cat([make(r, world).batch(step) for r in range(world)]), one), (step, world)
         ks, idx = make(0, 1).global_plan(step)  # what the batch reads is its plan
-        assert torch.equal(one["source"], torch.as_tensor(ks)) and torch.equal(one["index"], torch.as_tensor(idx))
+        assert torch.equal(one.source, torch.as_tensor(ks)) and torch.equal(one.index, torch.as_tensor(idx))
 
 
 class Flaky(ImageFolder):
@@ -219,7 +220,7 @@ def test_read_failures_change_only_the_failing_slots(tmp_path):
 
     mix, clean = run(Flaky(root))
     planned = np.concatenate([mix.plan(s)[1] for s in range(steps)])
-    assert np.array_equal(np.concatenate([b["index"] for b in clean]), planned)
+    assert np.array_equal(np.concatenate([b.index for b in clean]), planned)
     used = list(dict.fromkeys(planned.tolist()))  # in order of first use
     broken, corrupt, transient = {used[0], used[1]}, {used[2]}, used[3]
     failing = broken | corrupt
@@ -233,23 +234,23 @@ def test_read_failures_change_only_the_failing_slots(tmp_path):
     replaced = broken_reads = skipped = 0
     for s, (a, b) in enumerate(zip(clean, got)):
         for j in range(B):
-            i = int(a["index"][j])
+            i = int(a.index[j])
             if i not in failing:  # every other slot reads exactly what the clean run read
-                assert int(b["index"][j]) == i and torch.equal(b["image"][j], a["image"][j]), (s, j)
+                assert int(b.index[j]) == i and torch.equal(b.images[j], a.images[j]), (s, j)
                 continue
             # the slot alone is replaced: the first readable index of its own stream
             replaced += 1
             g, tried = mix.slot_rng(s, j), [i]
             while tried[-1] in failing:
                 tried.append(int(g.integers(n)))
-            assert int(b["index"][j]) == tried[-1] and torch.equal(b["image"][j], clean_image(clean, tried[-1]))
+            assert int(b.index[j]) == tried[-1] and torch.equal(b.images[j], clean_image(clean, tried[-1]))
             broken_reads += sum(x in broken for x in tried)
             skipped += len(tried) - 1
     assert replaced >= 3
-    assert sum(b["n_replaced"] for b in got) == replaced and sum(b["n_skipped"] for b in got) == skipped
+    assert sum(b.n_replaced for b in got) == replaced and sum(b.n_skipped for b in got) == skipped
     # ReadFailed is tried again read_retries times: the transient sample is then read (nothing
     # changes), a broken one replaced; undecodable bytes are not tried again
-    assert sum(b["n_retries"] for b in got) == 2 + 2 * broken_reads
+    assert sum(b.n_retries for b in got) == 2 + 2 * broken_reads
     assert sleeps[:2] == [0.5, 1.0] and len(sleeps) == 2 + 2 * broken_reads
     assert src.reads.count(used[2]) == skipped - broken_reads
 
@@ -259,14 +260,14 @@ def test_read_failures_change_only_the_failing_slots(tmp_path):
     for a, b in zip(got[3:], tail):
         assert same(a, b)
     for a, b in zip(got, parallel):
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+        assert torch.equal(a.images, b.images) and torch.equal(a.index, b.index)
 
 
 def clean_image(batches, i):
     for b in batches:
-        hit = torch.nonzero(b["index"] == i)
+        hit = torch.nonzero(b.index == i)
         if len(hit):
-            return b["image"][int(hit[0])]
+            return b.images[int(hit[0])]
     raise AssertionError(f"sample {i} never drawn in the clean run")
 
 
@@ -275,7 +276,7 @@ def test_worker_count_does_not_change_batches(folder, fmnist, manifest):
                   start_step=10, num_steps=17)
     serial = collect(mix, num_workers=0)
     parallel = collect(mix, num_workers=2)
-    assert [b["step"] for b in parallel] == list(range(10, 17))
+    assert [b.step for b in parallel] == list(range(10, 17))
     assert len(serial) == len(parallel) == 7
     assert all(same(x, y) for x, y in zip(serial, parallel))
 
@@ -289,10 +290,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     src = ImageFolder(root)
     mix = Mixture([src], None, batch_size=16, image_size=8, seed=0, num_steps=4)
     batches = list(mix)
-    skipped = sum(b["n_skipped"] for b in batches)
+    skipped = sum(b.n_skipped for b in batches)
     assert skipped > 0
-    assert all((b["image"][:, 0] == 200).all() for b in batches)  # only good images made it
-    assert [b["n_skipped"] for b in batches] == [b["n_skipped"] for b in mix]  # deterministic
+    assert all((b.images[:, 0] == 200).all() for b in batches)  # only good images made it
+    assert [b.n_skipped for b in batches] == [b.n_skipped for b in mix]  # deterministic
 
 
 def test_missing_manifest_file_is_skipped(tmp_path):
@@ -300,7 +301,7 @@ def test_missing_manifest_file_is_skipped(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"path": "ok.png", "caption": "ok"}\n{"path": "gone.png", "caption": "gone"}\n')
     mix = Mixture([Manifest(tmp_path / "m.jsonl")], [1], batch_size=16, image_size=4)
     b = mix.batch(0)
-    assert b["n_skipped"] > 0 and b["caption"] == ["ok"] * 16
+    assert b.n_skipped > 0 and b.captions == ["ok"] * 16
 
 
 def test_only_corrupt_images_raise(tmp_path):
@@ -323,10 +324,10 @@ def test_shards_in_mixture(tmp_path):
                 w.write({"__key__": f"s{s}k{k}", "png": buf.getvalue(), "txt": f"shard {s} key {k}"})
     mix = Mixture([Shards(str(tmp_path / "*.tar"))], [1], batch_size=12, image_size=4)
     b = mix.batch(3)
-    for j, cap in enumerate(b["caption"]):
+    for j, cap in enumerate(b.captions):
         s, k = int(cap.split()[1]), int(cap.split()[3])
-        assert tuple(b["image"][j, :, 0, 0].tolist()) == (k, s, 0)
-    assert (b["label"] == -1).all() and mix.num_classes == 0
+        assert tuple(b.images[j, :, 0, 0].tolist()) == (k, s, 0)
+    assert (b.labels == -1).all() and mix.num_classes == 0
     assert len(mix.captions()) == 6
 
 
@@ -354,9 +355,9 @@ def test_real_builtin_mix():
                   batch_size=32, image_size=32, seed=0)
     assert mix.num_classes == 20 and mix.class_offsets == [0, 10, None]
     b = mix.batch(0)
-    assert b["image"].shape == (32, 3, 32, 32) and b["n_skipped"] == 0
-    emoji = b["source"] == 1
-    assert all(isinstance(b["caption"][j], str) for j in torch.nonzero(emoji).flatten().tolist())
-    assert ((b["label"][emoji] >= 10) & (b["label"][emoji] < 20)).all()
+    assert b.images.shape == (32, 3, 32, 32) and b.n_skipped == 0
+    emoji = b.source == 1
+    assert all(isinstance(b.captions[j], str) for j in torch.nonzero(emoji).flatten().tolist())
+    assert ((b.labels[emoji] >= 10) & (b.labels[emoji] < 20)).all()
     # the emoji source is the train part (m3i.data.splits): its distinct captions, no more
     assert len(mix.captions()) == len(set(Emoji().all_captions())) > 1500

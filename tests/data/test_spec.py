@@ -90,3 +90,34 @@ def test_an_unknown_kind_lists_the_registered_kinds(registry):
     with pytest.raises(ValueError, match=r"kind 'mosaic' not recognised\); accepted forms: "
                                          r"fashion-mnist.*, shards:PATTERN, tiles:PATH, optionally"):
         build_source("mosaic")
+
+
+def test_a_kind_says_what_evaluation_and_the_monitors_score_of_it(registry, tmp_path, capsys):
+    """``evaluated`` and ``monitored`` of a registered kind: `m3i eval --dataset` scores its seeded
+    parts, the pre-training monitors pick it, and neither names a data set of its own."""
+    import json
+
+    from m3i.cli import main
+    from m3i.config import load_recipe
+    from m3i.eval import DATASETS
+    from m3i.eval.monitor import monitor_sets
+
+    sizes = {"train": 40, "test": 12, "fit": 30, "val": 10}
+
+    @register_source("solid", "solid[:train|test|fit|val]", evaluated=("solid",), monitored=("solid", None))
+    def _solid(spec: Spec) -> Solid:
+        return Solid(sizes[spec.arg or "train"], **spec.common)
+
+    assert list(DATASETS)[-1] == "solid" and "fashion-mnist" in DATASETS
+    assert monitor_sets(load_recipe("simclr", overrides=["data.sources=[{spec: solid}]"])) == ("solid", None)
+    assert monitor_sets(load_recipe("simclr", overrides=["data.sources=[{spec: 'manifest:/x'}, {spec: solid}]"])) \
+        == ("solid", None)  # the first source whose kind is monitored
+    out = tmp_path / "knn.json"
+    assert main(["eval", "--checkpoint", "pixels", "--task", "knn", "--dataset", "solid", "--json", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0
+    r = json.loads(out.read_text())
+    assert (r["n_train"], r["n_test"]) == (sizes["train"], sizes["test"]) and r["metrics"]["top1"] == 1.0
+    assert main(["eval", "--checkpoint", "pixels", "--task", "knn", "--dataset", "solid:test", "--no-progress",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset solid:test: solid takes no suffix" in err and "Traceback" not in err

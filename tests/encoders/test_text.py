@@ -109,7 +109,7 @@ def test_minilm_frozen_has_no_trainable_state(frozen):
     assert not out.requires_grad
     # checkpoints: nothing to store, and an empty state loads back
     assert frozen.trainable_state_dict() == {}
-    assert frozen.frozen_state_keys() == set(frozen.state_dict())
+    assert frozen.unsaved_state_keys() == set(frozen.state_dict())
     frozen.load_trainable_state_dict(frozen.trainable_state_dict())
     with pytest.raises(RuntimeError, match="unexpected"):
         frozen.load_trainable_state_dict({"head.weight": torch.zeros(1)})
@@ -197,7 +197,7 @@ def test_scratch_gradient_flows():
     for name, p in tower.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    assert set(tower.trainable_state_dict()) == set(tower.state_dict()) and not tower.frozen_state_keys()
+    assert set(tower.trainable_state_dict()) == set(tower.state_dict()) and not tower.unsaved_state_keys()
 
 
 @pytest.mark.parametrize("width,heads,max_length", [(32, 2, 8), (48, 3, 16)])

@@ -84,7 +84,7 @@ def _pause(point: str, step: int, fd: int) -> None:
     import pathlib
 
     from m3i.runs import checkpoint
-    from m3i.train import loop
+    from m3i.train import hooks
     from m3i.train import step as train_step
 
     name, done = f"step_{step:06d}", []
@@ -110,13 +110,13 @@ def _pause(point: str, step: int, fd: int) -> None:
             return call(self, batch, i)
         train_step.TrainStep.__call__ = paused_call
     elif point == "log":
-        write = loop.MetricLog.write
+        write = hooks.MetricLog.write
 
         def paused_write(self, record):
             write(self, record)
             if record["step"] == step:
                 pause()
-        loop.MetricLog.write = paused_write
+        hooks.MetricLog.write = paused_write
     elif point == "files":
         save_file = checkpoint.save_file
 

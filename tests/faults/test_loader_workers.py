@@ -16,12 +16,12 @@ from m3i.runs import checkpoint as ckpt
 # each worker registers os.abort() among the exit handlers of its own process
 ABORT_AT_WORKER_EXIT = """
 import multiprocessing.util, os
-from m3i.train import loop
-init = loop.worker_init
+from m3i.train import setup
+init = setup.worker_init
 def aborting_init(worker_id):
     init(worker_id)
     multiprocessing.util.Finalize(None, os.abort, exitpriority=100)
-loop.worker_init = aborting_init
+setup.worker_init = aborting_init
 """
 
 

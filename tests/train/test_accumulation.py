@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from m3i.batch import Losses
 from m3i.config import check_accum_steps
 from m3i.train.accumulation import MicroBatches, micro_rows
 from m3i.config import ConfigError, load_recipe, recipe_names
@@ -106,10 +107,13 @@ def assert_close_grads(ref: dict, got: dict, rtol: float = 1e-4, atol: float = 1
             f"{name}: max |Δgrad| {err:.3g}, max |grad| {float(g.abs().max()):.3g}"
 
 
-def assert_same_outputs(ref: dict, got: dict) -> None:
-    assert set(got) == set(ref)
-    for key, value in ref.items():
-        torch.testing.assert_close(torch.as_tensor(got[key]).float(), torch.as_tensor(value).float(),
+def assert_same_outputs(ref: Losses, got: Losses) -> None:
+    assert set(got.terms) == set(ref.terms) and set(got.samples) == set(ref.samples)
+    pairs = [("loss", ref.loss, got.loss)] + [(f"{k} of {n}", a[n], b[n]) for k, a, b in
+                                              (("value", ref.terms, got.terms), ("samples", ref.samples, got.samples))
+                                              for n in a]
+    for key, value, mine in pairs:
+        torch.testing.assert_close(torch.as_tensor(mine).float(), torch.as_tensor(value).float(),
                                    rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
@@ -135,6 +139,34 @@ def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(name, k):
     # and the step taken from them: AdamW's first step is ±lr wherever a gradient is not ~0
     for (n, p), q in zip(obj.named_parameters(), one.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=2 * obj.recipe.train.lr, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_the_objective_is_each_terms_own_loss_weighted_and_summed_bit_for_bit(name):
+    """The forward pass (every term's rows, then their scores) gives each term exactly the loss
+    the term computes alone (``Term.forward``: its rows, then its estimator, direction by direction),
+    the same samples, the weighted sum of them, and the same gradients, to the last bit."""
+    obj = small_objective(name)
+    torch.manual_seed(1)
+    batch = obj.stage(make_batch(8, 1), CPU)
+    views = obj.views_of(batch)
+    torch.manual_seed(2)
+    out = obj(batch, views)
+    grads = torch.autograd.grad(out.loss, [p for p in obj.parameters() if p.requires_grad], allow_unused=True)
+    torch.manual_seed(2)
+    ctx = obj.context(batch, views)
+    total = 0.0
+    for term in obj.terms:
+        loss, n = 0.0, 0
+        for s, t in term.view_pairs():
+            loss_st, n_st = term(ctx, s, t)
+            loss, n = loss + loss_st, n + n_st
+        assert torch.equal(out.terms[term.name], loss) and int(out.samples[term.name]) == int(n), term.name
+        assert out[term.name] is out.terms[term.name] and out["n_" + term.name] is out.samples[term.name]
+        total = total + term.cfg.weight * loss
+    assert torch.equal(out.loss, total) and out["loss"] is out.loss
+    ref = torch.autograd.grad(total, [p for p in obj.parameters() if p.requires_grad], allow_unused=True)
+    assert all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(grads, ref))
 
 
 def test_stochastic_depth_is_replayed_in_the_pass_with_gradient():

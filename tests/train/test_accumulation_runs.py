@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from dataclasses import fields, replace
 
 import pytest
 import torch
 import torch.distributed as tdist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from m3i.batch import Batch, Drawn
 from m3i.config import load_recipe
 from m3i.objective import Objective
 from m3i.train import loop, strategy
@@ -51,6 +53,8 @@ def objective(recipe) -> Objective:
 
 def cut(tree, rows: slice, n: int):
     """Rank r's share of a staged global batch: every per-sample entry, nested, cut to ``rows``."""
+    if isinstance(tree, (Batch, Drawn)):
+        return replace(tree, **{f.name: cut(getattr(tree, f.name), rows, n) for f in fields(tree)})
     if isinstance(tree, dict):
         return {k: cut(v, rows, n) for k, v in tree.items()}
     if isinstance(tree, torch.Tensor) and tree.dim() and tree.shape[0] == n:

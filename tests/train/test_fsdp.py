@@ -147,7 +147,7 @@ def metrics(run):
 def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     from m3i.cli import main
     from m3i.runs import checkpoint as ckpt
-    from m3i.train import loop
+    from m3i.train.step import make_optimizer
 
     run_ranks(_pretrain_worker, str(tmp_path), world=WORLD, rendezvous="env")
     fsdp, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
@@ -188,7 +188,7 @@ def test_fsdp_run_trains_like_ddp_and_resumes_on_two_ranks_and_on_one(tmp_path):
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes=wf["terms.1.classes.weight"].shape[0])
     obj.load_checkpoint_state(wf, "fsdp step 2")
-    opt = loop.make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
+    opt = make_optimizer(obj.param_groups(recipe.train.weight_decay), recipe.train)
     strategy.load_sharded_optimizer(obj, opt, step2 / "optimizer")
     ref = torch.optim.AdamW(obj.param_groups(recipe.train.weight_decay), fused=True)
     ref.load_state_dict(sd["optimizer"])

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from m3i.config import load_recipe
-from m3i.eval.monitor import monitor_sets
-from m3i.train import loop
+from m3i.eval.monitor import Monitor, monitor_sets
+from m3i.train import hooks, loop
 from conftest import killed_and_resumed, needs_data
 
 pytestmark = needs_data
@@ -34,7 +34,7 @@ def test_monitor_scores_are_logged_and_change_nothing_else(tmp_path, monkeypatch
     plain = load_recipe("clip", overrides=SMALL)
     watched = load_recipe("clip", overrides=SMALL + MONITOR)
     loop.pretrain(plain, tmp_path / "plain", device="cpu", progress=False)
-    loop.pretrain(watched, tmp_path / "watched", device="cpu", progress=False)
+    loop.pretrain(watched, tmp_path / "watched", device="cpu", progress=False, monitor=Monitor)
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "watched")
     assert [r["caption"] for r in a] == [r["caption"] for r in b]  # bitwise: the same random stream
     scored = [r for r in b if "monitor/knn_top1" in r]
@@ -44,14 +44,14 @@ def test_monitor_scores_are_logged_and_change_nothing_else(tmp_path, monkeypatch
     assert not any(k.startswith("monitor/") for r in a for k in r)
 
     # killed after the step-2 checkpoint and resumed: the same losses and scores, bit for bit
-    killed_and_resumed(monkeypatch, watched, tmp_path / "resumed", 2, device="cpu")
+    killed_and_resumed(monkeypatch, watched, tmp_path / "resumed", 2, device="cpu", monitor=Monitor)
     c = metrics(tmp_path / "resumed")
     keys = ["caption", "monitor/knn_top1", "monitor/retrieval_i2t_R@1"]
     assert [[r.get(k) for k in keys] for r in c] == [[r.get(k) for k in keys] for r in b]
 
 
 class Clock:
-    """loop.py's clock: the real one, plus the time added where a test says a part of the run took long."""
+    """The trainer's clock (hooks.py): the real one, plus the time added where a test says a part of the run took long."""
 
     def __init__(self):
         import time
@@ -72,15 +72,14 @@ def taking(clock: Clock, seconds: float, work):
 
 @pytest.mark.slow
 def test_img_per_s_is_training_alone_the_monitors_time_logged_apart(tmp_path, monkeypatch):
-    """Each monitor pass and each checkpoint write is made to take 10^6 s on loop.py's clock: were
+    """Each monitor pass and each checkpoint write is made to take 10^6 s on the trainer's clock: were
     they in the training time, img/s could be no more than the images over 10^6 s."""
-    from m3i.eval.monitor import Monitor
-
     clock, long = Clock(), 1e6
-    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(hooks, "time", clock)
     monkeypatch.setattr(Monitor, "__call__", taking(clock, long, Monitor.__call__))
-    monkeypatch.setattr(loop, "_save", taking(clock, long, loop._save))
-    loop.pretrain(load_recipe("clip", overrides=SMALL + MONITOR), tmp_path / "run", device="cpu", progress=False)
+    monkeypatch.setattr(hooks, "save_checkpoint", taking(clock, long, hooks.save_checkpoint))
+    loop.pretrain(load_recipe("clip", overrides=SMALL + MONITOR), tmp_path / "run", device="cpu", progress=False,
+                  monitor=Monitor)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -3,6 +3,7 @@ every random parameter from the step's generator, the same through DataLoader wo
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from m3i.batch import Drawn
 from m3i.config import load_recipe
 from m3i.data import ImageFolder, Mixture
 from m3i.objective import Objective
@@ -36,7 +38,7 @@ def test_a_small_crop_of_a_1024_px_source_keeps_its_full_detail():
     src = noise(1024, 1024)
     aug = ViewAugment(size=224, crop_scale=(0.05, 0.05), crop_ratio=(1.0, 1.0), flip_p=0.0)
     crops, drawn = views_for([aug])([src], step=3)
-    i, j, h, w = drawn["views"][0]["box"][0].tolist()
+    i, j, h, w = drawn.views[0]["box"][0].tolist()
     side = round(math.sqrt(0.05) * 1024)  # 229 source pixels across
     assert (h, w) == (side, side) and 0 <= i <= 1024 - side and 0 <= j <= 1024 - side
     view = crops[0][0].permute(1, 2, 0).numpy()
@@ -58,7 +60,7 @@ def test_crops_keep_the_source_aspect_ratio():
     src = noise(1024, 512, seed=1)
     aug = ViewAugment(size=32, crop_scale=(0.5, 0.5), crop_ratio=(1.0, 1.0), flip_p=0.0)
     _, drawn = views_for([aug])([src], step=0)
-    i, j, h, w = drawn["views"][0]["box"][0].tolist()
+    i, j, h, w = drawn.views[0]["box"][0].tolist()
     assert (i, h, w) == (0, 512, 512) and 0 <= j <= 512
 
 
@@ -116,6 +118,8 @@ def mixture_with_views(src, recipe="sim", seed=0) -> tuple[Mixture, Objective]:
 
 
 def same(a, b) -> bool:
+    if isinstance(a, Drawn):
+        return isinstance(b, Drawn) and all(same(getattr(a, f.name), getattr(b, f.name)) for f in fields(Drawn))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -128,15 +132,15 @@ def same(a, b) -> bool:
 def test_views_are_a_function_of_the_step_through_workers_too(photos):
     mix, obj = mixture_with_views(photos)
     direct = [mix.batch(s) for s in range(6)]
-    assert "image" not in direct[0] and len(direct[0]["crops"]) == obj.recipe.views.count
-    assert direct[0]["crops"][0].shape == (4, 3, 32, 32) and direct[0]["crops"][0].dtype == torch.uint8
-    assert set(direct[0]["drawn"]["visible"]) == set(obj.masked_views())
+    assert direct[0].images is None and len(direct[0].crops) == obj.recipe.views.count
+    assert direct[0].crops[0].shape == (4, 3, 32, 32) and direct[0].crops[0].dtype == torch.uint8
+    assert set(direct[0].drawn.visible) == set(obj.masked_views())
     again = mix.batch(4)
-    assert same(again["crops"], direct[4]["crops"]) and same(again["drawn"], direct[4]["drawn"])
-    assert not torch.equal(direct[1]["crops"][0], direct[2]["crops"][0])
+    assert same(again.crops, direct[4].crops) and same(again.drawn, direct[4].drawn)
+    assert not torch.equal(direct[1].crops[0], direct[2].crops[0])
     loaded = list(DataLoader(mix, batch_size=None, num_workers=2))
     for a, b in zip(direct, loaded):
-        assert same(a["crops"], b["crops"]) and same(a["drawn"], b["drawn"])
+        assert same(a.crops, b.crops) and same(a.drawn, b.drawn)
     other_rank = obj.loader_views(0, rank=1)
     assert other_rank.generator(0).initial_seed() != mix.views.generator(0).initial_seed()
 
@@ -149,7 +153,7 @@ def test_the_loaders_views_run_through_the_objective(photos):
     views = obj.views_of(batch)
     assert [v.shape for v in views.images] == [(4, 3, 32, 32)] * obj.recipe.views.count
     sizes = torch.tensor([[photos.get(int(i))["image"].height, photos.get(int(i))["image"].width]
-                          for i in batch["index"]])
+                          for i in batch.index])
     for box in views.boxes:
         assert torch.all(box[:, 0] + box[:, 2] <= sizes[:, 0]) and torch.all(box[:, 1] + box[:, 3] <= sizes[:, 1])
     out = obj(batch)

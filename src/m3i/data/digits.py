@@ -57,7 +57,7 @@ class Digits(GrayArraySource):
         return rows
 
 
-@register_source("digits", "digits[:train|test|fit|val|all]")
+@register_source("digits", "digits[:train|test|fit|val|all]", evaluated=("digits",), monitored=("digits", None))
 def _build(spec: Spec) -> Digits:
     split = (spec.arg or "train").strip().lower()
     if split not in SPLITS:

@@ -103,7 +103,9 @@ class Emoji(Source):
         return self.files[i]
 
 
-@register_source("emoji", "emoji[:category|subcategory|none][:train|test|fit|val|all]")
+@register_source("emoji", "emoji[:category|subcategory|none][:train|test|fit|val|all]",
+                 evaluated=("emoji:category", "emoji:subcategory", "emoji:none"),
+                 monitored=("emoji:category", "emoji:category"))
 def _build(spec: Spec) -> Emoji:
     field, split = "category", "train"
     for part in (p.strip().lower() for p in (spec.arg or "").split(":") if p.strip()):

@@ -124,7 +124,8 @@ class FashionMNIST(GrayArraySource):
         )
 
 
-@register_source("fashion-mnist", "fashion-mnist[:train|test|fit|val]", aliases=("fashion_mnist", "fashionmnist"))
+@register_source("fashion-mnist", "fashion-mnist[:train|test|fit|val]", aliases=("fashion_mnist", "fashionmnist"),
+                 evaluated=("fashion-mnist",), monitored=("fashion-mnist", None))
 def _build(spec: Spec) -> FashionMNIST:
     split = (spec.arg or "train").strip().lower()
     if split not in SPLITS:

@@ -63,6 +63,6 @@ class ImageFolder(Source):
         return self.paths[i]
 
 
-@register_source("folder", "folder:PATH")
+@register_source("folder", "folder:PATH", evaluated=("folder:PATH",))
 def _build(spec: Spec) -> ImageFolder:
     return ImageFolder(spec.path(), **spec.common)

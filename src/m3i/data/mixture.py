@@ -15,11 +15,12 @@ what is wrong with each. A DataLoader worker ``w`` of ``W`` produces the steps `
 from ``start_step`` on, so the DataLoader's in-order output is step order whatever ``W`` is, and
 resuming is setting ``start_step``.
 
-Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are dicts:
+Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are
+:class:`~m3i.batch.Batch` objects:
 
-- ``image``: uint8 (B, 3, S, S), RGB, resized to S×S,
-- ``label``: long (B,), in the mixture's global label space (-1 for none),
-- ``caption``: list of B ``str | None``,
+- ``images``: uint8 (B, 3, S, S), RGB, resized to S×S,
+- ``labels``: long (B,), in the mixture's global label space (-1 for none),
+- ``captions``: list of B ``str | None``,
 - ``source``: long (B,), the index of each slot's source, ``index``: long (B,), the sample's
   index in it,
 - ``step``: int; ``n_skipped``: int (unreadable samples met, each replaced), ``n_replaced``:
@@ -28,14 +29,13 @@ Use it with ``DataLoader(mixture, batch_size=None, num_workers=W)``. Batches are
 With ``views`` set (a :class:`~m3i.views.loader.LoaderViews`, as training sets it), the images are
 not resized to a square: each view is cropped from the decoded original, and the batch holds
 ``crops`` (one uint8 (B, 3, Sh, Sw) per view) and ``drawn`` (the views' parameters and masks)
-instead of ``image``.
+instead of ``images``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..batch import Batch
 from .source import ImageUnreadable, ReadFailed, Source, warn_once
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,6 @@ class Mixture(IterableDataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
     def class_range(self, k: int) -> range:
         """Global labels of source ``k`` (empty when it has none)."""
         o = self.class_offsets[k]
@@ -246,7 +243,7 @@ class Mixture(IterableDataset):
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return ks[rows], idx[rows]
 
-    def batch(self, step: int) -> dict[str, Any]:
+    def batch(self, step: int) -> Batch:
         """This rank's part of the global batch of ``step`` (a pure function of seed, step and
         the slots it holds, whatever the world size)."""
         step = int(step)
@@ -267,21 +264,12 @@ class Mixture(IterableDataset):
                 labels[b] = lab + int(self._offsets[k])
             captions[b] = sample["caption"]
         if self.views is None:
-            images = {"image": channels_first(pixels)}
+            images, crops, drawn = channels_first(pixels), None, None
         else:
-            crops, drawn = self.views(pixels, step)
-            images = {"crops": crops, "drawn": drawn}
-        return {
-            **images,
-            "label": labels,
-            "caption": captions,
-            "source": torch.as_tensor(ks, dtype=torch.long),
-            "index": torch.as_tensor(idx, dtype=torch.long),
-            "step": step,
-            "n_skipped": counts["skipped"],
-            "n_replaced": counts["replaced"],
-            "n_retries": counts["retries"],
-        }
+            images, (crops, drawn) = None, self.views(pixels, step)
+        return Batch(labels, captions, images, crops, drawn, source=torch.as_tensor(ks, dtype=torch.long),
+                     index=torch.as_tensor(idx, dtype=torch.long), step=step, n_skipped=counts["skipped"],
+                     n_replaced=counts["replaced"], n_retries=counts["retries"])
 
     def _fill(self, step: int, slot: int, k: int, i: int, counts: dict) -> tuple[np.ndarray, dict, int]:
         """The image array, sample and index that fill ``slot``: the planned sample ``i``, or,
@@ -356,7 +344,7 @@ class Mixture(IterableDataset):
             return _count(first, num_workers)
         return range(first, self.num_steps, num_workers)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         w, W = (0, 1) if info is None else (info.id, info.num_workers)
         for s in self.steps(w, W):

@@ -23,6 +23,9 @@ A new format is one module that registers a builder for its kind::
     @register_source("tiles", "tiles:PATH")
     def _tiles(spec: Spec) -> Tiles:
         return Tiles(spec.path(), **spec.common)
+
+A kind also says what ``m3i eval --dataset`` can score of it (``evaluated``) and which of those a
+pre-training on it is monitored on (``monitored``): the built-in sets name their seeded splits.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from typing import Any, TypeVar
 from ..registry import Definer, definer_of, did_you_mean, is_new
 from .source import Source
 
-__all__ = ["SPEC_FORMS", "Spec", "absolute_spec", "build_source", "parse_spec", "register_source"]
+__all__ = ["EVAL_DATASETS", "SPEC_FORMS", "Spec", "absolute_spec", "build_source", "evaluated_as", "monitored_on",
+           "parse_spec", "register_source"]
 
 _OPTIONS = re.compile(r"\?((?:labels|captions)=(?:true|false|1|0|yes|no)(?:&(?:labels|captions)=(?:true|false|1|0|yes|no))*)$",
                       re.IGNORECASE)
@@ -81,14 +85,23 @@ class _Kind:
     form: str
     build: Builder
     definer: Definer  # who registered it, for messages and a run's plugins
+    evaluated: tuple[str, ...] = ()  # the `m3i eval --dataset` names it offers (the first: its default)
+    monitored: tuple[str | None, str | None] = (None, None)  # (k-NN, retrieval) data sets it is monitored on
 
 
 _KINDS: dict[str, _Kind] = {}  # every name of every kind; registration order is the order of the forms
 
 
-def register_source(kind: str, form: str, *, aliases: Sequence[str] = ()) -> Callable[[B], B]:
+def register_source(kind: str, form: str, *, aliases: Sequence[str] = (), evaluated: Sequence[str] = (),
+                    monitored: tuple[str | None, str | None] = (None, None)) -> Callable[[B], B]:
     """Decorator: ``builder(spec: Spec) -> Source`` builds the specs of ``kind`` (or of one of
-    its ``aliases``); ``form`` is how messages and :data:`SPEC_FORMS` write the spec."""
+    its ``aliases``); ``form`` is how messages and :data:`SPEC_FORMS` write the spec.
+
+    ``evaluated``: the ``m3i eval --dataset`` names the kind offers, each ``NAME`` scored on the
+    parts ``NAME:train|test|fit|val`` (the splits of :mod:`m3i.data.splits`), or ``KIND:PATH``: a
+    folder scored on the parts of its layout (:mod:`m3i.data.layout`); the first is what the bare
+    kind names. ``monitored``: the (k-NN, retrieval) data sets among them that a pre-training on a
+    labelled (captioned) source of this kind is monitored on (``train.eval_every``)."""
     names = tuple(dict.fromkeys(n.strip().lower() for n in (kind, *aliases)))
     for n in names:
         if not _NAME.fullmatch(n):
@@ -98,7 +111,7 @@ def register_source(kind: str, form: str, *, aliases: Sequence[str] = ()) -> Cal
         by = definer_of(build, settings=(names, form))
         free = [is_new("data source kind", n, _KINDS[n].definer if n in _KINDS else None, by) for n in names]
         if all(free):
-            entry = _Kind(names, form, build, by)
+            entry = _Kind(names, form, build, by, tuple(evaluated), tuple(monitored))
             for n in names:
                 _KINDS[n] = entry
         return build
@@ -106,11 +119,15 @@ def register_source(kind: str, form: str, *, aliases: Sequence[str] = ()) -> Cal
     return register
 
 
-class _Forms(Sequence[str]):
-    """The accepted spec forms in registration order, read from the registry when used."""
+class _Listing(Sequence[str]):
+    """What each kind registered (``of(kind)``: a tuple), in registration order, read from the
+    registry when used."""
+
+    def __init__(self, of: Callable[[_Kind], tuple[str, ...]]):
+        self._of = of
 
     def _all(self) -> tuple[str, ...]:
-        return tuple(k.form for n, k in _KINDS.items() if n == k.names[0])
+        return tuple(x for n, k in _KINDS.items() if n == k.names[0] for x in self._of(k))
 
     def __getitem__(self, i):  # an int gives a form, a slice a tuple of them
         return self._all()[i]
@@ -130,7 +147,9 @@ class _Forms(Sequence[str]):
         return repr(self._all())
 
 
-SPEC_FORMS: Sequence[str] = _Forms()
+SPEC_FORMS: Sequence[str] = _Listing(lambda k: (k.form,))
+# what `m3i eval --dataset` takes
+EVAL_DATASETS: Sequence[str] = _Listing(lambda k: k.evaluated)
 
 
 def _unknown(spec: str, why: str) -> ValueError:
@@ -155,6 +174,18 @@ def parse_spec(spec: str) -> tuple[str, str | None, dict[str, bool]]:
             options[key.lower()] = value.lower() in ("true", "1", "yes")
     kind, sep, arg = body.partition(":")
     return kind.strip().lower(), (arg if sep else None), options
+
+
+def evaluated_as(dataset: str) -> tuple[str, ...]:
+    """The ``m3i eval --dataset`` names the kind of ``dataset`` offers (none: an unknown kind)."""
+    entry = _KINDS.get(dataset.partition(":")[0].strip().lower())
+    return entry.evaluated if entry else ()
+
+
+def monitored_on(spec: str) -> tuple[str | None, str | None]:
+    """The (k-NN, retrieval) data sets a pre-training on the source ``spec`` is monitored on."""
+    entry = _KINDS.get(parse_spec(spec)[0])
+    return entry.monitored if entry else (None, None)
 
 
 def module_of_spec(spec: str) -> str | None:

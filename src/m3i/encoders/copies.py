@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..backbones import BackboneCfg
+from ..backbones import BackboneCfg, build_backbone
+from ..weights import load_weights_into
 from .base import TARGET_ENCODERS, TargetEncoderCfg
 
 
@@ -31,6 +32,7 @@ class FeatureTargetCfg(TargetEncoderCfg):
 class EMAEncoderCfg(FeatureTargetCfg):
     kind: Literal["ema"]
     copies_backbone: ClassVar[bool] = True
+    follows_online: ClassVar[bool] = True
     head: bool = False  # the target also passes the EMA copy of the term's projector
 
     def describe(self) -> str:
@@ -46,6 +48,9 @@ class OnlineEncoderCfg(FeatureTargetCfg):
     def describe(self) -> str:
         return "the same encoder" + (" (stop-gradient)" if self.stop_gradient else "")
 
+    def online_with_gradient(self) -> bool:
+        return not self.stop_gradient
+
 
 @TARGET_ENCODERS.register
 class FrozenEncoderCfg(FeatureTargetCfg):
@@ -57,6 +62,22 @@ class FrozenEncoderCfg(FeatureTargetCfg):
 
     def describe(self) -> str:
         return "frozen model" + self._layers()
+
+    def own_copy(self, term: str, backbone: nn.Module, head: nn.Module | None) -> CopiedEncoder:
+        """A backbone (the online one's architecture, or ``backbone`` here) with the weights of
+        ``weights``, in m3i's or timm's layout; a checkpoint leaves it out (it comes from its file)."""
+        from safetensors.torch import load_file
+
+        net = build_backbone(self.backbone.name, **self.backbone.kwargs()) if self.backbone else backbone
+        copy_ = CopiedEncoder(net, {term: head} if head is not None else {}, saved=False)
+        try:
+            state = load_file(self.weights)
+        except (OSError, Exception) as e:  # safetensors raises its own error type for corrupt files
+            raise ValueError(f"terms.{term}.target_encoder.weights: cannot read {self.weights}: {e}") from None
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+        load_weights_into(copy_.backbone, state, f"terms.{term}.target_encoder.weights {self.weights}",
+                          optional_prefixes=("mask_token",))
+        return copy_
 
 
 def dense_target_norm(tokens: Tensor, kind: str) -> Tensor:
@@ -84,13 +105,15 @@ class CopiedEncoder(nn.Module):
     frozen model.
 
     Holds a copy of the backbone and, per term, a copy of the term's online head (its projector)
-    that the term's target runs through. No gradient ever reaches it.
+    that the term's target runs through. No gradient ever reaches it. ``saved=False``: a checkpoint
+    leaves it out (a frozen model, read from its own file).
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]):
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], saved: bool = True):
         from ..layers import DropPath
 
         super().__init__()
+        self.saved = saved
         self.backbone = copy.deepcopy(backbone)
         self.heads = nn.ModuleDict({k: copy.deepcopy(v) for k, v in heads.items()})
         # the target is the whole network, the same in train and eval mode: no stochastic depth
@@ -99,6 +122,10 @@ class CopiedEncoder(nn.Module):
             if isinstance(m, DropPath):
                 m.p = 0.0
         self.requires_grad_(False)
+
+    def unsaved_state_keys(self) -> set[str]:
+        """Keys of ``state_dict()`` that a checkpoint leaves out: all of them, or none."""
+        return set() if self.saved else set(self.state_dict())
 
     @torch.no_grad()
     def update(self, backbone: nn.Module, heads: dict[str, nn.Module], momentum: float,

@@ -24,7 +24,7 @@ Checkpoints: a frozen MiniLM tower keeps its 22.7M weights (about 90 MB in float
 parameters (with ``requires_grad=False``), so ``state_dict()`` still contains them and
 ``load_state_dict`` works as usual. Those weights are reproducible from the package, so a
 checkpoint does not need them: :meth:`TextTower.trainable_state_dict` returns the state without
-them, :meth:`TextTower.frozen_state_keys` names what was left out (to filter a parent module's
+them, :meth:`TextTower.unsaved_state_keys` names what was left out (to filter a parent module's
 state dict), and :meth:`TextTower.load_trainable_state_dict` restores such a reduced state while
 still reporting keys that are really missing or unexpected.
 """
@@ -207,9 +207,10 @@ class TextTower(nn.Module):
     def _is_frozen_key(self, key: str) -> bool:
         return any(key.startswith(p) for p in self._frozen_prefixes)
 
-    def frozen_state_keys(self) -> set[str]:
-        """Keys of ``state_dict()`` that :meth:`trainable_state_dict` leaves out (weights restored
-        from the package when the tower is built). Empty for towers with nothing frozen."""
+    def unsaved_state_keys(self) -> set[str]:
+        """Keys of ``state_dict()`` that :meth:`trainable_state_dict` leaves out, and a checkpoint
+        with it (weights restored from the package when the tower is built). Empty for towers with
+        nothing frozen."""
         return {k for k in self.state_dict() if self._is_frozen_key(k)}
 
     def trainable_state_dict(self) -> dict[str, Tensor]:

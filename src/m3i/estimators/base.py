@@ -49,6 +49,9 @@ class Estimator:
     Config: ClassVar[type[EstimatorCfg]]
     forms: ClassVar[frozenset[str]] = frozenset()
     uses_temperature: ClassVar[bool] = False  # the term keeps a (learnable) temperature for it
+    # p̂(z | ẑ) is normalised over the batch's candidates: a row without its target is left out of
+    # both sides at a fixed shape (rather than weighed 0 in a mean)
+    contrastive: ClassVar[bool] = False
 
     def __init__(self, cfg: EstimatorCfg):
         self.cfg = cfg

@@ -84,6 +84,7 @@ class Boltzmann(Estimator):
     Config = BoltzmannCfg
     forms = frozenset({"classes", "paired"})
     uses_temperature = True
+    contrastive = True
 
     @classmethod
     def check(cls, term, form: str) -> None:

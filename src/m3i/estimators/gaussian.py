@@ -47,7 +47,7 @@ class Gaussian(Estimator):
     def check(cls, term, form: str) -> None:
         super().check(term, form)
         enc = term.target_encoder
-        if form == "paired" and enc.kind == "online" and not enc.stop_gradient:
+        if form == "paired" and enc.online_with_gradient():
             raise ValueError("target_encoder.stop_gradient: a Gaussian estimate against the online encoder "
                              "collapses (both sides move to a constant) unless the target's gradient is "
                              "stopped; set target_encoder.stop_gradient: true, or use an 'ema' target encoder")

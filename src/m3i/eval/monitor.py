@@ -20,31 +20,26 @@ import random
 import numpy as np
 import torch
 
-from ..data.spec import parse_spec
+from ..data.spec import monitored_on
 from ..distributed import gathered
+from ..targets import TARGETS
 from .run import load_evalset, score
-
-# a source kind -> the `m3i eval --dataset` it is monitored on (k-NN, retrieval)
-MONITORED = {"fashion-mnist": ("fashion-mnist", None), "emoji": ("emoji:category", "emoji:category"),
-             "digits": ("digits", None)}
 
 
 def monitor_sets(recipe) -> tuple[str | None, str | None]:
     """(k-NN data set, retrieval data set) of a recipe: ``train.eval_knn`` / ``train.eval_retrieval``,
-    or the first built-in labelled (captioned) source."""
+    or those the first labelled (captioned) source whose kind names one is monitored on
+    (``register_source(..., monitored=...)``); retrieval only where a term pairs images with text."""
     tr = recipe.train
     knn, ret = tr.eval_knn, tr.eval_retrieval
     for s in recipe.data.sources:
-        kind = parse_spec(s.spec)[0]
-        if kind not in MONITORED:
-            continue
-        k, r = MONITORED[kind]
+        k, r = monitored_on(s.spec)
         if knn is None and s.labels:
             knn = k
-        if ret is None and s.captions and r is not None:
+        if ret is None and s.captions:
             ret = r
-    has_caption = any(t.target.kind == "caption" for t in recipe.terms)
-    return knn, ret if has_caption else None
+    pairs_with_text = any(TARGETS[t.target.kind].pairs_with_text for t in recipe.terms)
+    return knn, ret if pairs_with_text else None
 
 
 class Monitor:

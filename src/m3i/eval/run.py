@@ -11,6 +11,7 @@ from tqdm import tqdm
 from ..data import ImageFolder, build_source
 from ..data.layout import split_folders
 from ..data.mixture import unreadable_line
+from ..data.spec import evaluated_as
 from ..data.splits import SPLIT_SEED, VAL_FRACTION, grouped_split
 from .. import memory
 from ..device import autocast_for, resolve_device, resolve_precision
@@ -36,18 +37,19 @@ def splits(spec: str, split: str = "test"):
         raise ValueError(f"--split {split!r}: expected test or val")
     fit, held = ("train", "test") if split == "test" else ("fit", "val")
     kind, _, arg = spec.partition(":")
-    if kind in ("fashion-mnist", "digits") and arg:
-        raise ValueError(f"--dataset {spec}: {kind} takes no suffix (evaluation picks its parts itself; --split val "
-                         f"scores the val part); expected {kind}")
-    if kind == "emoji" and arg not in ("", "category", "subcategory", "none"):
-        raise ValueError(f"--dataset {spec}: expected emoji:category, emoji:subcategory or emoji:none")
-    if kind in ("fashion-mnist", "emoji", "digits"):
-        field = f"{arg or 'category'}:" if kind == "emoji" else ""
-        tr, te = build_source(f"{kind}:{field}{fit}"), build_source(f"{kind}:{field}{held}")
-        return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
-    if kind == "folder" and arg:
+    names = evaluated_as(spec)  # what the kind offers: seeded sets, or a folder read by its layout
+    if arg and any(n.endswith(":PATH") for n in names):
         return folder_splits(spec, Path(arg), split)
-    raise ValueError(f"--dataset {spec!r}: expected one of {', '.join(DATASETS)}")
+    sets = [n for n in names if not n.endswith(":PATH")]
+    if not sets:
+        raise ValueError(f"--dataset {spec!r}: expected one of {', '.join(DATASETS)}")
+    name = spec if arg else sets[0]
+    if name not in sets:
+        raise ValueError(f"--dataset {spec}: " + (f"expected {', '.join(sets[:-1])} or {sets[-1]}" if len(sets) > 1 else
+                         f"{kind} takes no suffix (evaluation picks its parts itself; --split val scores the val "
+                         f"part); expected {sets[0]}"))
+    tr, te = build_source(f"{name}:{fit}"), build_source(f"{name}:{held}")
+    return tr, np.arange(len(tr)), te, np.arange(len(te)), tr.class_names
 
 
 def folder_splits(spec: str, root: Path, split: str):

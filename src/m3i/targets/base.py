@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,36 +12,13 @@ from ..decoders import DECODERS
 from ..estimators import ESTIMATORS, FORMS
 from ..registry import Registry
 from ..schema import Strict
-from ..terms import Context, Pair, Term
+from ..batch import Batch
+from ..terms import Context, Embedding, Pair, Term, whole
 from ..views import absolute_positions, relative_positions
 
 
 class TargetCfg(Strict):
     kind: str
-
-
-@dataclass
-class Embedding:
-    """One batch's predictions ẑ and targets z of a term, row by row, before the estimator scores
-    them: what gradient accumulation keeps of the micro-batches not being re-run (:mod:`m3i.train.accumulation`)."""
-
-    pred: Tensor                  # (R, D)
-    target: Tensor                # (R, D); a label target's (R,) class of each row
-    avail: Tensor | None = None   # (R,) bool: the rows that carry a target (None: every row)
-    samples: int | Tensor = 0     # the samples that carried the target (a number, or a device tensor)
-
-    @staticmethod
-    def cat(parts: list[Embedding]) -> Embedding:
-        """The embedding of the batch made of these batches, their rows in this order."""
-        avail = None if parts[0].avail is None else torch.cat([p.avail for p in parts])
-        return Embedding(torch.cat([p.pred for p in parts]), torch.cat([p.target for p in parts]), avail,
-                         sum((p.samples for p in parts[1:]), parts[0].samples))
-
-
-def whole(x: Tensor) -> Tensor:
-    """What :meth:`Target.score` applies to what it reads off the term's own parameters (class
-    table, temperature): the tensor itself, unless gradient accumulation shares out its gradient."""
-    return x
 
 
 class Target:
@@ -64,6 +40,9 @@ class Target:
     encoders: ClassVar[tuple[str, ...]]
     image: ClassVar[bool] = False  # the target is an image view (``target.view`` names it)
     needs: ClassVar[str | None] = None  # the annotation the target is read from: "labels", "captions" or none
+    # the target is a text's embedding: the term embeds images and texts in one space
+    # (``encode(term, captions)``), as zero-shot classification and retrieval read them
+    pairs_with_text: ClassVar[bool] = False
 
     @classmethod
     def check_data(cls, term, sources) -> None:
@@ -132,10 +111,16 @@ class Target:
         """Work done once before training (a frozen text tower embeds every caption of ``data``),
         with a progress bar where ``progress``."""
 
-    def stage(self, term: Term, batch: dict) -> dict[str, Tensor]:
+    def stage(self, term: Term, batch: Batch) -> dict[str, Tensor]:
         """What this target makes of a batch's host data on the CPU before the step (a caption's
-        tokens); the step finds it on the device in ``ctx.batch["drawn"]["targets"][term.name]``."""
+        tokens); the step finds it on the device in ``ctx.batch.drawn.targets[term.name]``."""
         return {}
+
+    @classmethod
+    def in_one_call(cls) -> bool:
+        """Whether this kind computes its loss in one call (its own :meth:`loss`) rather than as
+        :meth:`embed` then :meth:`score`: it trains in one pass, not in micro-batches."""
+        return cls.loss is not Target.loss or cls.embed is Target.embed or cls.score is Target.score
 
     def embed(self, term: Term, ctx: Context, s: int, t: int) -> Embedding:
         """The predictions from source view ``s`` and the targets of view ``t``, row by row."""
@@ -154,6 +139,17 @@ class Target:
 
 
 TARGETS: Registry[type[Target]] = Registry("target kind")
+
+
+def build_term(cfg, backbone: Backbone, num_classes: int) -> Term:
+    """A term of the recipe: its target kind, estimator and decoder from the registries, the
+    decoder's modules and the target's own (class table, text tower) built onto it."""
+    target = TARGETS[cfg.target.kind]()
+    estimator = ESTIMATORS[cfg.estimator.kind](cfg.estimator)
+    out_dim = target.out_dim(cfg, backbone)
+    modules = cfg.decoder.build(backbone.embed_dim, out_dim)
+    width = cfg.decoder.width_of(backbone.embed_dim, out_dim)
+    return Term(cfg, target, estimator, {**modules, **target.build(cfg, width, backbone, num_classes)})
 
 
 def _lacks(source, needs: str) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..estimators import ESTIMATORS
 from .base import TARGETS, Embedding, Target, TargetCfg, whole
 
 
@@ -21,12 +22,14 @@ class Caption(Target):
     form = "paired"
     encoders = ("text",)
     needs = "captions"
+    pairs_with_text = True
 
     @classmethod
     def check(cls, term) -> None:
         super().check(term)
-        if term.estimator.kind != "boltzmann":  # images without a caption must not enter a mean
-            raise ValueError(f"estimator.kind: a 'caption' target is scored with 'boltzmann', got {term.estimator.kind!r}")
+        if not ESTIMATORS[term.estimator.kind].contrastive:  # images without a caption must not enter a mean
+            fit = " or ".join(repr(k) for k in ESTIMATORS.kinds() if ESTIMATORS[k].contrastive)
+            raise ValueError(f"estimator.kind: a 'caption' target is scored with {fit}, got {term.estimator.kind!r}")
 
     @classmethod
     def describe(cls, term) -> str:
@@ -50,12 +53,12 @@ class Caption(Target):
     def stage(self, term, batch):
         """On the host: which rows carry a caption, and the tower's input for every row (the empty
         text where there is none)."""
-        captions = batch["caption"]
+        captions = batch.captions
         avail = torch.tensor([c is not None for c in captions], dtype=torch.bool)
         return {"avail": avail, **term.text.host_inputs([c if c is not None else "" for c in captions])}
 
     def embed(self, term, ctx, s, t):
-        staged = ctx.batch["drawn"]["targets"][term.name]
+        staged = ctx.batch.drawn.targets[term.name]
         avail = staged["avail"]  # rows without a caption are neither anchors nor candidates (fixed shapes)
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
         target = term.text_proj(term.text.from_host(staged).to(term.text_proj.weight.dtype))

@@ -55,7 +55,7 @@ class DenseView(DenseTarget):
     @torch.no_grad()
     def dense_target(self, term, ctx, t, abs_pos):
         enc = term.cfg.target_encoder
-        feats = ctx.online(t, False) if enc.kind == "online" else ctx.target_features(term, t)
+        feats = ctx.target_features(term, t) if enc.copies_backbone else ctx.online(t, False)
         if enc.top_k:
             tokens = top_k_average(feats.layers[-enc.top_k:], enc.norm)
         else:

@@ -33,7 +33,7 @@ class Label(Target):
         return {"classes": ClassTable(num_classes, width, enc.normalize, enc.bias)}
 
     def embed(self, term, ctx, s, t):
-        label = ctx.batch["label"]
+        label = ctx.batch.labels
         labelled = label >= 0  # every row is predicted; those without a label weigh 0 (fixed shapes)
         pred = term.predict(ctx.online(s, term.cfg.source.masked).pooled)
         return Embedding(pred, label.clamp(min=0), labelled, labelled.sum())

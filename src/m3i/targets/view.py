@@ -34,7 +34,7 @@ class View(Target):
 
     def build(self, cfg, width, backbone, num_classes):
         enc = cfg.target_encoder
-        own = enc.kind == "ema" or (enc.kind == "frozen" and enc.backbone is None)  # the online architecture
+        own = enc.copies_backbone and getattr(enc, "backbone", None) is None  # a copy of the online architecture
         if own and not enc.head and width != backbone.embed_dim:
             raise ValueError(f"terms.{cfg.name}: the prediction is {width} wide but the target, the "
                              f"{enc.kind} encoder's pooled features, is {backbone.embed_dim} wide; set "
@@ -52,7 +52,7 @@ class View(Target):
     @staticmethod
     def target(term, ctx, t: int):
         enc = term.cfg.target_encoder
-        if enc.kind == "online":
+        if not enc.copies_backbone:  # the online encoder itself
             z = term.decoder(ctx.online(t, False).pooled)
             return z.detach() if enc.stop_gradient else z
         feats = ctx.target_features(term, t)

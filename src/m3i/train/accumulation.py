@@ -29,15 +29,17 @@ optimiser step once per step, after the last micro-batch, as without accumulatio
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ..batch import Batch, Drawn
 from ..config import check_accum_steps
 from ..layers import running_stats
-from ..targets.base import Embedding, Target
-from ..terms import Views
+from ..terms import Embedding, Embeddings, Views
 from ..views import draw_visible
 
 if TYPE_CHECKING:
@@ -74,6 +76,13 @@ def take_tree(tree, rows: Rows, n: int):
     return tree
 
 
+def take_batch(batch: Batch, rows: Rows, n: int) -> Batch:
+    """The micro-batch ``rows`` of a staged batch of ``n``: its samples and its targets' host
+    inputs (its views are cut apart, :func:`take_views`)."""
+    cut = {k: take_tree(getattr(batch, k), rows, n) for k in ("images", "labels", "captions", "source", "index")}
+    return replace(batch, **cut, crops=None, drawn=Drawn(targets=take_tree(batch.drawn.targets, rows, n)))
+
+
 def take_views(views: Views, rows: Rows) -> Views:
     return Views([take(x, rows) for x in views.images], [take(x, rows) for x in views.boxes],
                  [take(x, rows) for x in views.flips], {v: take(m, rows) for v, m in views.visible.items()},
@@ -99,15 +108,15 @@ class MicroBatches:
     loss of the whole batch, with gradient through this micro-batch.
     """
 
-    def __init__(self, objective: Objective, batch: dict, k: int, views: Views | None = None):
+    def __init__(self, objective: Objective, batch: Batch | Mapping, k: int, views: Views | None = None):
         for term in objective.terms:
-            kind = type(term.target)
-            if kind.loss is not Target.loss or kind.embed is Target.embed or kind.score is Target.score:
+            if term.target.in_one_call():
                 raise ValueError(f"train.accum_steps: the {term.target.kind!r} target of term {term.name!r} computes "
                                  f"its loss in one call (its own Target.loss); micro-batches need its embed and "
                                  f"score, with loss left as embed then score")
-        if "drawn" not in batch:
-            batch = objective.stage(batch, batch["image"].device, views=views is None)
+        batch = Batch.of(batch)
+        if not batch.staged:
+            batch = objective.stage(batch, batch.device, views=views is None)
         if views is None:
             views = objective.views_of(batch)
         n = views.images[0].shape[0]
@@ -119,13 +128,9 @@ class MicroBatches:
                 **views.visible, **{v: draw_visible(objective.recipe.views, n, grid).to(device) for v in missing}},
                 views.count)
         self.k, self.slot, self.device = k, None, device
-        drawn = batch.get("drawn", {})
-        self.parts = []
-        for rows in micro_rows(n, k, objective.recipe.views.input_mode == "mix"):
-            part = take_tree({key: v for key, v in batch.items() if key not in ("drawn", "crops")}, rows, n)
-            part["drawn"] = {"targets": take_tree(drawn.get("targets", {}), rows, n)}
-            self.parts.append((part, take_views(views, rows)))
-        self.embeddings: list[dict[tuple[str, int], Embedding]] = []
+        self.parts = [(take_batch(batch, rows, n), take_views(views, rows))
+                      for rows in micro_rows(n, k, objective.recipe.views.input_mode == "mix")]
+        self.embeddings: list[Embeddings] = []
         self.features: list[dict] = []
         self.rng: list[tuple] = []
         stats = running_stats(objective)
@@ -151,7 +156,7 @@ class MicroBatches:
         self.slot = None
         _set_rng_state(self.rng_after, self.device)  # the run's random stream continues where the first pass left it
 
-    def keep(self, embeddings: dict[tuple[str, int], Embedding], features: dict) -> None:
+    def keep(self, embeddings: Embeddings, features: dict) -> None:
         """The pass without gradient: one micro-batch's embeddings and target-encoder features."""
         self.embeddings.append(embeddings)
         self.features.append(features)
@@ -161,7 +166,7 @@ class MicroBatches:
         """The target encoders' features of the current micro-batch (None while they are computed)."""
         return None if self.filling else self.features[self.slot]
 
-    def splice(self, fresh: dict[tuple[str, int], Embedding]) -> dict[tuple[str, int], Embedding]:
+    def splice(self, fresh: Embeddings) -> Embeddings:
         """The whole batch's embeddings: the current micro-batch's ``fresh`` ones (with gradient)
         in its place among the kept ones."""
         out = {}

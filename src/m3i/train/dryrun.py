@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..batch import Batch
 from ..config import Recipe
+from ..targets import TARGETS
 
 GPU_CHECK = "results/gpu.json"
 # a step under this share of the measured step's FLOPs is bound by other costs (launches, the
@@ -50,12 +52,12 @@ def source_sizes(recipe: Recipe) -> list[tuple[int | None, str]]:
 CAPTION_WORDS = 600
 
 
-def synthetic_batch(recipe: Recipe, b: int, num_classes: int) -> dict:
+def synthetic_batch(recipe: Recipe, b: int, num_classes: int) -> Batch:
     g = torch.Generator().manual_seed(0)
     s = recipe.data.image_size
-    return {"image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
-            "label": torch.randint(0, max(num_classes, 1), (b,), generator=g) if num_classes else torch.full((b,), -1),
-            "caption": [" ".join([f"a photo of thing {i}"] + ["and"] * CAPTION_WORDS) for i in range(b)]}
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, max(num_classes, 1), (b,), generator=g) if num_classes else torch.full((b,), -1)
+    return Batch(labels, [" ".join([f"a photo of thing {i}"] + ["and"] * CAPTION_WORDS) for i in range(b)], images)
 
 
 def count_cpu_attention() -> None:
@@ -94,9 +96,9 @@ def step_flops(recipe: Recipe, num_classes: int, batch: int = 4) -> int:
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes).train()
     data = synthetic_batch(recipe, batch, num_classes)
-    obj.prepare(_Captions(data["caption"]), progress=False)
+    obj.prepare(_Captions(data.captions), progress=False)
     with FlopCounterMode(display=False) as counter:
-        obj(data)["loss"].backward()
+        obj(data).loss.backward()
         if recipe.train.accum_steps > 1:  # exact accumulation's pass without gradient over the batch
             with torch.no_grad():
                 obj(data)
@@ -124,7 +126,7 @@ def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, 
     sizes = source_sizes(recipe)
     labelled = [s for s, (n, how) in zip(d.sources, sizes) if s.labels and how == "counted"]
     num_classes, classes_from = 0, ""
-    if any(t.target.kind == "label" for t in recipe.terms):
+    if any(TARGETS[t.target.kind].needs == "labels" for t in recipe.terms):  # a class table to size
         if labelled:
             from ..train.loop import build_mixture
 

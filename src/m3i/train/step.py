@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist
+from ..batch import Batch, Losses
 from .accumulation import MicroBatches
 from ..layers import running_stats
 from . import strategy
@@ -114,20 +115,20 @@ class TrainStep:
         self.momentum: float | None = None  # the EMA teacher's momentum at the last step (None: no teacher)
         self.params = [p for p in objective.parameters() if p.requires_grad]
 
-    def __call__(self, batch: dict, step: int) -> dict[str, Tensor]:
+    def __call__(self, batch: Batch, step: int) -> Losses:
         """Run step ``step`` (0-based) and return the objective's outputs (device tensors)."""
         tr = self.train
         kept = [b.clone() for b in self.stats]
         if tr.accum_steps == 1:
             with self.autocast:
                 outputs = self.model(batch)
-            finite = dist.all_ranks(torch.isfinite(outputs["loss"].detach()))  # every rank takes, or skips, the step
+            finite = dist.all_ranks(torch.isfinite(outputs.loss.detach()))  # every rank takes, or skips, the step
             self.opt.zero_grad(set_to_none=True)
-            self.backward(outputs["loss"])
+            self.backward(outputs.loss)
         else:
             self.opt.zero_grad(set_to_none=True)
             outputs = self.accumulate(batch, tr.accum_steps)
-            finite = dist.all_ranks(torch.isfinite(outputs["loss"].detach()))
+            finite = dist.all_ranks(torch.isfinite(outputs.loss.detach()))
         strategy.sync_replicated_grads(self.objective)  # FSDP: the few parameters it leaves whole
         if self.scaler is not None:  # the true gradients; a step whose scaled gradients overflowed is skipped below
             self.scaler.unscale_(self.opt)
@@ -151,7 +152,7 @@ class TrainStep:
     def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def accumulate(self, batch: dict, k: int) -> dict[str, Tensor]:
+    def accumulate(self, batch: Batch, k: int) -> Losses:
         """The gradient of ``batch`` from ``k`` micro-batches (added up in ``.grad``) -> the
         outputs of the whole batch (those of its last micro-step)."""
         with self.autocast:
@@ -160,7 +161,7 @@ class TrainStep:
             with strategy.gradient_sync(self.model, j == k - 1):
                 with self.autocast:
                     outputs = self.model(part, views, cache=micro)
-                self.backward(outputs["loss"])
+                self.backward(outputs.loss)
         return outputs
 
 

@@ -1,11 +1,15 @@
-"""Views: augmentation with recorded geometry, patch masks, relative positions (t_s, t_t)."""
+"""Views: augmentation with recorded geometry, patch masks, relative positions (t_s, t_t), and the
+stage that makes a batch's views from parameters drawn on the host."""
 from .augment import ViewAugment, crop_boxes, resized_crop
 from .loader import LoaderViews, crop_view
 from .masks import block_mask, draw_visible, grid_shape, mix_visible, num_masked, random_mask, visible_count
 from .relpos import absolute_positions, relative_positions, sincos_embed
+from .stage import Views, ViewStage
 
 __all__ = [
     "ViewAugment",
+    "ViewStage",
+    "Views",
     "resized_crop",
     "crop_boxes",
     "LoaderViews",

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..batch import Drawn
 from .augment import ViewAugment
 from .masks import draw_visible
 
@@ -77,7 +78,7 @@ class LoaderViews:
         seed = np.random.SeedSequence([self.seed, int(step), self.rank, _VIEW_TAG]).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(seed))
 
-    def __call__(self, images: Sequence[Image.Image], step: int) -> tuple[list[Tensor], dict]:
+    def __call__(self, images: Sequence[Image.Image], step: int) -> tuple[list[Tensor], Drawn]:
         """RGB images of one batch -> (each view's crops, uint8 (B, 3, Sh, Sw); the drawn
         parameters: ``views`` (one dict per view, as :meth:`ViewAugment.draw` returns, boxes in
         each image's own pixels) and ``visible`` ({view: (B, N) bool}))."""
@@ -94,4 +95,4 @@ class LoaderViews:
             crops.append(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
             params.append(p)
         visible = {v: draw_visible(self.views_cfg, b, self.grid, generator=g) for v in self.masked}
-        return crops, {"views": params, "visible": visible}
+        return crops, Drawn(params, visible)

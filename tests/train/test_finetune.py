@@ -8,9 +8,10 @@ from conftest import needs_data
 from m3i.backbones import build_backbone
 from m3i.cli import main
 from m3i.config import ConfigError, load_recipe
-from m3i.eval.finetune import (FinetuneCfg, _Schedule, finetune, initial_model, layer_decay_groups,
-                               load_config)
+from m3i.train.finetune import (FinetuneCfg, finetune, initial_model, layer_decay_groups, load_config,
+                                train_settings)
 from m3i.eval.run import load_evalset, score, splits
+from m3i.runs import checkpoint as ckpt
 from m3i.runs import load_run
 from m3i.train.loop import lr_lambda, pretrain
 
@@ -53,7 +54,7 @@ def test_layer_decay_gives_each_block_the_formula_lr(one_thread, name, kw, level
     cfg = FinetuneCfg(steps=10, warmup_steps=3, lr=lr, layer_decay=decay)
     groups = layer_decay_groups(backbone, head, cfg.lr, 0.05, decay)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(_Schedule(cfg)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_settings(cfg)))
     for _ in range(3):  # to the end of warm-up: the schedule's factor is 1 there
         opt.step()
         sched.step()
@@ -77,8 +78,8 @@ def test_config_errors_name_the_field():
         load_config(["lr=-1"])
     with pytest.raises(ConfigError, match=r"finetune: layer_decy: unknown key"):
         load_config(["layer_decy=0.5"])
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        load_config(["warmup_steps=20"], steps=10)
+    with pytest.raises(ConfigError, match=r"finetune: min_lr: 0.01 is above lr=0.001"):
+        load_config(["lr=1e-3", "min_lr=1e-2"])
     cfg, backbone = load_config(["backbone=convnext_atto", "mix_prob=0.5"], steps=7)
     assert backbone == ["backbone=convnext_atto"] and cfg.mix_prob == 0.5 and cfg.steps == 7
     assert cfg.warmup() == 0
@@ -187,7 +188,7 @@ def test_cli_convnext_scratch_with_mixing_and_clear_errors(one_thread, tmp_path,
 
 @pytest.mark.parametrize("cutmix_share", [0.0, 1.0])
 def test_mixed_targets_weigh_each_label_by_its_share_of_the_image(one_thread, cutmix_share):
-    from m3i.eval.finetune import MixCut
+    from m3i.train.finetune import MixCut
 
     torch.manual_seed(0)
     n, classes, eps = 16, 4, 0.1
@@ -202,3 +203,101 @@ def test_mixed_targets_weigh_each_label_by_its_share_of_the_image(one_thread, cu
     expected = (shares * (torch.arange(classes) + 1).float()).sum(1)
     assert torch.allclose(xm.mean((1, 2, 3)), expected, atol=1e-5)
     assert (shares.max(1).values < 1 - 1e-3).any()  # some images really were mixed
+
+
+# -- fine-tuning through the pre-training loop -------------------------------------------------
+SCRATCH_ARGS = ["finetune", "--checkpoint", "scratch", "--dataset", "emoji:category", "--no-progress", "--device",
+                "cpu", *TINY_BACKBONE, "batch_size=8", "test_limit=16", "eval_batch_size=16", "log_every=1",
+                "precision=fp32"]
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def nan_at(monkeypatch, bad_steps: set[int]):
+    """The classifier's training forward pass gives NaN logits at these (1-based) steps: a step whose
+    loss is not finite, as a too high learning rate gives; scoring (eval mode) is left alone."""
+    from m3i.train.finetune import Classifier
+
+    real, calls = Classifier.forward, [0]
+
+    def forward(self, x):
+        out = real(self, x)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_steps:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(Classifier, "forward", forward)
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_non_finite_step_is_skipped_and_counted_as_in_pre_training(one_thread, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 2 of 4: the step is skipped (the weights as they were), counted in
+    bad_steps from step 2 on, and the run ends with its checkpoint (it used to stop at once)."""
+    nan_at(monkeypatch, {2})
+    out = tmp_path / "ft"
+    assert main([*SCRATCH_ARGS, "--steps", "4", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "step 2: 1 step(s) skipped since step 1 (loss or gradients not finite; 1 in a row now, 1 in all)" \
+        in captured.out
+    assert [(r["step"], r["bad_steps"]) for r in rows(out)] == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    _, state = ckpt.load(out)
+    assert state["step"] == 4 and state["bad_steps"] == 1 and "finetune" in state
+    assert all(torch.isfinite(v).all() for v in load_run(out).backbone.state_dict().values() if v.is_floating_point())
+
+
+@needs_data
+@pytest.mark.slow
+def test_max_bad_steps_in_a_row_stop_the_run_with_one_line(one_thread, tmp_path, monkeypatch, capsys):
+    nan_at(monkeypatch, set(range(1, 100)))
+    out = tmp_path / "ft"
+    assert main([*SCRATCH_ARGS, "--steps", "6", "--out", str(out), "max_bad_steps=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["m3i finetune: error: the loss or its gradients were not finite for 2 steps in a row (by step 2); "
+                   "stopping. The last good checkpoint is none yet. Lower lr or check the data."]
+    assert not (out / "checkpoints").exists()
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_warm_up_longer_than_the_run_is_cut_short_as_in_pre_training(one_thread, tmp_path, capsys):
+    """warmup_steps 5 of 2 steps: one warning line, and the run trains with the rate rising as the
+    schedule says, lr · s / 6 at step s (it used to be refused)."""
+    result = tmp_path / "r.json"
+    assert main([*SCRATCH_ARGS, "--steps", "2", "--out", str(tmp_path / "ft"), "--json", str(result),
+                 "warmup_steps=5", "lr=3e-3"]) == 0
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("m3i: warning: ")] == [
+        "m3i: warning: finetune: warmup_steps 5 is more than steps 2: the warm-up is cut short, the run ending at 33% "
+        "of lr"]
+    history = json.loads(result.read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert h["lr"][-1] == pytest.approx(3e-3 * h["step"] / 6, rel=1e-12)  # the head's group, at level L
+    assert [r["lr"] for r in rows(tmp_path / "ft")] == [h["lr"] for h in history]
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_fine_tuning_run_is_a_run_folder_pre_training_does_not_resume(one_thread, run, tmp_path, capsys):
+    """Written as pre-training writes a run (config, metrics, a checkpoint with the training state
+    beside the head and the scores); `m3i pretrain --resume` of it is refused with one line and
+    changes nothing, `--init-from` takes its weights."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(run), "--dataset", "emoji:category", "--steps", "2", "--out",
+                 str(out), "--no-progress", "batch_size=8", "test_limit=16", "log_every=1"]) == 0
+    capsys.readouterr()
+    weights, state = ckpt.load(out)
+    assert {"optimizer", "scheduler", "rng", "head", "classes", "bad_steps"} <= set(state)
+    assert state["finetune"]["metrics"].keys() == {"top1", "top5"} and state["classes"] == splits("emoji:category")[4]
+    assert rows(out)[-1]["top1"] == state["finetune"]["metrics"]["top1"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["pretrain", "--resume", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"m3i pretrain: error: --resume {out}: a fine-tuning run (m3i finetune) is not continued by pre-training; "
+        f"start from its weights with --init-from {out}")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
