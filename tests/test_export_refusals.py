@@ -10,13 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from conftest import HANG
+from faults.faultkit import image_folder
 from m3i import export as export_module
 from m3i.cli import main
 from m3i.config import load_recipe
@@ -33,11 +32,7 @@ def runs(tmp_path_factory):
     """A one-step SimCLR run of the demo's ResNet (no timm layout) and one of a ViT (timm layout), on
     a folder of random images; a run that has no checkpoint yet."""
     root = tmp_path_factory.mktemp("runs")
-    g = np.random.default_rng(0)
-    for c in "ab":
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    image_folder(root / "data", per_class=4, size=32)
     data = f"data.sources=[{{spec: 'folder:{root / 'data'}'}}]"
     for name, backbone in (("resnet", ["backbone.name=resnet_nano"]), ("vit", ["backbone.name=vit_nano", "backbone.depth=1"])):
         loop.pretrain(load_recipe("simclr", overrides=SMALL + [data, *backbone]), root / name, progress=False)

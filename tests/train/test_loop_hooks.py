@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from faults.faultkit import image_folder
+
 import pytest
-from PIL import Image
 
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.train import loop
 
 TINY = str(Path(__file__).parents[1] / "faults" / "tiny.yaml")  # a one-block ViT on 16 px, fp32, batch of 8
-
-
-def image_folder(root: Path, per_class: int = 8) -> Path:
-    g = np.random.default_rng(0)
-    for c in "ab":
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(g.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i:03d}.png")
-    return root
 
 
 def test_a_monitor_with_no_data_set_is_refused_before_the_run_folder_is_made(tmp_path, capsys, one_thread):
