@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import table_head, write_table
 from compare import TASKS, load_evalsets, score_all, train
 
 VARIANTS = {
@@ -51,7 +52,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
             (out / "results.json").write_text(json.dumps({"config": vars(a), "runs": rows}, indent=2))
     lines = [f"m3i ablations, backbone {a.backbone}, {a.steps} steps × batch {a.batch}, {a.seeds} seed(s)", "",
-             "| variant | " + " | ".join(TASKS) + " | train s |", "|---" * (len(TASKS) + 2) + "|"]
+             *table_head(["variant", *TASKS, "train s"])]
     for name in a.variants:
         rs = [r for r in rows if r["variant"] == name]
         cells = []
@@ -59,8 +60,7 @@ def main() -> None:
             v = [r["scores"][t] for r in rs if r["scores"][t] is not None]
             cells.append(f"{np.mean(v) * 100:.1f}" if v else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out / "table.md", lines)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ interleaved, best of several rounds, so a busy machine slows them alike).
 
     PYTHONPATH=src python benchmarks/accumulation.py [--recipe m3i] [--batch 32] [--ks 1 2 4] [--rounds 3] [overrides...]
 
-(the overrides are added to a small ViT in fp32 with the scratch text tower: ``DEFAULTS``)
+(the overrides are added to a small ViT in fp32 with the scratch text tower: ``DEFAULTS``). Each
+K's step is the trainer's own (``m3i.train.setup``), built with no data and no run folder.
 
 Prints, for each K, the time of a step and its peak memory, and their ratios to K = 1. Peak
 memory is what the step allocates above what it starts with: on CUDA
@@ -16,53 +17,45 @@ compute at best, more where small micro-batches use the hardware less well.
 from __future__ import annotations
 
 import argparse
-import time
-from contextlib import nullcontext
 
 import torch
 
+from common import m3i_step, random_batch, sync, text_tower_overrides, timed, trainer_step
 from m3i.config import load_recipe
-from m3i.objective import Objective
-from m3i.train.loop import lr_lambda
-from m3i.device import autocast_for
-from m3i.train.step import BadSteps, TrainStep, make_optimizer
 
-DEFAULTS = ["backbone.name=vit_micro", "train.precision=fp32", "terms.2.target_encoder.tower=scratch"]
+DEFAULTS = ["backbone.name=vit_micro", "train.precision=fp32"]  # and the caption terms on the scratch tower
 
 
-def step_fn(recipe, k: int, device: torch.device) -> TrainStep:
-    train = recipe.train.model_copy(update={"accum_steps": k})
-    torch.manual_seed(0)
-    obj = Objective(recipe, num_classes=10).to(device)
-    opt = make_optimizer(obj.param_groups(train.weight_decay), train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
-    autocast = autocast_for(device, train.precision) if device.type == "cuda" else nullcontext()
-    return TrainStep(obj, obj, opt, sched, train, autocast, BadSteps(device))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_bytes(step: TrainStep, batch: dict, device: torch.device) -> int:
-    """The most the step holds at once above what it starts with."""
+def peak_bytes(step, device: torch.device) -> int:
+    """The most ``step`` (a call of the trainer's step) holds at once above what it starts with."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-        step(batch, 1)
+        step()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(batch, 1)
+        step()
     held = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):  # each op's own allocations, frees too
         held += e.self_cpu_memory_usage
         peak = max(peak, held)
     return peak
+
+
+def best_times(steps: dict, rounds: int, device: torch.device) -> dict[int, float]:
+    """Per K, the fastest of ``rounds`` steps, the Ks interleaved in every round."""
+    for st in steps.values():  # warm-up
+        st()
+    sync(device)
+    best = {k: float("inf") for k in steps}
+    for _ in range(rounds):
+        for k, st in steps.items():
+            best[k] = min(best[k], timed(st, device))
+    return best
 
 
 def main() -> None:
@@ -75,27 +68,17 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", default=[])
     a = p.parse_args()
     device = torch.device(a.device)
-    recipe = load_recipe(a.recipe, overrides=DEFAULTS + a.overrides + [f"data.batch_size={a.batch}"])
-    g = torch.Generator().manual_seed(0)
-    s = recipe.data.image_size
-    batch = {"image": torch.randint(0, 256, (a.batch, 3, s, s), dtype=torch.uint8, generator=g),
-             "label": torch.randint(0, 10, (a.batch,), generator=g),
-             "caption": [f"a picture number {i}" for i in range(a.batch)]}
-    steps = {k: step_fn(recipe, k, device) for k in a.ks}
-    staged = {k: st.objective.stage(batch, device) for k, st in steps.items()}  # as the loop stages it, before the step
-    for k, st in steps.items():  # warm-up
-        st(staged[k], 0)
-    sync(device)
-    best = {k: float("inf") for k in a.ks}
-    for _ in range(a.rounds):
-        for k, st in steps.items():
-            t0 = time.perf_counter()
-            st(staged[k], 1)
-            sync(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    peak = {k: peak_bytes(st, staged[k], device) for k, st in steps.items()}
+    ov = DEFAULTS + text_tower_overrides(a.recipe, "scratch") + a.overrides + [f"data.batch_size={a.batch}"]
+    recipe = load_recipe(a.recipe, overrides=ov)
+    batch = random_batch(a.batch, recipe.data.image_size, 10)
+    runs = {k: trainer_step(recipe.model_copy(update={"train": recipe.train.model_copy(update={"accum_steps": k})}),
+                            device, 10, batch["caption"]) for k in a.ks}
+    # each K's step on the batch staged once, as the loop stages it before the step
+    steps = {k: m3i_step(run, batch).staged() for k, run in runs.items()}
+    best = best_times(steps, a.rounds, device)
+    peak = {k: peak_bytes(st, device) for k, st in steps.items()}
     base = a.ks[0]
-    params = sum(p.numel() * p.element_size() for p in steps[base].params)
+    params = sum(p.numel() * p.element_size() for p in runs[base].step.params)
     print(f"{a.recipe} ({recipe.backbone.name}, {recipe.data.image_size} px), batch {a.batch}, {device.type}, "
           f"{torch.get_num_threads()} threads, best of {a.rounds} interleaved rounds; trainable parameters "
           f"{params / 2**20:.1f} MiB (their gradients are part of every step's peak)")

@@ -23,11 +23,11 @@ import argparse
 
 import timm
 import timm.models.convnext as tc
-import timm.models.vision_transformer as tv
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common import timm_vit
 from m3i.backbones import build_backbone
 
 
@@ -72,8 +72,7 @@ def main():
     w = load_file(a.file)
     x = torch.randn(2, 3, a.img, a.img)
     if a.family == "vit":
-        ref = tv.VisionTransformer(img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
-                                   num_heads=a.heads, num_classes=0)
+        ref = timm_vit(a.img, a.patch, a.dim, a.depth, a.heads)
         mine = build_backbone("vit_micro", img_size=a.img, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
                               num_heads=a.heads)
     else:

@@ -27,17 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from m3i.config import load_recipe
-from m3i.eval.run import PIXELS, load_evalset, score
-from m3i.runs import load_run
-from m3i.train.loop import pretrain
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, also where this file is loaded by its path
+from common import (evalsets_of, fit_mix, label_classes, mean_seconds, run_parallel, score_tasks,  # noqa: E402
+                    table_head, text_tower_overrides)
+
+from m3i.config import load_recipe  # noqa: E402
+from m3i.eval.run import PIXELS  # noqa: E402
+from m3i.runs import load_run  # noqa: E402
+from m3i.train.loop import pretrain  # noqa: E402
 
 RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
 STAGES = ["sim", "clip", "supervised"]  # the multi-stage pipeline, each continuing from the last
@@ -69,26 +72,8 @@ BACKBONES = {
 }
 
 
-def fit_mix_override(split: str = "fit") -> str:
-    """``data.sources=[...]``: the built-in mix on the ``fit`` part of each set (for choices made
-    on ``val``), as one key=value override."""
-    from m3i.config import builtin_mix
-
-    sources = [s.model_dump() | {"spec": s.spec.replace(":train", f":{split}")} for s in builtin_mix()]
-    return "data.sources=" + json.dumps(sources)
-
-
 def tuned_overrides(recipe: str, tuned: dict) -> list[str]:
     return [f"{k}={v}" for k, v in tuned.get(recipe, {}).items()]
-
-
-def text_tower_overrides(recipe: str, tower: str | None) -> list[str]:
-    """Put every caption term of ``recipe`` on another text tower (``scratch`` where the MiniLM
-    weights are not installed)."""
-    if not tower:
-        return []
-    return [f"terms.{i}.target_encoder.tower={tower}" for i, t in enumerate(load_recipe(recipe).terms)
-            if t.target.kind == "caption"]
 
 
 def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int, split: str = "test",
@@ -99,7 +84,7 @@ def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int,
     if not backbone == "vit" and load_recipe(recipe).views.input_mode == "drop":
         ov.append("views.input_mode=fill")
     if split == "val":
-        ov.append(fit_mix_override())
+        ov.append(fit_mix())
     if workers is not None:
         ov.append(f"data.num_workers={workers}")
     return ov + text_tower_overrides(recipe, text_tower) + tuned_overrides(recipe, tuned or {})
@@ -135,6 +120,14 @@ def train(recipe: str, out: Path, backbone: str, steps: int | list[int], batch: 
 BUDGETS = ("flops", "images", "seconds")
 
 
+def _number(text: str) -> float:
+    """``text`` as a number; NaN where it is none (refused with the budget's own message)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def parse_budget(text: str) -> tuple[str, float]:
     """``flops=X`` (a number, ``demo`` or ``demo*F``), ``images=N`` or ``seconds=S`` -> (kind,
     amount); ``demo`` is returned as the amount's factor, negative (resolved by :func:`plan`)."""
@@ -143,17 +136,11 @@ def parse_budget(text: str) -> tuple[str, float]:
         raise ValueError(f"--budget: expected flops=X, images=N or seconds=S, got {text!r}")
     if kind == "flops" and value.startswith("demo"):
         factor = value[len("demo"):]
-        try:
-            f = float(factor[1:]) if factor.startswith("*") else 1.0 if not factor else float("nan")
-        except ValueError:
-            f = float("nan")
+        f = _number(factor[1:]) if factor.startswith("*") else 1.0 if not factor else float("nan")
         if not f > 0:
             raise ValueError(f"--budget: expected flops=demo or flops=demo*F with F > 0, got {text!r}")
         return kind, -f
-    try:
-        amount = float(value)
-    except ValueError:
-        amount = float("nan")
+    amount = _number(value)
     if not amount > 0:
         raise ValueError(f"--budget: {kind} must be a positive number, got {value!r}")
     return kind, amount
@@ -163,24 +150,19 @@ def stage_cost(stage: str, a: argparse.Namespace, kind: str, tuned: dict | None 
     """One training step of ``stage`` as the comparison runs it (with its ``tuned`` overrides, which
     may change its terms): its FLOPs, or its seconds on this machine (the mean of 3 steps after one
     of warm-up, on a synthetic batch)."""
+    import torch
+
+    from m3i.objective import Objective
     from m3i.train.dryrun import step_flops, synthetic_batch
-    from m3i.train.loop import build_mixture
 
     r = load_recipe(stage, overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split, tuned=tuned,
                                                    text_tower=a.text_tower, workers=0))
-    classes = build_mixture(r).num_classes if any(t.target.kind == "label" for t in r.terms) else 0
+    classes = label_classes(r)
     if kind == "flops":
         return float(step_flops(r, classes, a.batch))
-    from m3i.objective import Objective
-
     obj = Objective(r, classes).train()
     data = synthetic_batch(r, a.batch, classes)
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        obj(data)["loss"].backward()
-        times.append(time.perf_counter() - t0)
-    return float(np.mean(times[1:]))
+    return mean_seconds(lambda: obj(data).loss.backward(), torch.device("cpu"))
 
 
 def plan(a: argparse.Namespace, tuned: dict | None = None) -> dict[str, dict]:
@@ -215,13 +197,8 @@ def plan(a: argparse.Namespace, tuned: dict | None = None) -> dict[str, dict]:
 
 
 def load_evalsets(limit: int | None, split: str = "test", size: int = 32) -> dict:
-    evalsets = {}
-    for task, dataset, _ in TASKS.values():
-        key = (dataset, task in ("knn", "linear"))
-        if key not in evalsets:
-            evalsets[key] = load_evalset(dataset, size, with_train=key[1], split=split,
-                                         limit=limit if dataset == "fashion-mnist" else None, progress=False)
-    return evalsets
+    """The eval sets of the comparison's tasks."""
+    return evalsets_of(TASKS, limit, split, size)
 
 
 def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu", a: argparse.Namespace | None = None,
@@ -229,14 +206,7 @@ def score_all(checkpoint: Path | str, evalsets: dict, device: str = "cpu", a: ar
     """Every task's headline number; None where the model has no text tower for retrieval.
     With ``a`` (the comparison's arguments) also the dense probe and the fine-tuning column."""
     obj = PIXELS if checkpoint == PIXELS else load_run(checkpoint, device)
-    has_text = obj != PIXELS and any(t.cfg.target.kind == "caption" for t in obj.terms)
-    scores, features = {}, {}
-    for name, (task, dataset, metric) in TASKS.items():
-        if task == "retrieval" and not has_text:
-            scores[name] = None
-            continue
-        m = score(obj, task, evalsets[(dataset, task in ("knn", "linear"))], False, features)["metrics"]
-        scores[name] = (m["i2t_R@1"] + m["t2i_R@1"]) / 2 if metric == "R@1" else m[metric]
+    scores = score_tasks(obj, TASKS, evalsets)
     if a is not None and a.dense:
         from m3i.eval.segmentation import segmentation_score
 
@@ -280,25 +250,6 @@ def finetune_top1(checkpoint: Path | str, a: argparse.Namespace, backbone: str) 
 
 
 _EVALSETS: dict = {}
-
-
-def run_parallel(fn, calls: list[tuple], jobs: int, done, catch: bool = False) -> None:
-    """``done(fn(*args))`` for every ``args`` of ``calls``, in order; with ``jobs`` > 1 in that many
-    spawned processes. ``catch``: a call that raises is printed and skipped, the others still run."""
-    def each(results):
-        for args, get in results:
-            try:
-                done(get())
-            except Exception as e:
-                if not catch:
-                    raise
-                print(f"{args[0]}: {type(e).__name__}: {e}", flush=True)
-
-    if jobs <= 1:
-        each((args, lambda args=args: fn(*args)) for args in calls)
-        return
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        each([(args, pool.submit(fn, *args).result) for args in calls])
 
 
 def run_one(recipe: str, seed: int, a: argparse.Namespace, tuned: dict, budget: dict) -> dict:
@@ -416,8 +367,7 @@ def summarise(results: dict, out: Path) -> str:
            f"{budget['amount']:,.0f} {budget['kind']}" if budget else "")
     lines = [f"Backbone: {cfg['backbone']}; budget {per} per run (`--budget {cfg.get('budget')}`), batch "
              f"{cfg['batch']}; {cfg['seeds']} seed(s); mean ± std over seeds; {where}.", "",
-             "| recipe | " + " | ".join(tasks) + " | mean rank | TFLOP | steps | images | train s | img/s |",
-             "|---" * (len(tasks) + 7) + "|"]
+             *table_head(["recipe", *tasks, "mean rank", "TFLOP", "steps", "images", "train s", "img/s"])]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]
         rs = [r for r in runs if r["recipe"] == rec]
@@ -430,12 +380,19 @@ def summarise(results: dict, out: Path) -> str:
                      + (f"{secs:.0f} | {np.mean(ips):.0f} |" if ips else "– | – |"))
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
+    plot(stats, f"{cfg['backbone']}, {per} per run", out)
+    return table
+
+
+def plot(stats: dict[str, dict[str, tuple[float, float] | None]], what: str, out: Path) -> None:
+    """OUT/<task>.png: a bar per recipe (mean ± std over seeds), the baselines' levels dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for task in tasks:
+    recipes = list(stats)
+    for task in dict.fromkeys(t for rec in recipes for t in stats[rec]):
         have = [rec for rec in recipes if stats[rec][task]]
         if not have:
             continue
@@ -449,13 +406,12 @@ def summarise(results: dict, out: Path) -> str:
             if base in have:
                 ax.axhline(stats[base][task][0] * 100, color="black", lw=0.8, ls="--")
         ax.set_ylabel(f"{task} (%)")
-        ax.set_title(f"{task} — {cfg['backbone']}, {per} per run")
+        ax.set_title(f"{task} — {what}")
         lo = min(means) - max(errs + [0]) - 5
         ax.set_ylim(max(0, lo), min(100, max(means) + max(errs + [0]) + 3))
         fig.tight_layout()
         fig.savefig(out / f"{task.replace('@', '')}.png", dpi=110)
         plt.close(fig)
-    return table
 
 
 def merge(sources: list[str], out: Path) -> dict:

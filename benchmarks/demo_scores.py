@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from common import ROOT, metrics
 from compare import (DENSE, FINETUNE, PIXELS, SCRATCH, detection_columns, finetune_top1, load_evalsets, score_all,
                      settings)
 
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"fmnist_knn": "F-MNIST k-NN", "fmnist_linear": "F-MNIST linear", "emoji_cat_linear": "emoji cat.",
           "emoji_sub_linear": "emoji subcat.", "digits_linear": "digits (unseen)", DENSE[0]: "scenes mIoU",
           FINETUNE[0]: "F-MNIST fine-tuned",
@@ -67,8 +67,7 @@ def main() -> None:
     evalsets = load_evalsets(None, "test")
     scores = {"demo": score_all(a.run, evalsets, "cpu", cmp), PIXELS: score_all(PIXELS, evalsets, "cpu", cmp),
               SCRATCH: {FINETUNE[0]: finetune_top1(SCRATCH, cmp, "resnet"), **detection_columns(SCRATCH, cmp, "resnet")}}
-    rows = [json.loads(line) for line in (Path(a.run) / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "img_per_s" in r][-1]
+    last = [r for r in metrics(a.run) if "img_per_s" in r][-1]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scores.json").write_text(json.dumps({

@@ -31,7 +31,6 @@ step as the trainer stages it, so they measure the step, not the loader.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -44,21 +43,15 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import (ROOT, PeerUpdate, PeerViews, StagedStep, child_env, m3i_step, metrics, pretrain_metrics,
+                    steady_img_per_s, sync, text_tower_overrides, timm_vit)
+
 SECTIONS = ("peak", "vit", "timm", "open_clip", "vit_compile", "ddp", "recipes")
 # seconds: the most each section may take; the whole run also stops at --budget
 LIMITS = {"peak": 30, "vit": 100, "timm": 60, "open_clip": 60, "vit_compile": 150, "ddp": 60, "recipes": 90}
 
 
 # -- shared pieces --------------------------------------------------------------------------------
-def caption_overrides(recipe_name: str) -> list[str]:
-    """Switch every caption term of a recipe to the scratch text tower (no MiniLM weights needed)."""
-    from m3i.config import load_recipe
-
-    r = load_recipe(recipe_name)
-    return [f"terms.{i}.target_encoder.tower=scratch" for i, t in enumerate(r.terms) if t.target.kind == "caption"]
-
-
 class TimeBox(Exception):
     pass
 
@@ -76,13 +69,6 @@ def time_box(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def error_text(e: BaseException) -> str:
@@ -116,7 +102,6 @@ def section_recipes(a, part: dict, save) -> None:
     """Every recipe through the real trainer, steps 5..N timed by the trainer's own meter."""
     from m3i.config import load_recipe, recipe_names
     from m3i.data.spec import parse_spec
-    from m3i.train.loop import pretrain
 
     # every recipe on the built-in data (the paper-scale ones read data sets a check machine lacks)
     builtin = ("fashion-mnist", "emoji", "digits")
@@ -129,21 +114,17 @@ def section_recipes(a, part: dict, save) -> None:
         row: dict = {}
         t0 = time.perf_counter()
         try:
-            ov = caption_overrides(name) + [f"train.steps={steps}", "train.log_every=1", f"train.ckpt_every={steps}",
-                                            "train.warmup_steps=2", "train.seed=0"]
+            ov = text_tower_overrides(name, "scratch") + [f"train.steps={steps}", "train.log_every=1",
+                                                          f"train.ckpt_every={steps}", "train.warmup_steps=2",
+                                                          "train.seed=0"]
             if a.smoke:
                 ov += ["data.batch_size=16", "data.num_workers=0"]
             recipe = load_recipe(name, overrides=ov)
-            with tempfile.TemporaryDirectory() as d, time_box(per):
-                pretrain(recipe, d, device=a.device, progress=False)
-                lines = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            with time_box(per):
+                lines = pretrain_metrics(recipe, a.device)
             batch = recipe.data.batch_size
-            first = lines[min(4, len(lines) - 2)] if len(lines) > 1 else lines[0]
-            end = lines[-1]
-            t_first, t_end = first["step"] * batch / first["img_per_s"], end["step"] * batch / end["img_per_s"]
-            rate = (end["step"] - first["step"]) * batch / (t_end - t_first) if t_end > t_first else end["img_per_s"]
-            row.update(ok=True, img_per_s=rate, batch=batch, img_size=recipe.data.image_size,
-                       backbone=recipe.backbone.name, final_loss=end["loss"],
+            row.update(ok=True, img_per_s=steady_img_per_s(lines, batch), batch=batch,
+                       img_size=recipe.data.image_size, backbone=recipe.backbone.name, final_loss=lines[-1]["loss"],
                        loss_finite=all(math.isfinite(x["loss"]) for x in lines))
         except BaseException as e:  # noqa: BLE001 - recorded, the next recipe runs
             if isinstance(e, KeyboardInterrupt):
@@ -167,48 +148,28 @@ def vit_overrides(a, batch: int | None = None) -> list[str]:
     return ov + ["train.precision=bf16", "train.steps=1000", "data.num_workers=0"]
 
 
-def m3i_step(a, name: str, batch: int | None = None, compile_: bool = False, cpu_batch: dict | None = None,
-             text: str = "scratch"):
-    """(step, info): the trainer's own step (m3i.train.step: views, masks, every term, backward,
-    clip, AdamW, EMA) of recipe ``name`` on ViT-B/16, on one real batch of the built-in mix staged
-    every step as the loop stages it (host-drawn view parameters, pinned, non_blocking)."""
+def recipe_step(a, name: str, batch: int | None = None, compile_: bool = False, text: str = "scratch"):
+    """(step, info, cpu_batch, objective): the trainer's own step (views, masks, every term,
+    backward, clip, AdamW, EMA) of recipe ``name`` on ViT-B/16, its objective and step built as
+    ``m3i pretrain`` builds them (m3i.train.setup; ``compile_``: with train.compile), on one real
+    batch of the built-in mix staged every step as the loop stages it (host-drawn view
+    parameters, pinned, non_blocking)."""
     import torch
 
     from m3i.config import load_recipe
-    from m3i.objective import Objective
-    from m3i.train.loop import build_mixture, lr_lambda
-    from m3i.train.step import BadSteps, TrainStep, make_optimizer
-    from m3i.train.strategy import compile_blocks
+    from m3i.train import setup
 
     dev = torch.device(a.device)
-    ov = caption_overrides(name) if text == "scratch" else []
-    recipe = load_recipe(name, overrides=vit_overrides(a, batch) + ov)
-    tr = recipe.train
-    mixture = build_mixture(recipe)
-    cpu_batch = cpu_batch or next(iter(mixture))
-    torch.manual_seed(0)
-    objective = Objective(recipe, mixture.num_classes).to(dev)
-    objective.prepare(type("Batch", (), {"captions": lambda _: [c for c in cpu_batch["caption"] if c]})())
-    info = {"recipe": name, "batch": cpu_batch["image"].shape[0], "compile": compile_, "text_tower": text,
+    ov = text_tower_overrides(name, "scratch") if text == "scratch" else []
+    recipe = load_recipe(name, overrides=vit_overrides(a, batch) + ov + [f"train.compile={str(compile_).lower()}"])
+    objective, mixture = setup.build_objective(recipe, dev, progress=False)
+    cpu_batch = next(iter(mixture))
+    run = setup.ready_run(recipe, objective, dev)  # compiled, as in the trainer, before the step holds its parameters
+    info = {"recipe": name, "batch": len(cpu_batch), "compile": compile_, "text_tower": text,
             "backbone_params": sum(p.numel() for p in objective.backbone.parameters())}
-    if compile_:  # before the step holds its parameter lists, as in the trainer
-        info["compiled_units"] = compile_blocks(objective)
-    opt = make_optimizer(objective.param_groups(tr.weight_decay), tr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr))
-    train_step = TrainStep(objective, objective, opt, sched, tr, torch.autocast(dev.type, dtype=torch.bfloat16),
-                           BadSteps(dev))
-    count = [0]
-
-    def run(staged: dict):
-        out = train_step(staged, count[0])
-        count[0] += 1
-        return out["loss"]
-
-    def step():
-        return run(objective.stage(cpu_batch, dev))
-
-    step.staged = lambda: functools.partial(run, objective.stage(cpu_batch, dev))  # the host's share done
-    return step, info, cpu_batch, objective
+    if compile_:
+        info["compiled_units"] = run.compiled
+    return m3i_step(run, cpu_batch), info, cpu_batch, objective
 
 
 def host_syncs(step, dev) -> dict:
@@ -285,7 +246,7 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
     part.update(model="ViT-B/16" if not a.smoke else "vit_micro depth 2 (smoke)", precision="bf16",
                 compile=compile_, rows={})
     for batch in a.vit_batches:
-        step, info, _, _ = m3i_step(a, "m3i", batch, compile_)
+        step, info, _, _ = recipe_step(a, "m3i", batch, compile_)
         part.update(backbone_params=info["backbone_params"], img_size=224 if not a.smoke else 32)
         if compile_:
             part["compiled_units"] = info["compiled_units"]
@@ -296,46 +257,30 @@ def section_vit(a, part: dict, save, compile_: bool = False) -> None:
         report(f"m3i {'compiled' if compile_ else 'eager'} batch {batch}", row)
 
 
-def timm_vit(a, num_classes: int):
+def peer_vit(a, num_classes: int):
+    """timm's ViT-B/16 (ViT D192 depth 2 at 32 px with --smoke)."""
     if a.smoke:
-        from timm.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, num_classes=num_classes)
+        return timm_vit(32, 4, 192, 2, 3, num_classes)
     import timm
 
     return timm.create_model("vit_base_patch16_224", num_classes=num_classes)
 
 
-def peer_step(a, objective, cpu_batch: dict, model, loss_fn):
+def peer_step(a, objective, cpu_batch, model, loss_fn) -> StagedStep:
     """A peer's step: the same views as m3i's step (m3i's view stage: host-drawn parameters, applied
-    on the device), its own model and loss, fused AdamW, clip 1.0, bf16 autocast."""
+    on the device), its own model and loss, the peers' one optimiser step (common.PeerUpdate)."""
     import torch
-
-    from m3i.objective import to_device
 
     dev = torch.device(a.device)
     model.to(dev).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    images = cpu_batch["image"].to(dev)
-    aug = objective.augment[0]
-    b, c, h, w = images.shape
+    update = PeerUpdate(model)
+    views = PeerViews(objective, cpu_batch["image"].to(dev), count=1)
 
-    def run(drawn: dict):
-        x = aug.apply(images.float() / 255, drawn)[0]
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = loss_fn(model, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss
+    def run(drawn: list[dict]):
+        x = views.apply(drawn)[0]
+        return update(lambda: loss_fn(model, x), dev)
 
-    def step():
-        return run(to_device(aug.draw(b, c, h, w), dev))
-
-    step.staged = lambda: functools.partial(run, to_device(aug.draw(b, c, h, w), dev))
-    return step
+    return StagedStep(views.draw, run)
 
 
 def side_by_side(a, part: dict, save, ours, theirs, names: tuple[str, str], batch: int) -> None:
@@ -358,9 +303,9 @@ def section_timm(a, part: dict, save) -> None:
     """timm's ViT-B/16 with its own head and cross-entropy against m3i's supervised recipe."""
     import torch.nn.functional as F
 
-    ours, info, cpu_batch, objective = m3i_step(a, "supervised")
+    ours, info, cpu_batch, objective = recipe_step(a, "supervised")
     labels = cpu_batch["label"].clamp(min=0).to(a.device)
-    theirs = peer_step(a, objective, cpu_batch, timm_vit(a, objective.terms[0].classes.weight.shape[0]),
+    theirs = peer_step(a, objective, cpu_batch, peer_vit(a, objective.terms[0].classes.weight.shape[0]),
                        lambda m, x: F.cross_entropy(m(x).float(), labels))
     part.update(peer=f"timm {__import__('timm').__version__}", m3i_recipe="supervised")
     side_by_side(a, part, save, ours, theirs, ("m3i supervised", "timm"), info["batch"])
@@ -379,7 +324,7 @@ def section_open_clip(a, part: dict, save) -> None:
         text = "minilm"
     except ImportError:
         text = "scratch"
-    ours, info, cpu_batch, objective = m3i_step(a, "clip", text=text)
+    ours, info, cpu_batch, objective = recipe_step(a, "clip", text=text)
     if a.smoke:
         visual = open_clip.transformer.VisionTransformer(image_size=32, patch_size=4, width=192, layers=2, heads=3,
                                                          mlp_ratio=4.0, output_dim=128)
@@ -419,8 +364,8 @@ def section_ddp(a, part: dict, save) -> None:
     on the CPU), the DDP wrap, a few steps, a checkpoint."""
     out = Path(a.tmp) / "ddp"
     script = Path(a.tmp) / "ddp_run.py"
-    ov = caption_overrides("m3i") + ["backbone.name=vit_micro", "backbone.patch_size=4", "train.steps=10",
-                                     "train.log_every=1", "train.warmup_steps=2"]
+    ov = text_tower_overrides("m3i", "scratch") + ["backbone.name=vit_micro", "backbone.patch_size=4",
+                                                   "train.steps=10", "train.log_every=1", "train.warmup_steps=2"]
     if a.smoke:
         ov += ["data.batch_size=16", "backbone.depth=2", "data.num_workers=0"]
     script.write_text(DDP_RUN.format(ov=ov, out=str(out), device=a.device))
@@ -432,12 +377,12 @@ def section_ddp(a, part: dict, save) -> None:
     if proc.returncode != 0 or not info:
         raise RuntimeError(f"torchrun exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
     part.update(json.loads(info[-1].removeprefix("DDPINFO ")))
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = metrics(out)
     part.update(steps=lines[-1]["step"], img_per_s=lines[-1]["img_per_s"],
                 loss_finite=all(math.isfinite(x["loss"]) for x in lines))
-    fsdp = Path(str(out) + "_fsdp") / "metrics.jsonl"
-    if fsdp.is_file():
-        f = [json.loads(x) for x in fsdp.read_text().splitlines() if x.strip()]
+    fsdp = Path(str(out) + "_fsdp")
+    if (fsdp / "metrics.jsonl").is_file():
+        f = metrics(fsdp)
         part.update(fsdp_steps=f[-1]["step"], fsdp_img_per_s=f[-1]["img_per_s"],
                     fsdp_loss_finite=all(math.isfinite(x["loss"]) for x in f),
                     fsdp_sharded_optimizer=(Path(part.get("fsdp_checkpoint", "")) / "optimizer" / ".metadata").is_file())
@@ -452,19 +397,11 @@ def run_section(a) -> None:
     def save():
         out.write_text(json.dumps(part, indent=2))
 
+    run = {"peak": section_peak, "recipes": section_recipes, "vit": section_vit, "timm": section_timm,
+           "open_clip": section_open_clip, "ddp": section_ddp,
+           "vit_compile": lambda *args: section_vit(*args, compile_=True)}[a.section]
     try:
-        if a.section == "peak":
-            section_peak(a, part, save)
-        elif a.section == "recipes":
-            section_recipes(a, part, save)
-        elif a.section in ("vit", "vit_compile"):
-            section_vit(a, part, save, compile_=a.section == "vit_compile")
-        elif a.section == "timm":
-            section_timm(a, part, save)
-        elif a.section == "open_clip":
-            section_open_clip(a, part, save)
-        elif a.section == "ddp":
-            section_ddp(a, part, save)
+        run(a, part, save)
         part["ok"] = True
     except BaseException as e:  # noqa: BLE001 - everything goes to the JSON
         part.update(ok=False, error=error_text(e), trace=traceback.format_exc()[-3000:])
@@ -537,7 +474,8 @@ def print_table(res: dict) -> None:
                      else f"FSDP ERROR {s.get('fsdp_error')}"))
 
 
-def main() -> None:
+def settings() -> argparse.Namespace:
+    """The command line, its defaults filled in (they depend on --smoke)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "results" / "gpu.json"))
     p.add_argument("--smoke", action="store_true", help="tiny models and steps on the CPU: checks the script runs")
@@ -558,14 +496,34 @@ def main() -> None:
     a.device = a.device or ("cpu" if a.smoke else "cuda")
     a.recipe_steps = a.recipe_steps or (3 if a.smoke else 20)
     a.vit_batches = a.vit_batches or ([16, 32] if a.smoke else [256, 512, 1024])
-    if a.tokenizer:
-        os.environ["M3I_TOKENIZER"] = str(Path(a.tokenizer).resolve())
-    # this checkout's m3i first, in this process and in every section's
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [x for x in [os.environ.get("PYTHONPATH")] if x])
-    sys.path.insert(0, str(ROOT / "src"))
-    if a.section:
-        return run_section(a)
+    return a
 
+
+def section_process(a, name: str, limit: float, tmp: str) -> dict:
+    """Section ``name`` in a process of its own, killed at ``limit`` seconds -> its part of the JSON."""
+    part = Path(tmp) / f"{name}.json"
+    cmd = [sys.executable, __file__, "--section", name, "--part", str(part), "--limit", str(limit),
+           "--tmp", tmp, "--device", a.device, "--recipe-steps", str(a.recipe_steps),
+           "--vit-batch", str(a.vit_batch), "--vit-batches", *map(str, a.vit_batches)] + (
+           ["--smoke"] if a.smoke else []) + (
+           ["--recipes", *a.recipes] if a.recipes else [])
+    print(f"\n-- {name} (limit {limit:.0f} s)", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=limit, env=os.environ.copy())
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    got = json.loads(part.read_text()) if part.is_file() else {}
+    if rc != 0:
+        got["ok"] = False
+        got.setdefault("error", f"killed at its {limit:.0f} s limit" if rc == "timeout" else f"exit {rc}")
+    got["wall_s"] = time.perf_counter() - t0
+    return got
+
+
+def check(a) -> None:
+    """Every section in turn within --budget, the JSON rewritten after each, then the summary."""
     t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -581,33 +539,24 @@ def main() -> None:
         for name in a.sections:
             left = a.budget - (time.perf_counter() - t_start)
             limit = min(LIMITS[name], left) if not a.smoke else 900
-            if limit < 15:
-                res["sections"][name] = {"ok": False, "error": f"skipped: {left:.0f} s of the budget left"}
-                write()
-                continue
-            part = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, __file__, "--section", name, "--part", str(part), "--limit", str(limit),
-                   "--tmp", tmp, "--device", a.device, "--recipe-steps", str(a.recipe_steps),
-                   "--vit-batch", str(a.vit_batch), "--vit-batches", *map(str, a.vit_batches)] + (
-                   ["--smoke"] if a.smoke else []) + (
-                   ["--recipes", *a.recipes] if a.recipes else [])
-            print(f"\n-- {name} (limit {limit:.0f} s)", flush=True)
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, timeout=limit, env=os.environ.copy())
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            got = json.loads(part.read_text()) if part.is_file() else {}
-            if rc != 0:
-                got["ok"] = False
-                got.setdefault("error", f"killed at its {limit:.0f} s limit" if rc == "timeout" else f"exit {rc}")
-            got["wall_s"] = time.perf_counter() - t0
-            res["sections"][name] = got
+            res["sections"][name] = (section_process(a, name, limit, tmp) if limit >= 15 else
+                                     {"ok": False, "error": f"skipped: {left:.0f} s of the budget left"})
             write()
     write()
     print_table(res)
     print(f"\nwrote {out} ({res['wall_s']:.0f} s)")
+
+
+def main() -> None:
+    a = settings()
+    if a.tokenizer:
+        os.environ["M3I_TOKENIZER"] = str(Path(a.tokenizer).resolve())
+    # this checkout's m3i first, in this process and in every section's
+    os.environ["PYTHONPATH"] = child_env()["PYTHONPATH"]
+    sys.path.insert(0, str(ROOT / "src"))
+    if a.section:
+        return run_section(a)
+    check(a)
 
 
 if __name__ == "__main__":

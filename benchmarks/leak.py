@@ -13,16 +13,10 @@ import json
 import time
 from pathlib import Path
 
+from common import mix_override, table_head, write_table
 from compare import BACKBONES, load_evalsets, score_all, train
 
-from m3i.config import builtin_mix
-
 TASKS = ["emoji_cat_linear", "emoji_sub_linear", "emoji_retrieval_R@1"]
-
-
-def mix(emoji_split: str) -> str:
-    sources = [s.model_dump() | {"spec": s.spec.replace("emoji:train", f"emoji:{emoji_split}")} for s in builtin_mix()]
-    return "data.sources=" + json.dumps(sources)
 
 
 def main() -> None:
@@ -40,20 +34,20 @@ def main() -> None:
     for seed in range(a.seeds):
         for name, split in (("all emoji (before)", "all"), ("train emoji only (now)", "train")):
             t0 = time.perf_counter()
-            ck, _ = train("m3i", out / "runs" / f"{split}-s{seed}", a.backbone, a.steps, a.batch, seed, [mix(split)])
+            ck, _ = train("m3i", out / "runs" / f"{split}-s{seed}", a.backbone, a.steps, a.batch, seed,
+                          [mix_override("emoji:train", f"emoji:{split}")])
             scores = score_all(ck, evalsets)
             rows.append({"pretrained_on": name, "seed": seed, "scores": {t: scores[t] for t in TASKS},
                          "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]), flush=True)
     (out / "results.json").write_text(json.dumps({"config": vars(a), "runs": rows}, indent=2))
     lines = [f"m3i recipe, {a.backbone}, {a.steps} steps × {a.batch}, {a.seeds} seed(s); scored on the test emoji", "",
-             "| pre-trained on | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+             *table_head(["pre-trained on", *TASKS])]
     for name in dict.fromkeys(r["pretrained_on"] for r in rows):
         rs = [r for r in rows if r["pretrained_on"] == name]
         lines.append(f"| {name} | " + " | ".join(f"{sum(r['scores'][t] for r in rs) / len(rs) * 100:.1f}"
                                                  for t in TASKS) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out / "table.md", lines)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,16 @@ import json
 import time
 from pathlib import Path
 
-from compare import fit_mix_override, run_parallel, text_tower_overrides
+import compare
+from common import evalsets_of, fit_mix, run_parallel, score_tasks, table_head, text_tower_overrides, write_table
 
 from m3i.config import load_recipe
-from m3i.eval.run import PIXELS, load_evalset, score
+from m3i.eval.run import PIXELS
 from m3i.runs import load_run
 from m3i.train.loop import pretrain
 
-TASKS = {  # name -> (task, dataset, metric), scored on the val split
-    "fmnist_knn": ("knn", "fashion-mnist", "top1"),
-    "fmnist_linear": ("linear", "fashion-mnist", "top1"),
-    "emoji_cat_linear": ("linear", "emoji:category", "top1"),
-    "emoji_sub_linear": ("linear", "emoji:subcategory", "top1"),
-}
+# name -> (task, dataset, metric), scored on the val split: the comparison's probes on the mix's sets
+TASKS = {k: compare.TASKS[k] for k in ("fmnist_knn", "fmnist_linear", "emoji_cat_linear", "emoji_sub_linear")}
 VARIANTS = {
     "vit_micro": ["backbone.name=vit_micro"],
     "vit_nano p8": ["backbone.name=vit_nano", "backbone.patch_size=8"],
@@ -39,19 +36,14 @@ VARIANTS = {
 
 
 def evalsets(limit: int | None) -> dict:
-    out = {}
-    for _, dataset, _ in TASKS.values():
-        if dataset not in out:
-            out[dataset] = load_evalset(dataset, 32, limit=limit if dataset == "fashion-mnist" else None,
-                                        progress=False, split="val")
-    return out
+    return evalsets_of(TASKS, limit, "val")
 
 
 def run_variant(name: str, a: argparse.Namespace, sets: dict | None = None) -> dict:
     """Pre-train one variant on the fit mix and score it on val."""
     ov = VARIANTS.get(name, name.split())  # a known variant, or overrides written out
     ov = (ov + a.extra + text_tower_overrides(a.recipe, a.text_tower)
-          + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix_override()])
+          + [f"train.steps={a.steps}", f"train.ckpt_every={a.steps}", fit_mix()])
     recipe = load_recipe(a.recipe, overrides=ov)
     t0 = time.perf_counter()
     ck = pretrain(recipe, Path(a.out) / "runs" / run_dirname(name), progress=False, device=a.device)
@@ -59,7 +51,7 @@ def run_variant(name: str, a: argparse.Namespace, sets: dict | None = None) -> d
     sets = sets or evalsets(a.limit)
     return {"variant": name, "recipe": a.recipe, "overrides": ov[:-1], "steps": a.steps, "device": a.device,
             "train_seconds": secs, "img_per_s": a.steps * recipe.data.batch_size / secs,
-            "scores": scores(load_run(ck, a.device), sets)}
+            "scores": score_tasks(load_run(ck, a.device), TASKS, sets)}
 
 
 def run_dirname(name: str, limit: int = 80) -> str:
@@ -68,12 +60,6 @@ def run_dirname(name: str, limit: int = 80) -> str:
     if len(safe) <= limit:
         return safe
     return f"{safe[:limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-def scores(model, sets: dict) -> dict[str, float]:
-    feats: dict = {}
-    return {name: score(model, task, sets[dataset], False, feats)["metrics"][metric]
-            for name, (task, dataset, metric) in TASKS.items()}
 
 
 def main() -> None:
@@ -94,7 +80,8 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": []}
     sets = evalsets(a.limit)
     if not any(r["variant"] == PIXELS for r in results["runs"]):
-        results["runs"].append({"variant": PIXELS, "steps": 0, "scores": scores(PIXELS, sets)})
+        results["runs"].append({"variant": PIXELS, "steps": 0, "scores": score_tasks(PIXELS, TASKS, sets)})
+
     def done(row: dict) -> None:
         results["runs"].append(row)
         print(json.dumps({k: row[k] for k in ("variant", "train_seconds", "img_per_s", "scores")}), flush=True)
@@ -102,15 +89,14 @@ def main() -> None:
 
     run_parallel(run_variant, [(name, a, None if a.jobs > 1 else sets) for name in a.variants], a.jobs, done,
                  catch=a.jobs > 1)
-    lines = ["| variant | steps | " + " | ".join(TASKS) + " | train s | img/s |", "|---" * (len(TASKS) + 4) + "|"]
+    lines = table_head(["variant", "steps", *TASKS, "train s", "img/s"])
     for r in results["runs"]:
         if "scores" not in r:
             continue
         cells = " | ".join(f"{r['scores'][t] * 100:.1f}" for t in TASKS)
         lines.append(f"| {r['variant']} | {r.get('steps', '')} | {cells} | {r.get('train_seconds', 0):.0f} | "
                      f"{r.get('img_per_s', 0):.0f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out / "table.md", lines)
 
 
 if __name__ == "__main__":

@@ -36,20 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+import loader_scale as scale
+from common import ROOT, photo, table_head
 from m3i.data import Mixture, build_source
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loader_scale as scale  # noqa: E402
-
-
-def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    field = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
-    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 def write_data(root: Path, n: int, w: int, h: int) -> tuple[str, str]:
@@ -140,8 +130,8 @@ def main() -> None:
                         print(f"  {ph:>9} {kind:<6} draft={'on ' if draft else 'off'} workers={nw}: {r:7.0f} img/s",
                               flush=True)
     print(f"\ntraining step: {f'{step:.0f} img/s' if step else '?'} (from {step_from})")
-    head = f"| source photo | source | draft | img/s, 1 core | cores per GPU | loader img/s on {a.loader_cores} cores |"
-    print(head + "\n|---|---|---|---|---|---|")
+    print("\n".join(table_head(["source photo", "source", "draft", "img/s, 1 core", "cores per GPU",
+                                 f"loader img/s on {a.loader_cores} cores"])))
     summary = []
     for r in rows:
         if r["workers"] != 0:

@@ -16,20 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, child_env, photo
+
 POOL = 512  # distinct JPEGs, reused: decoding costs the same whatever the pixels
 
 
 # -- the shard set ---------------------------------------------------------------------------
-def photo(rng: np.random.Generator, w: int, h: int):
-    from PIL import Image
-
-    field = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
-    img = Image.fromarray(field).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, (h, w, 3))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-
-
 def _jpegs(w: int, h: int) -> list[bytes]:
     rng = np.random.default_rng(0)
     out = []
@@ -223,25 +215,27 @@ def probe_main() -> None:
 
 
 # -- the comparison ----------------------------------------------------------------------------
+def probe(a, kinds: str, out: Path, batches: int, *extra: str) -> list[str]:
+    """The command of a probe process of ``kinds`` (comma-separated) writing its report to ``out``."""
+    return [sys.executable, str(Path(__file__).with_name("loader.py")), "--probe", kinds, "--pattern", a.pattern,
+            "--size", str(a.size), "--batch", str(a.batch), "--batches", str(batches), "--out", str(out), *extra]
+
+
 def run_probes(a, kind: str, ranks: int, workers: int, batches: int, tmp: Path, extra=()) -> list[dict]:
     """``ranks`` probe processes of ``kind`` at once; -> their reports."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     procs, outs = [], []
     for r in range(ranks):
         out = tmp / f"{kind}-{ranks}x{workers}-{r}.json"
         outs.append(out)
-        cmd = [sys.executable, str(Path(__file__).with_name("loader.py")), "--probe", kind, "--pattern", a.pattern,
-               "--size", str(a.size), "--batch", str(a.batch), "--workers", str(workers), "--rank", str(r),
-               "--world", str(ranks), "--batches", str(batches), "--out", str(out), *extra]
-        procs.append(subprocess.Popen(cmd, env=env))
+        cmd = probe(a, kind, out, batches, "--workers", str(workers), "--rank", str(r), "--world", str(ranks), *extra)
+        procs.append(subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS="1")))
     for pr in procs:
         if pr.wait():
             raise SystemExit(f"{kind} probe failed (exit {pr.returncode})")
     return [json.loads(o.read_text())[kind] for o in outs]
 
 
-def main() -> None:
+def settings() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="m3i's indexed shards against webdataset's streaming pipeline")
     p.add_argument("--samples", type=int, required=True)
     p.add_argument("--shards", type=int, help="default: max(100, samples / 8000)")
@@ -257,9 +251,52 @@ def main() -> None:
     p.add_argument("--wids", help="a folder holding the wids package, to add wids' indexed reader")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(ROOT / "results" / "loader-scale.json"))
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def build_index(a, paths: list[str]):
+    """m3i's index of the shards, built anew -> (the index, its figures)."""
     from m3i.data.index import index_paths, open_index
 
+    for old in index_paths(paths):
+        old.unlink(missing_ok=True)
+    t, c = time.perf_counter(), os.times()
+    idx = open_index(paths, processes=a.index_processes, progress=False)
+    build, c2 = time.perf_counter() - t, os.times()
+    cpu = sum(c2[:4]) - sum(c[:4])  # this process and the scanning processes
+    per_sample = idx.nbytes / len(idx)
+    print(f"index: built in {build:.1f} s ({cpu:.1f} CPU-s), {idx.nbytes / 1e6:.1f} MB = {per_sample:.1f} bytes/sample",
+          flush=True)
+    return idx, {"build_s": build, "build_cpu_s": cpu, "bytes": idx.nbytes, "bytes_per_sample": per_sample,
+                 "samples": len(idx)}
+
+
+def start_up(a, kind: str, tmp: Path, extra) -> dict:
+    """Start-up and memory of ``kind``: RANKS ranks of WORKERS workers each, at once."""
+    # wids indexes each shard again in every process: one process without workers is enough to see it
+    ranks, workers = (1, 0) if kind == "wids" else (a.ranks, a.workers)
+    reps = run_probes(a, kind, ranks, workers, 2, tmp, extra)
+    print(f"{kind}: {ranks} ranks x {workers} workers started, first batch after "
+          f"{max(r['first_batch_s'] for r in reps):.1f} s", flush=True)
+    return {"opened_s": max(r["opened_s"] for r in reps), "first_batch_s": max(r["first_batch_s"] for r in reps),
+            "memory": [r["memory"] for r in reps]}
+
+
+def throughput(a, res: dict, kinds: list[str], tmp: Path, extra) -> None:
+    """One process without workers running every pipeline, a batch of each in turn, --repeats times."""
+    out = tmp / "throughput.json"
+    for rep in range(a.repeats):
+        subprocess.run(probe(a, ",".join(kinds), out, a.batches, *extra), env=child_env(OMP_NUM_THREADS="1"),
+                       check=True)
+        for kind, r in json.loads(out.read_text()).items():
+            res[kind].setdefault("img_per_cpu_s", []).append(r["images"] / r["cpu_s"])
+            res[kind].setdefault("img_per_s", []).append(r["images"] / r["wall_s"])
+            print(f"  {kind} run {rep + 1}: {r['images'] / r['cpu_s']:.0f} img per CPU-s "
+                  f"({r['images'] / r['wall_s']:.0f} img/s wall)", flush=True)
+
+
+def main() -> None:
+    a = settings()
     n_shards = a.shards or max(100, a.samples // 8000)
     data = Path(a.data) if a.data else Path(os.environ.get("TMPDIR", "/tmp")) / f"m3i-loader-{a.samples}"
     w, h = (int(v) for v in a.photo.split("x"))
@@ -270,51 +307,17 @@ def main() -> None:
     a.pattern = f"{data}/{{000000..{n_shards - 1:06d}}}.tar"
     tmp = data / "probe"
     tmp.mkdir(exist_ok=True)
-
-    for old in index_paths(paths):
-        old.unlink(missing_ok=True)
-    t, c = time.perf_counter(), os.times()
-    idx = open_index(paths, processes=a.index_processes, progress=False)
-    build, c2 = time.perf_counter() - t, os.times()
-    cpu = sum(c2[:4]) - sum(c[:4])  # this process and the scanning processes
-    per_sample = idx.nbytes / len(idx)
-    res = {"config": {k: v for k, v in vars(a).items()}, "cpus": os.cpu_count(), "note": a.note,
-           "index": {"build_s": build, "build_cpu_s": cpu, "bytes": idx.nbytes, "bytes_per_sample": per_sample,
-                     "samples": len(idx)}}
-    print(f"index: built in {build:.1f} s ({cpu:.1f} CPU-s), {idx.nbytes / 1e6:.1f} MB = {per_sample:.1f} bytes/sample",
-          flush=True)
-
-    kinds = ["m3i", "wds"]
-    extra = {}
+    idx, built = build_index(a, paths)
+    res = {"config": dict(vars(a)), "cpus": os.cpu_count(), "note": a.note, "index": built}
+    kinds, extra = ["m3i", "wds"], {}
     if a.wids:
         shards = [{"url": s["path"], "nsamples": s["samples"]} for s in idx.shards]
         (tmp / "wids.json").write_text(json.dumps(shards))
         extra["wids"] = ["--wids", a.wids, "--wids-list", str(tmp / "wids.json")]
         kinds.append("wids")
-    # start-up and memory: RANKS ranks of WORKERS workers each, at once
     for kind in kinds:
-        # wids indexes each shard again in every process: one process without workers is enough to see it
-        ranks, workers = (1, 0) if kind == "wids" else (a.ranks, a.workers)
-        reps = run_probes(a, kind, ranks, workers, 2, tmp, extra.get(kind, ()))
-        res[kind] = {"opened_s": max(r["opened_s"] for r in reps), "first_batch_s": max(r["first_batch_s"] for r in reps),
-                     "memory": [r["memory"] for r in reps]}
-        print(f"{kind}: {ranks} ranks x {workers} workers started, first batch after "
-              f"{res[kind]['first_batch_s']:.1f} s", flush=True)
-    # throughput: one process without workers running every pipeline, a batch of each in turn
-    names = ",".join(kinds)
-    for rep in range(a.repeats):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        out = tmp / "throughput.json"
-        cmd = [sys.executable, str(Path(__file__).with_name("loader.py")), "--probe", names, "--pattern", a.pattern,
-               "--size", str(a.size), "--batch", str(a.batch), "--batches", str(a.batches), "--out", str(out),
-               *extra.get("wids", ())]
-        subprocess.run(cmd, env=env, check=True)
-        for kind, r in json.loads(out.read_text()).items():
-            res[kind].setdefault("img_per_cpu_s", []).append(r["images"] / r["cpu_s"])
-            res[kind].setdefault("img_per_s", []).append(r["images"] / r["wall_s"])
-            print(f"  {kind} run {rep + 1}: {r['images'] / r['cpu_s']:.0f} img per CPU-s "
-                  f"({r['images'] / r['wall_s']:.0f} img/s wall)", flush=True)
+        res[kind] = start_up(a, kind, tmp, extra.get(kind, ()))
+    throughput(a, res, kinds, tmp, extra.get("wids", ()))
     table(res, kinds, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,89 +18,70 @@ of each side and the median, over the pairs, of m3i's speed over the peer's.
 
 Both sides get their views from m3i's view stage (crop, flip, colour: the same parameters drawn
 on the host and applied on the device), so the comparison is of the model, the objective and the
-optimiser step. m3i's side is its trainer's own step (`m3i.train.step.TrainStep`) on a batch
-staged as the loop stages it (`Objective.stage`, timed with the step).
+optimiser step. m3i's side is its trainer's own step, built as `m3i pretrain` builds it
+(`m3i.train.setup`), on a batch staged as the loop stages it (`Objective.stage`, timed with the
+step); the peers' optimiser step is one for all (`common.PeerUpdate`).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import PeerUpdate, PeerViews, m3i_step, random_batch, timed, timm_vit, trainer_step
+
 WIDTH, DEPTH, HEADS, SIZE, PATCH, BATCH = 192, 6, 3, 32, 4, 128
 CLASSES = 10
+CPU = torch.device("cpu")
 M3I_OVERRIDES = ["backbone.name=vit_micro", f"backbone.img_size={SIZE}", f"backbone.patch_size={PATCH}",
                  f"data.image_size={SIZE}", f"data.batch_size={BATCH}", "train.precision=bf16", "train.steps=1000",
                  "train.warmup_steps=0"]
 
 
-def timm_vit(num_classes: int = 0) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-                             num_classes=num_classes)
+def vit(num_classes: int = 0) -> nn.Module:
+    return timm_vit(SIZE, PATCH, WIDTH, DEPTH, HEADS, num_classes)
 
 
-def synthetic_batch(seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
-            "label": torch.randint(0, CLASSES, (BATCH,), generator=g),
-            "caption": [f"a photo of thing number {i}" for i in range(BATCH)]}
+def synthetic_batch() -> dict:
+    return random_batch(BATCH, SIZE, CLASSES, caption="a photo of thing number {}")
 
 
-class M3IStep:
-    def __init__(self, name: str):
-        from m3i.config import load_recipe
-        from m3i.objective import Objective
-        from m3i.train.loop import lr_lambda
-        from m3i.train.step import BadSteps, TrainStep, make_optimizer
+def m3i_side(name: str):
+    """m3i's side: the trainer's step of recipe ``name`` -> (the step, its objective)."""
+    from m3i.config import load_recipe
 
-        recipe = load_recipe(name, overrides=M3I_OVERRIDES)
-        torch.manual_seed(0)
-        self.obj = Objective(recipe, num_classes=CLASSES).train()
-        batch = synthetic_batch()
-        self.obj.prepare(type("Captions", (), {"captions": lambda _: batch["caption"]})())
-        opt = make_optimizer(self.obj.param_groups(recipe.train.weight_decay), recipe.train)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.train))
-        self.step = TrainStep(self.obj, self.obj, opt, sched, recipe.train,
-                              torch.autocast("cpu", dtype=torch.bfloat16), BadSteps(torch.device("cpu")))
-        self.batch, self.i = batch, 0
-
-    def __call__(self) -> float:
-        out = self.step(self.obj.stage(self.batch, torch.device("cpu")), self.i)
-        self.i += 1
-        return float(out["loss"].detach())
+    batch = synthetic_batch()
+    run = trainer_step(load_recipe(name, overrides=M3I_OVERRIDES), CPU, CLASSES, batch["caption"])
+    return m3i_step(run, batch), run.task
 
 
 class PeerStep:
-    """The peer's model and loss on views from m3i's view stage; fused AdamW, clip 1.0."""
+    """The peer's model and loss on views from m3i's view stage, through the peers' one optimiser step."""
 
-    def __init__(self, name: str, views):
-        self.name, self.views = name, views
+    def __init__(self, name: str, objective):
+        self.name = name
         torch.manual_seed(0)
         if name == "supervised":
-            self.model = nn.ModuleDict({"vit": timm_vit(CLASSES)})
+            self.model = nn.ModuleDict({"vit": vit(CLASSES)})
         elif name == "simclr":
             from lightly.loss import NTXentLoss
             from lightly.models.modules import SimCLRProjectionHead
 
-            self.model = nn.ModuleDict({"vit": timm_vit(), "head": SimCLRProjectionHead(WIDTH, 512, 128)})
+            self.model = nn.ModuleDict({"vit": vit(), "head": SimCLRProjectionHead(WIDTH, 512, 128)})
             self.loss = NTXentLoss(temperature=0.2)
         elif name == "mae":
             from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
 
-            vit = timm_vit()
-            self.model = nn.ModuleDict({"enc": MaskedVisionTransformerTIMM(vit=vit), "dec": MAEDecoderTIMM(
+            self.model = nn.ModuleDict({"enc": MaskedVisionTransformerTIMM(vit=vit()), "dec": MAEDecoderTIMM(
                 num_patches=(SIZE // PATCH) ** 2, patch_size=PATCH, embed_dim=WIDTH, decoder_embed_dim=128,
                 decoder_depth=2, decoder_num_heads=4)})
         elif name == "clip":
             from open_clip.loss import ClipLoss
 
-            self.model = nn.ModuleDict({"vit": timm_vit(), "head": nn.Linear(WIDTH, 128), "text": nn.Linear(384, 128)})
+            self.model = nn.ModuleDict({"vit": vit(), "head": nn.Linear(WIDTH, 128), "text": nn.Linear(384, 128)})
             self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
             self.model.register_parameter("logit_scale", self.logit_scale)
             self.text_cache = torch.randn(BATCH, 384)  # cached frozen-tower embeddings
@@ -108,9 +89,9 @@ class PeerStep:
         else:
             raise ValueError(f"no peer for {name!r}")
         self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+        self.update = PeerUpdate(self.model)
         self.batch = synthetic_batch()
+        self.views = PeerViews(objective, self.batch["image"])
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         m = self.model
@@ -140,30 +121,22 @@ class PeerStep:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         return F.mse_loss(pred.float(), target.float())
 
-    def __call__(self) -> float:
-        x = self.views(self.batch["image"])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = self.forward(x)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        return float(loss.detach())
+    def __call__(self) -> torch.Tensor:
+        x = self.views.apply(self.views.draw())
+        return self.update(lambda: self.forward(x), CPU)
 
 
-def views_of(obj):
-    """The recipe's views from m3i's view stage, drawn on the host, applied on the device."""
-    def make(images: torch.Tensor) -> list[torch.Tensor]:
-        x = images.float() / 255
-        b, c, h, w = images.shape
-        return [aug.apply(x, aug.draw(b, c, h, w))[0] for aug in obj.augment]
-    return make
-
-
-def one(step) -> float:
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
+def pairs(ours, peer, n: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``n`` steps of each side, alternating step by step, the first of each pair
+    alternating too, after two steps of warm-up each (allocations, optimiser state)."""
+    for step in (ours, peer):
+        step()
+        step()
+    mine, theirs = [], []
+    for i in range(n):
+        for side in ((peer, ours) if i % 2 else (ours, peer)):
+            (mine if side is ours else theirs).append(timed(side, CPU))
+    return mine, theirs
 
 
 def main() -> None:
@@ -174,19 +147,8 @@ def main() -> None:
     print(f"ViT {WIDTH}x{DEPTH} ({HEADS} heads), {SIZE} px / {PATCH} px patches, batch {BATCH}, bf16 autocast, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in a.recipes:
-        ours = M3IStep(name)
-        peer = PeerStep(name, views_of(ours.obj))
-        for step in (ours, peer):  # warm-up (allocations, optimiser state)
-            step()
-            step()
-        mine, theirs = [], []
-        for i in range(a.pairs):
-            if i % 2:
-                theirs.append(one(peer))
-                mine.append(one(ours))
-            else:
-                mine.append(one(ours))
-                theirs.append(one(peer))
+        ours, objective = m3i_side(name)
+        mine, theirs = pairs(ours, PeerStep(name, objective), a.pairs)
         ratios = [t / m for m, t in zip(mine, theirs)]
         q = statistics.quantiles(ratios, n=4)
         print(f"{name:<11} m3i {a.pairs * BATCH / sum(mine):6.1f} img/s, peer {a.pairs * BATCH / sum(theirs):6.1f} img/s; "

@@ -12,30 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from common import label_classes, mean_seconds
 from m3i.config import load_recipe
 from m3i.device import autocast_for, native_bf16, resolve_device, resolve_precision
 from m3i.objective import Objective
-from m3i.train.dryrun import _Captions as Captions, synthetic_batch
-from m3i.train.loop import build_mixture
+from m3i.train.dryrun import Captions, synthetic_batch
 
 
-def step_seconds(obj: Objective, data: dict, dev: torch.device, precision: str, steps: int = 3) -> float:
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
+def step_seconds(obj: Objective, data, dev: torch.device, precision: str) -> float:
+    """A forward and backward pass in ``precision``: the mean of 3 after one of warm-up."""
+    def step():
         with autocast_for(dev, precision):
-            loss = obj(data)["loss"]
+            loss = obj(data).loss
         loss.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.mean(times[1:]))
+
+    return mean_seconds(step, dev)
 
 
 def main() -> None:
@@ -47,12 +42,12 @@ def main() -> None:
     a = p.parse_args()
     dev = resolve_device(a.device)
     recipe = load_recipe(a.recipe, overrides=[f"data.batch_size={a.batch}", "data.num_workers=0"])
-    classes = build_mixture(recipe).num_classes if any(t.target.kind == "label" for t in recipe.terms) else 0
+    classes = label_classes(recipe)
     torch.manual_seed(0)
     obj = Objective(recipe, classes).to(dev).train()
     batch = synthetic_batch(recipe, a.batch, classes)
-    obj.prepare(Captions(batch["caption"]), progress=False)
-    data = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    obj.prepare(Captions(batch.captions), progress=False)
+    data = batch.to(dev)
     formats = ["fp32", "bf16"] + (["fp16"] if dev.type == "cuda" else [])
     secs = {f: step_seconds(obj, data, dev, f) for f in formats}
     cpu = platform.processor() or platform.machine()

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from common import ROOT, pretrain_metrics, steady_img_per_s
 from compare import BACKBONES, RECIPES, overrides_for
 from m3i.config import load_recipe
-from m3i.train.loop import pretrain
 
 
 def main() -> None:
@@ -35,19 +33,13 @@ def main() -> None:
         ov = overrides_for(name, a.backbone, a.steps, a.batch, 0) + ["train.log_every=1"]
         if name == "data2vec" and a.backbone == "convnext":
             ov.append("terms.0.target_encoder.top_k=2")  # atto's last stage has two blocks
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            pretrain(load_recipe(name, overrides=ov), d, progress=False)
-            wall = time.perf_counter() - t0
-            lines = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
-        # the meter averages from the first step; use the images between step 5 and the end
-        s5, end = lines[4], lines[-1]
-        t5 = s5["step"] * a.batch / s5["img_per_s"]
-        t_end = end["step"] * a.batch / end["img_per_s"]
-        rate = (end["step"] - s5["step"]) * a.batch / (t_end - t5)
+        t0 = time.perf_counter()
+        lines = pretrain_metrics(load_recipe(name, overrides=ov))
+        wall = time.perf_counter() - t0
+        rate = steady_img_per_s(lines, a.batch)  # the images between step 5 and the end
         rows[name] = {"img_per_s": rate, "wall_s": wall}
         print(f"{name:<12} {rate:7.1f} img/s   ({wall:.0f} s for {a.steps} steps incl. start-up)", flush=True)
-    out = Path(__file__).resolve().parents[1] / "results" / f"speed-{a.backbone}.json"
+    out = ROOT / "results" / f"speed-{a.backbone}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"config": vars(a), "threads": torch.get_num_threads(), "recipes": rows}, indent=2))
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from common import sync
 from m3i.encoders.text import MiniLMTower, ScratchTextTower
 
 WORDS = ("red small old bright wooden smiling tiny blue cat dog house tree car bicycle face hand "
@@ -40,13 +41,11 @@ def throughput(step, batches: list[list[str]], device: torch.device, bf16: bool,
     with autocast:
         for b in batches[:warmup]:
             step(b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         for b in batches[warmup:]:
             step(b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         elapsed = time.perf_counter() - start
     return sum(len(b) for b in batches[warmup:]) / elapsed
 

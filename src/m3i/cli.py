@@ -239,6 +239,7 @@ def _at_least_one(text: str) -> int:
 
 
 OVERWRITE = "an existing run (or export) at --out is moved aside to OUT.old-<time>, never deleted"
+FOLDER = "a folder: class subfolders, or split folders train/ val/ test/ holding them"  # what --dataset may name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,9 +303,9 @@ def _eval_parser(sub) -> None:
     v.add_argument("--task", required=True,
                    choices=["knn", "linear", "zeroshot", "retrieval", "segmentation", "detection"])
     v.add_argument("--dataset", required=True,
-                   help=f"{' | '.join(DATASETS)} (emoji:none: retrieval only; a folder: class subfolders, or split "
-                        f"folders train/ val/ test/ holding them); for segmentation: fashion-mnist-scenes | emoji-scenes; "
-                        f"for detection: also emoji-scenes:category | emoji-scenes:subcategory")
+                   help=f"{' | '.join(DATASETS)} (emoji:none: retrieval only; {FOLDER}); for segmentation: "
+                        f"fashion-mnist-scenes | emoji-scenes; for detection: also emoji-scenes:category | "
+                        f"emoji-scenes:subcategory")
     v.add_argument("--json", help="write the result here")
     v.add_argument("--limit", type=_at_least_one, help="a seeded subset: LIMIT train and LIMIT/4 test images")
     v.add_argument("--split", default="test", choices=["test", "val"],
@@ -326,8 +327,7 @@ def _finetune_parser(sub) -> None:
     f.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'scratch' for the same backbone randomly initialised")
     f.add_argument("--dataset", required=True,
-                   help=f"{' | '.join(d for d in DATASETS if d != 'emoji:none')} (a folder: class subfolders, or split "
-                        f"folders train/ val/ test/ holding them)")
+                   help=f"{' | '.join(d for d in DATASETS if d != 'emoji:none')} ({FOLDER})")
     f.add_argument("--steps", type=_at_least_one, help="optimiser steps (steps=N)")
     f.add_argument("--recipe", help="scratch only: the recipe whose backbone is built (default m3i)")
     f.add_argument("--split", default="test", choices=["test", "val"],

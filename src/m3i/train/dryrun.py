@@ -73,7 +73,7 @@ def count_cpu_attention() -> None:
             fc.register_flop_formula(target, get_raw=True)(formula)  # the formulas take shapes already
 
 
-class _Captions:
+class Captions:
     """What ``Objective.prepare`` reads of the data: its captions."""
 
     def __init__(self, captions: list[str]):
@@ -96,7 +96,7 @@ def step_flops(recipe: Recipe, num_classes: int, batch: int = 4) -> int:
     torch.manual_seed(0)
     obj = Objective(recipe, num_classes).train()
     data = synthetic_batch(recipe, batch, num_classes)
-    obj.prepare(_Captions(data.captions), progress=False)
+    obj.prepare(Captions(data.captions), progress=False)
     with FlopCounterMode(display=False) as counter:
         obj(data).loss.backward()
         if recipe.train.accum_steps > 1:  # exact accumulation's pass without gradient over the batch

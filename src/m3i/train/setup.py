@@ -50,6 +50,7 @@ class Run:
     start: int = 0
     counted: dict = field(default_factory=dict)
     knob: str = "train."
+    compiled: int = 0  # the pieces ``train.compile`` compiled (0: none)
 
 
 def make_run(task: nn.Module, groups: list[dict], train: TrainCfg, batches: Iterable[dict], dev: torch.device,
@@ -135,10 +136,7 @@ def build_objective(recipe: Recipe, dev: torch.device, progress: bool,
     preflight.check_targets(recipe, mixture.sources)
     if rank == 0 and (note := preflight.size_note(recipe)):
         print(note)
-    objective = Objective(recipe, mixture.num_classes).to(dev)
-    if dev.type == "cuda":  # convolutional backbones run channels-last there
-        for net in objective.encoders():
-            net.use_channels_last()
+    objective = make_objective(recipe, mixture.num_classes, dev)
     if world > 1:  # then a random stream of its own for each rank (augmentations, masks)
         torch.manual_seed(tr.seed + rank)
     objective.prepare(mixture, progress=progress and rank == 0)  # e.g. a frozen text tower embeds every caption once
@@ -147,19 +145,38 @@ def build_objective(recipe: Recipe, dev: torch.device, progress: bool,
     return objective, mixture
 
 
+def make_objective(recipe: Recipe, num_classes: int, dev: torch.device) -> Objective:
+    """The recipe's objective on ``dev``, as training runs it."""
+    objective = Objective(recipe, num_classes).to(dev)
+    if dev.type == "cuda":  # convolutional backbones run channels-last there
+        for net in objective.encoders():
+            net.use_channels_last()
+    return objective
+
+
 def build_run(recipe: Recipe, objective: Objective, mixture: Mixture, dev: torch.device, start: int = 0,
               state: dict | None = None, resume=None) -> Run:
-    """Pre-training's :class:`Run` from step ``start``: the loader, the objective compiled and
-    wrapped (DDP or FSDP under torchrun), its optimizer and step."""
-    tr = recipe.train
+    """Pre-training's :class:`Run` from step ``start``: the loader, then the objective's step
+    (:func:`ready_run`)."""
     mixture.start_step = start
     # each view cropped in the loader from the decoded original, its parameters from the step's generator
-    mixture.views = objective.loader_views(tr.seed, dist.rank(), mixture.interpolation)
-    if tr.compile:
-        compile_blocks(objective)
+    mixture.views = objective.loader_views(recipe.train.seed, dist.rank(), mixture.interpolation)
+    return ready_run(recipe, objective, dev, make_loader(mixture, recipe, dev), start, state, resume)
+
+
+def ready_run(recipe: Recipe, objective: Objective, dev: torch.device, batches: Iterable = (), start: int = 0,
+              state: dict | None = None, resume=None) -> Run:
+    """The objective compiled (``train.compile``) and wrapped (DDP or FSDP under torchrun), with its
+    optimizer, schedule and step: a :class:`Run` over ``batches``. Without batches, the trainer's
+    step to call on batches staged by hand, ``run.step(objective.stage(batch, dev), i)``, with no
+    loader and no run folder (what the benchmarks time)."""
+    tr = recipe.train
+    compiled = compile_blocks(objective) if tr.compile else 0
     model = strategy.wrap(objective, dev, tr)  # DDP around the objective, or its parameters sharded in place
     groups = objective.param_groups(tr.weight_decay)
-    return make_run(objective, groups, tr, make_loader(mixture, recipe, dev), dev, model, start, state, resume)
+    run = make_run(objective, groups, tr, batches, dev, model, start, state, resume)
+    run.compiled = compiled
+    return run
 
 
 def make_loader(mixture: Mixture, recipe: Recipe, dev: torch.device) -> torch.utils.data.DataLoader:
