@@ -85,7 +85,7 @@ def _collate(rows):
 
 def _decoder(size: int):
     from m3i.data.mixture import image_array
-    from m3i.data.source import decode_image
+    from m3i.data.images import decode_image
 
     def decode(sample):  # what Mixture does with a sample: decode (draft), RGB, resize, label, caption
         ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in sample or "." + e in sample)

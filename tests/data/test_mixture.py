@@ -26,7 +26,7 @@ from m3i.data import (
     SourceUnreadableError,
     data_root,
 )
-from m3i.data.source import ReadFailed
+from m3i.data.images import ReadFailed
 from m3i.batch import Batch
 
 COLORS = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}

@@ -19,7 +19,7 @@ from faultkit import ENV, error_lines, image_folder, m3i_cmd, metrics, pretrain_
 from m3i.cli import main
 from m3i.config import load_recipe
 from m3i.data import Manifest, Shards, decode_image
-from m3i.data.source import MAX_CAPTION_CHARS, ImageUnreadable
+from m3i.data.images import MAX_CAPTION_CHARS, ImageUnreadable
 from m3i.train import loop
 
 G = np.random.default_rng(0)

@@ -1,7 +1,9 @@
 """Data layer: random-access sources, one module per format, built from short specs, and the
 weighted, reproducible mixture of them."""
 
-from .source import ImageUnreadable, Source, data_root, decode_image
+from .images import ImageUnreadable, data_root, decode_image
+
+from .source import Source
 from .spec import SPEC_FORMS, Spec, build_source, parse_spec, register_source
 from .mixture import Mixture, SourceUnreadableError
 

@@ -61,7 +61,7 @@ def suspect(head: bytes, tail: bytes, size: int) -> bool:
 def check_images(src, decode: bool = False, sample: int = SAMPLE, progress: bool | None = None) -> dict | None:
     """Every image of ``src`` checked (see the module docstring): ``checked`` (images looked at),
     ``decoded`` (in full), ``broken`` (that cannot be read), ``kinds`` ({kind: count}, the kinds of
-    :class:`~m3i.data.source.ImageUnreadable`), and ``where``: per shard (or the source) holding
+    :class:`~m3i.data.images.ImageUnreadable`), and ``where``: per shard (or the source) holding
     broken images, ``{"where", "broken", "images", "first"}`` with the first ``NAMED`` named. None
     for a source whose images are held in memory, not in files."""
     from tqdm import tqdm

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import GrayArraySource
-from .source import FETCH_HINT, DamagedSet, data_root
+from .images import FETCH_HINT, DamagedSet, data_root
 from .spec import Spec, register_source
 from .splits import SPLITS, grouped_split
 

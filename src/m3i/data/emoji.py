@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import FETCH_HINT, DamagedSet, Source, data_root, decode_image
+from .images import FETCH_HINT, DamagedSet, data_root, decode_image
+
+from .source import Source
 from .spec import Spec, register_source
 from .splits import SPLITS, grouped_split
 

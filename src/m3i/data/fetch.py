@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .emoji import EMOJI_PACKAGE
-from .source import data_root
+from .images import data_root
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -174,7 +174,7 @@ def damage(name: str, dest: Path) -> str | None:
     from .digits import Digits
     from .emoji import Emoji
     from .fashion_mnist import FashionMNIST
-    from .source import DamagedSet
+    from .images import DamagedSet
 
     try:
         if name == "fashion-mnist":

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .layout import IMAGE_EXTENSIONS, SPLITS, read_layout, split_folders
-from .source import Source, decode_image
+from .images import decode_image
+from .source import Source
 from .spec import Spec, register_source
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder"]

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from .index import COMPRESSED
-from .source import Source, clean_caption, decode_image, label_space, warn_once
+from .images import decode_image, warn_once
+from .source import Source, clean_caption, label_space
 from .spec import Spec, register_source
 
 

@@ -6,7 +6,7 @@ weight) and an index in it (with replacement); rank ``r`` reads the slots ``r·B
 The stream of global batches is therefore the same on any number of ranks, and a run resumed
 on another world size (with the same global batch) continues it.
 
-A read that fails with :class:`~m3i.data.source.ReadFailed` (an I/O error that may pass) is
+A read that fails with :class:`~m3i.data.images.ReadFailed` (an I/O error that may pass) is
 tried again ``read_retries`` times, waiting ``retry_backoff · 2^attempt`` seconds. A sample
 that still fails, or cannot be decoded, is replaced by the next index of its slot's own stream
 (seeded from ``(seed, s, slot)``, same source): no other slot moves, and the replacement is
@@ -44,7 +44,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..batch import Batch
-from .source import ImageUnreadable, ReadFailed, Source, warn_once
+from .images import ImageUnreadable, ReadFailed, warn_once
+from .source import Source
 
 log = logging.getLogger(__name__)
 

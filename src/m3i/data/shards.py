@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from .index import IMAGE_EXTENSIONS, damage, open_index
-from .source import ReadFailed, Source, clean_caption, decode_image, label_space, parse_label, warn_once
+from .images import ReadFailed, decode_image, warn_once
+from .source import Source, clean_caption, label_space, parse_label
 from .spec import Spec, register_source
 
 SHARD_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS  # preference order inside one sample

@@ -35,9 +35,8 @@ from collections.abc import Iterable, Sequence
 
 from PIL import Image
 
-from .images import (FETCH_HINT, MAX_CAPTION_CHARS, MAX_PIXELS_ENV, DamagedSet, ImageUnreadable, ReadFailed,  # noqa: F401
-                     data_root, decode_image, image_format, max_image_pixels, read_file, to_rgb, unreadable_file,
-                     warn_once)
+from .images import (MAX_CAPTION_CHARS, ImageUnreadable, ReadFailed,
+                     max_image_pixels, unreadable_file)
 
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, read with surrogateescape
 
