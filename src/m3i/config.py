@@ -204,7 +204,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _views_exist(self):
         for i, t in enumerate(self.terms):
-            used = TARGETS[t.target.kind].views(t)
+            used = TARGETS[t.target.kind].views(t, self.views)
             if max(used) >= self.views.count:
                 raise ValueError(f"terms.{i}.target.view: term {t.name!r} uses view {max(used)} but views.count is {self.views.count}")
         names = [t.name for t in self.terms]

@@ -39,7 +39,8 @@ class Objective(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.backbone = net = online_backbone(recipe, backbone)
-        self.view_stage = ViewStage(recipe.views, recipe.terms, net.img_size, net.grid_size, net.in_chans)
+        masked = set().union(*(TARGETS[t.target.kind].masked_views(t, recipe.views) for t in recipe.terms))
+        self.view_stage = ViewStage(recipe.views, masked, net.img_size, net.grid_size, net.in_chans)
         self.terms = nn.ModuleList(build_term(t, net, num_classes) for t in recipe.terms)
         self.copies = TargetCopies(net, self.terms, recipe.ema)
         self.teacher, self.frozen = self.copies.teacher, self.copies.frozen  # its modules, as checkpoints name them

@@ -73,10 +73,17 @@ class Target:
         """Raise ValueError when ``term`` does not fit the recipe's ``views`` (a ViewsCfg)."""
 
     @classmethod
-    def views(cls, term) -> set[int]:
-        """The views of the batch the term reads."""
+    def views(cls, term, views_cfg) -> set[int]:
+        """The views of the batch the term reads (``views_cfg``: the recipe's ``views``)."""
         used = {term.source.view} | ({term.target.view} if cls.image else set())
         return used | ({1 - v for v in used} if term.swap_views else set())
+
+    @classmethod
+    def masked_views(cls, term, views_cfg) -> set[int]:
+        """The views the online encoder sees masked for this term (their masks are drawn with the batch)."""
+        if not term.source.masked:
+            return set()
+        return {term.source.view} | ({1 - term.source.view} if term.swap_views else set())
 
     @classmethod
     def view_pairs(cls, term) -> list[tuple[int, int]]:

@@ -34,24 +34,20 @@ class Views:
 
 
 class ViewStage(nn.Module):
-    """The views of a recipe (``views_cfg``: its ``views``; ``terms``: its terms' settings, which
-    say which views are masked) for a backbone of ``img_size``, ``grid_size`` patches and
+    """The views of a recipe (``views_cfg``: its ``views``; ``masked``: the views its terms see
+    masked, ``Target.masked_views``) for a backbone of ``img_size``, ``grid_size`` patches and
     ``in_chans`` channels: one :class:`ViewAugment` per view, and the masks."""
 
-    def __init__(self, views_cfg, terms: Sequence, img_size, grid_size: tuple[int, int], in_chans: int):
+    def __init__(self, views_cfg, masked: Sequence[int], img_size, grid_size: tuple[int, int], in_chans: int):
         super().__init__()
-        self.cfg, self.terms = views_cfg, list(terms)
+        self.cfg, self.masked = views_cfg, sorted(masked)
         self.grid, self.in_chans = tuple(grid_size), in_chans
         self.augment = nn.ModuleList(
             ViewAugment(size=img_size, **views_cfg.augment_for(v).model_dump()) for v in range(views_cfg.count))
 
     def masked_views(self) -> list[int]:
         """The views the online encoder sees masked."""
-        views = set()
-        for t in self.terms:
-            if t.source.masked:
-                views |= {t.source.view} | ({1 - t.source.view} if t.swap_views else set())
-        return sorted(views)
+        return list(self.masked)
 
     def visible_count(self) -> int:
         """Patches every mask of the recipe shows per row: half the grid in the mixed input."""
