@@ -59,9 +59,20 @@ class MaskCfg(Strict):
     min_block: int = Field(4, ge=1)
 
 
+class LocalViewsCfg(Strict):
+    """Multi-crop's local crops (DINO): small crops that only the online encoder sees."""
+
+    count: int = Field(8, ge=1)
+    # their side in pixels (a multiple of the backbone's patch size); the global views are backbone.img_size
+    size: int = Field(96, ge=1)
+    augment: AugmentCfg = AugmentCfg(crop_scale=(0.05, 0.32))
+
+
 class ViewsCfg(Strict):
-    count: Literal[1, 2] = 2
+    # the global views (crops at backbone.img_size); with ``local``, the local crops follow them
+    count: int = Field(2, ge=1, le=8)
     augment: list[AugmentCfg] = Field(default_factory=lambda: [AugmentCfg()])
+    local: LocalViewsCfg | None = None
     mask: MaskCfg = MaskCfg()
     input_mode: Literal["drop", "mix", "fill"] = "drop"
 
@@ -74,8 +85,25 @@ class ViewsCfg(Strict):
                              f"so it cannot take {self.mask.ratio}; use input_mode drop or fill for another ratio")
         return self
 
+    @property
+    def total(self) -> int:
+        """Every view of a sample: the global views, then the local crops."""
+        return self.count + (self.local.count if self.local else 0)
+
+    def global_views(self) -> list[int]:
+        return list(range(self.count))
+
+    def local_views(self) -> list[int]:
+        return list(range(self.count, self.total))
+
     def augment_for(self, view: int) -> AugmentCfg:
+        if view >= self.count:
+            return self.local.augment
         return self.augment[view if len(self.augment) > 1 else 0]
+
+    def size_of(self, view: int, img_size: int) -> int:
+        """The side in pixels of ``view`` for a backbone of ``img_size``."""
+        return self.local.size if view >= self.count else img_size
 
 
 class SourceCfg(Strict):
@@ -205,8 +233,9 @@ class Recipe(Strict):
     def _views_exist(self):
         for i, t in enumerate(self.terms):
             used = TARGETS[t.target.kind].views(t, self.views)
-            if max(used) >= self.views.count:
-                raise ValueError(f"terms.{i}.target.view: term {t.name!r} uses view {max(used)} but views.count is {self.views.count}")
+            if max(used) >= self.views.total:
+                raise ValueError(f"terms.{i}.target.view: term {t.name!r} uses view {max(used)} but the recipe has "
+                                 f"{self.views.total} (views.count{' + views.local.count' if self.views.local else ''})")
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"terms: names must be unique, got {names}")
