@@ -142,11 +142,6 @@ def test_an_export_given_for_a_run_is_named_with_what_loads_it(runs, tmp_path, c
         code = main(["eval", "--checkpoint", str(out), "--task", "knn", "--dataset", f"folder:{runs / 'data'}", "--device", "cpu",
                      "--no-progress"])
         assert (code, capfd.readouterr().err) == (2, f"m3i eval: error: {why}\n")
-    # a file of the folder names the folder
-    code = main(["pretrain", "--recipe", "simclr", "--out", str(tmp_path / "run"), "--init-from",
-                 str(made["timm-dir"] / "model.safetensors"), "backbone.name=vit_nano", "backbone.depth=1", *SMALL,
-                 f"data.sources=[{{spec: 'folder:{runs / 'data'}'}}]"])
-    assert code == 2 and f"m3i pretrain: error: {made['timm-dir']}: an m3i export (--format timm-dir;" in capfd.readouterr().err
     assert not (tmp_path / "again.pt2").exists()
 
 

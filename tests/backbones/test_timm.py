@@ -227,3 +227,40 @@ def test_every_family_trains_a_step_in_each_mode_it_takes_and_exports_a_folder_t
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
                                    load_run(run).backbone.forward_features(x).pooled)
+
+
+@pytest.mark.parametrize("timm_name, ours, size, patch", [
+    ("vit_tiny_patch16_224", "vit_tiny", 32, 16),    # released at 224 (14 × 14 patches), continued at 32 (2 × 2)
+    ("convnext_atto", "convnext_atto", 32, 32),      # timm keeps its MLP as 1×1 convolutions; stem 4 × 8 = 32
+    ("vit_tiny_patch16_224", "timm/vit_tiny_patch16_224", 32, 16),
+], ids=["m3i-vit", "m3i-convnext", "timm-vit"])
+def test_a_released_timm_model_continues_pre_training_from_its_file(tmp_path, capsys, timm_name, ours, size, patch):
+    """``--init-from`` a timm model's own weights file (classifier and all): after the run, the
+    backbone holds timm's features of the same images (lr 1e-12: one step moves nothing)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    released = timm.create_model(timm_name, pretrained=False).eval()
+    save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp_path / "released.safetensors"))
+    data = folder(tmp_path / "data", size)
+    out = tmp_path / "run"
+    args = ["pretrain", "--recipe", "simclr", "--out", str(out), "--init-from", str(tmp_path / "released.safetensors"),
+            "--no-progress", f"backbone.name={ours}", f"backbone.img_size={size}", "data.batch_size=4",
+            "data.num_workers=0", "train.steps=1", "train.warmup_steps=0", "train.lr=1e-12", "train.precision=fp32",
+            f"data.sources=[{{spec: 'folder:{data}'}}]", *([f"backbone.patch_size={patch}"] if patch else [])]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "left out the file's classifier (head" in said and "from weights in timm's layout" in said
+    run = load_run(out)
+    x = torch.randn(2, 3, size, size)
+    ours_net = run.backbone.eval()
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=size).eval() if "vit" in timm_name \
+        else timm.create_model(timm_name, pretrained=False, num_classes=0).eval()
+    state = {k: v for k, v in released.state_dict().items() if not k.startswith("head.fc") and k != "head.weight"
+             and k != "head.bias"}
+    if "vit" in timm_name:  # timm's own resampling of the table to the 2 × 2 grid, as ours does it
+        from timm.layers import resample_abs_pos_embed
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (size // 16, size // 16), num_prefix_tokens=1)
+    theirs.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(ours_net.forward_features(x).pooled, theirs(x), rtol=1e-4, atol=1e-4)

@@ -306,7 +306,8 @@ def find(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: holds no checkpoint (expected {MODEL_FILE} or checkpoints/latest)")
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; an unreadable one is named in one line."""
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -315,7 +316,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The weights of a run's latest (or the given) checkpoint; the training state is not read."""
-    return _load_tensors(find(path) / MODEL_FILE)
+    return read_tensors(find(path) / MODEL_FILE)
 
 
 def load_state(path: Path) -> dict:
@@ -325,7 +326,7 @@ def load_state(path: Path) -> dict:
         if not (ckpt / name).is_file():
             raise FileNotFoundError(f"{ckpt / name}: missing; this checkpoint holds weights only and cannot be "
                                     f"resumed (start from its weights with --init-from)")
-    tensors = _load_tensors(ckpt / OPTIMIZER_FILE)
+    tensors = read_tensors(ckpt / OPTIMIZER_FILE)
     if (ckpt / SHARDED_DIR / ".metadata").is_file():
         _check_sharded_index(ckpt / SHARDED_DIR / ".metadata")
     try:

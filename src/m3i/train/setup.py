@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import distributed as dist
 from .. import runs
+from ..backbones.layouts import from_timm
 from ..config import Recipe, TrainCfg, check_accum_steps
 from ..data import Mixture, build_source
 from ..device import autocast_for, resolve_device, resolve_precision
@@ -189,11 +190,38 @@ def make_loader(mixture: Mixture, recipe: Recipe, dev: torch.device) -> torch.ut
 
 
 def start_from(objective: Objective, init_from: str | Path) -> None:
-    """The backbone (and the EMA teacher) from another run's weights: a multi-stage pipeline's next stage."""
-    weights = ckpt.load_weights(Path(init_from))
-    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-    load_weights_into(objective.backbone, backbone, f"{init_from}", optional_prefixes=("mask_token",))
+    """The backbone (and the EMA teacher) from other weights: another m3i run's (a multi-stage
+    pipeline's next stage), or a released backbone in timm's layout (a ``.safetensors`` file, or a
+    ``timm-dir`` folder of config.json and model.safetensors) to continue pre-training. The terms'
+    heads start fresh; one line says what was loaded and what was not."""
+    path, where = Path(init_from), f"--init-from {init_from}"
+    weights, layout = init_weights(path)
+    if layout == "m3i":
+        backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+        dropped = []
+    else:
+        backbone, dropped = from_timm(objective.backbone, weights, where)
+    load_weights_into(objective.backbone, backbone, where, optional_prefixes=("mask_token",))
     objective.sync_teacher()
+    if dist.rank() == 0:
+        fresh = [t.name for t in objective.terms if any(p.requires_grad for p in t.parameters())]
+        count = sum(v.numel() for v in backbone.values())
+        print(f"{where}: loaded the {objective.recipe.backbone.name} backbone ({len(backbone)} tensors, {count / 1e6:.1f} M "
+              f"parameters) from {'an m3i run' if layout == 'm3i' else 'weights in timm' + chr(39) + 's layout'}"
+              + (f"; left out the file's classifier ({', '.join(dropped)})" if dropped else "")
+              + (f"; starting fresh: the heads of the terms {', '.join(fresh)}" if fresh else ""))
+
+
+def init_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors ``--init-from`` names and their layout: ``m3i`` (a run, a checkpoint, or its
+    weights file) or ``timm`` (a safetensors file of timm names, a ``timm-dir`` folder)."""
+    released = path.is_dir() and (path / "config.json").is_file() and (path / ckpt.MODEL_FILE).is_file()
+    file = path / ckpt.MODEL_FILE if released else path
+    in_checkpoint = ckpt.as_folder(file) != file and (file.parent / ckpt.STATE_FILE).is_file()
+    if file.is_file() and file.suffix == ".safetensors" and not in_checkpoint:
+        tensors = ckpt.read_tensors(file)
+        return tensors, "m3i" if any(k.startswith("backbone.") for k in tensors) else "timm"
+    return ckpt.load_weights(path), "m3i"
 
 
 def restore(objective: Objective, recipe: Recipe, resume: str | Path) -> tuple[int, dict]:
