@@ -37,12 +37,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, also where t
 from common import (evalsets_of, fit_mix, label_classes, mean_seconds, run_parallel, score_tasks,  # noqa: E402
                     table_head, text_tower_overrides)
 
-from m3i.config import load_recipe  # noqa: E402
+from m3i.config import load_recipe, recipe_names  # noqa: E402
 from m3i.eval.run import PIXELS  # noqa: E402
 from m3i.runs import load_run  # noqa: E402
 from m3i.train.loop import pretrain  # noqa: E402
 
-RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]
+RECIPES = ["supervised", "clip", "simclr", "mae", "sim", "multistage", "m3i"]  # the default rows
+# recipes compared but not shipped (a variant of a shipped one), by their file's name
+VARIANTS = Path(__file__).resolve().parent / "variants"
+
+
+def recipe_ref(name: str) -> str:
+    """What ``load_recipe`` takes for a row: a shipped recipe's name, or a variant's file."""
+    path = VARIANTS / f"{name}.yaml"
+    return str(path) if path.is_file() else name
+
+
+def recipe_choices() -> list[str]:
+    """Every row the comparison can run: the shipped recipes, ``multistage`` and the variants."""
+    return sorted({*recipe_names(), "multistage", *(p.stem for p in VARIANTS.glob("*.yaml"))})
 STAGES = ["sim", "clip", "supervised"]  # the multi-stage pipeline, each continuing from the last
 TASKS = {  # name -> (task, dataset, metric)
     "fmnist_linear": ("linear", "fashion-mnist", "top1"),
@@ -81,7 +94,7 @@ def overrides_for(recipe: str, backbone: str, steps: int, batch: int, seed: int,
     ov = BACKBONES[backbone] + [f"train.steps={steps}", f"data.batch_size={batch}", f"train.seed={seed}",
                                 f"train.warmup_steps={max(1, steps // 10)}", f"train.ckpt_every={steps}",
                                 f"train.log_every={max(1, steps // 20)}"]
-    if not backbone == "vit" and load_recipe(recipe).views.input_mode == "drop":
+    if not backbone == "vit" and load_recipe(recipe_ref(recipe)).views.input_mode == "drop":
         ov.append("views.input_mode=fill")
     if split == "val":
         ov.append(fit_mix())
@@ -110,7 +123,7 @@ def train(recipe: str, out: Path, backbone: str, steps: int | list[int], batch: 
     per_stage = split_steps(recipe, steps) if isinstance(steps, int) else list(steps)
     prev, names = None, stages_of(recipe)
     for i, (stage, n) in enumerate(zip(names, per_stage, strict=True)):
-        r = load_recipe(stage, overrides=overrides_for(stage, backbone, n, batch, seed, **kw) + list(extra))
+        r = load_recipe(recipe_ref(stage), overrides=overrides_for(stage, backbone, n, batch, seed, **kw) + list(extra))
         where = out if len(names) == 1 else out / f"stage{i + 1}_{stage}"
         prev = pretrain(r, where, progress=False, init_from=prev, device=device)
     return prev, time.perf_counter() - t0
@@ -155,7 +168,7 @@ def stage_cost(stage: str, a: argparse.Namespace, kind: str, tuned: dict | None 
     from m3i.objective import Objective
     from m3i.train.dryrun import step_flops, synthetic_batch
 
-    r = load_recipe(stage, overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split, tuned=tuned,
+    r = load_recipe(recipe_ref(stage), overrides=overrides_for(stage, a.backbone, 1, a.batch, 0, split=a.split, tuned=tuned,
                                                    text_tower=a.text_tower, workers=0))
     classes = label_classes(r)
     if kind == "flops":
@@ -445,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke form: few steps, one seed, small eval sets")
     p.add_argument("--backbone", choices=list(BACKBONES), default="resnet")
-    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
+    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=recipe_choices())
     p.add_argument("--budget", help="what every recipe gets the same of: flops=X|demo|demo*F, images=N or "
                                     "seconds=S (default flops=demo; on CUDA flops=demo*10; quick images=192)")
     p.add_argument("--batch", type=int, help="global batch (default 128; quick 32)")

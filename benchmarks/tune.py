@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 
-from compare import BACKBONES, RECIPES, load_evalsets, score_all, train
+from compare import BACKBONES, load_evalsets, recipe_choices, score_all, train
 
 SPACE = {"train.lr": (1e-4, 1e-2), "train.weight_decay": (1e-3, 0.3)}  # log-uniform
 OBJECTIVE = ["fmnist_knn", "fmnist_linear", "emoji_cat_linear", "emoji_sub_linear"]
@@ -74,7 +74,7 @@ def merge(out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipes", nargs="*", choices=[r for r in RECIPES if r != "multistage"],
+    p.add_argument("recipes", nargs="*", choices=[r for r in recipe_choices() if r != "multistage"],
                    help="the multi-stage pipeline uses the values chosen for its stages")
     p.add_argument("--backbone", choices=list(BACKBONES), default="resnet")
     p.add_argument("--trials", type=int, default=6)

@@ -9,6 +9,11 @@ from m3i.config import ConfigError, describe_term, load_recipe, recipe_names
 
 NINE = ["byol", "clip", "data2vec", "m3i", "mae", "mocov3", "sim", "simclr", "supervised"]
 SCALE = ["clip-vitb16", "m3i-vitb16", "m3i-vitl16", "mae-vitb16", "sim-vitb16", "supervised-vitb16"]
+NINE += ["coca", "m3i-one", "siglip"]  # image-text: the sigmoid estimator, captioning
+SCALE += ["coca-vitb16", "m3i-one-vitb16", "siglip-vitb16"]
+NINE += ["dino", "dinov2"]  # self-distillation
+SCALE += ["dino-vitb16", "dinov2-vitl14"]
+SCALE += ["m3i-vitg14"]  # the billion-parameter backbone
 
 
 def test_nine_recipes_ship_with_six_at_paper_scale():

@@ -37,8 +37,8 @@ def small_parts(recipe) -> list[str]:
     for i, t in enumerate(recipe.terms):
         if t.target_encoder.kind == "text":
             out += [f"terms.{i}.target_encoder.tower=scratch", f"terms.{i}.target_encoder.width=16",
-                    f"terms.{i}.target_encoder.depth=1"]
-        if t.decoder.kind == "dense":
+                    f"terms.{i}.target_encoder.depth=1", f"terms.{i}.target_encoder.heads=2"]
+        if t.decoder.kind in ("dense", "text"):
             out += [f"terms.{i}.decoder.width=16", f"terms.{i}.decoder.heads=2", f"terms.{i}.decoder.depth=1"]
     return out
 

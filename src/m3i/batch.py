@@ -48,7 +48,8 @@ class Drawn:
     """The host's share of a step, drawn on the CPU before it: every random parameter of the views
     and what each target makes of the batch's host data."""
 
-    # one per view: its crop boxes, flips and colour factors (ViewAugment.draw); None: not drawn
+    # one per view (the global views, then multi-crop's local crops): its crop boxes, flips and
+    # colour factors (ViewAugment.draw); None: not drawn
     views: list[dict[str, Tensor]] | None = None
     visible: dict[int, Tensor] = field(default_factory=dict)  # per masked view: (B, N) bool, True = seen
     # per term: what its target made of the host data (Target.stage: a caption's tokens); None: not yet
@@ -69,7 +70,7 @@ class Batch:
     labels: Tensor                       # long (B,), in the mixture's global label space; -1: none
     captions: list[str | None]
     images: Tensor | None = None         # uint8 (B, 3, S, S), RGB: the views are made on the device
-    crops: list[Tensor] | None = None    # the loader made the views: each view's uint8 (B, 3, Sh, Sw)
+    crops: list[Tensor] | None = None    # the loader made the views: each view's uint8 (B, 3, Sh, Sw), local crops smaller
     drawn: Drawn | None = None           # the views' parameters and masks; the targets' share once staged
     source: Tensor | None = None         # long (B,): the source of each slot
     index: Tensor | None = None          # long (B,): the sample's index in its source

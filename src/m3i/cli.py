@@ -76,7 +76,7 @@ def _pretrain(args) -> int:
     if args.dry_run:  # trains nothing: no run folder is claimed
         from .train.dryrun import dry_run, format_dry_run
 
-        print(format_dry_run(dry_run(recipe, gpus=args.gpus)))
+        print(format_dry_run(dry_run(recipe, gpus=args.gpus, gpu_memory=args.gpu_memory, nodes=args.nodes)))
         return 0
     if main_rank and resume:  # before any work: nothing of an earlier run is written over (runs.py)
         runs.resume_into(resume, out, args.overwrite)
@@ -116,6 +116,12 @@ def _eval(args) -> int:
                                     steps=args.steps, limit=args.limit, device=args.device,
                                     png=Path(args.json).with_suffix(".boxes.png") if args.json else None,
                                     progress=not args.no_progress)
+    elif args.task == "captions":  # what a captioning term learned (m3i.eval.captions)
+        from .eval.captions import evaluate_captions
+
+        result = evaluate_captions(args.checkpoint, args.dataset, device=args.device, limit=args.limit, split=args.split,
+                                   out=Path(args.json).with_suffix(".captions.txt") if args.json else None,
+                                   progress=not args.no_progress)
     elif args.task == "segmentation":
         from .eval.segmentation import evaluate_segmentation as evaluate_dense
 
@@ -278,7 +284,11 @@ def _pretrain_parser(sub) -> None:
                    help="print the resolved recipe, parameters, FLOPs, images seen, epochs per source, steps and a "
                         "wall-time estimate; train nothing")
     t.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 8)),
-                   help="GPUs of the run, for --dry-run's wall time (default $WORLD_SIZE or 8)")
+                   help="GPUs of the run, for --dry-run's wall time and memory plan (default $WORLD_SIZE or 8)")
+    t.add_argument("--gpu-memory", help="--dry-run: the memory of each GPU (e.g. 80GiB): the plan per rank under "
+                                        "DDP, FSDP and HSDP, what fits, the micro-batch and train.accum_steps")
+    t.add_argument("--nodes", type=int, help="--dry-run: the nodes the GPUs are in (HSDP's replicas; default 1 up "
+                                             "to 8 GPUs, nodes of 8 beyond)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=5e-4 backbone=convnext_atto")
     t.set_defaults(func=_pretrain)
 
@@ -301,7 +311,7 @@ def _eval_parser(sub) -> None:
     v.add_argument("--checkpoint", required=True,
                    help="run or checkpoint directory, or 'pixels' for the raw-pixel baseline (detection: also 'scratch')")
     v.add_argument("--task", required=True,
-                   choices=["knn", "linear", "zeroshot", "retrieval", "segmentation", "detection"])
+                   choices=["knn", "linear", "zeroshot", "retrieval", "captions", "segmentation", "detection"])
     v.add_argument("--dataset", required=True,
                    help=f"{' | '.join(DATASETS)} (emoji:none: retrieval only; {FOLDER}); for segmentation: "
                         f"fashion-mnist-scenes | emoji-scenes; for detection: also emoji-scenes:category | "

@@ -12,11 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from . import plugins
-from .backbones import BackboneCfg, input_modes
+from .backbones import BackboneCfg, build_backbone, input_modes
 from .backbones.registry import registered_by
 from .decoders import DECODERS
 from .decoders.mlp import GlobalDecoderCfg
@@ -25,6 +26,7 @@ from .estimators import ESTIMATORS
 from .registry import Registry, did_you_mean
 from .schema import ConfigError, Strict, union_of
 from .targets import TARGETS
+from .views.stage import check_local_views
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 # the parts a term is made of: the field of each, and the registry of its kinds
@@ -54,9 +56,33 @@ class AugmentCfg(Strict):
 
 class MaskCfg(Strict):
     kind: Literal["block", "random"] = "block"
-    ratio: float = Field(0.6, ge=0.0, lt=1.0)
+    # the share of a masked view's patches hidden: a number (every masked image hides as many), or
+    # [lo, hi] (DINOv2: the masked images of a batch hide shares spread evenly over the range)
+    ratio: float | tuple[float, float] = 0.6
+    # the share of a batch's masked-view images that are masked at all (DINOv2: 0.5); the rest show every patch
+    probability: float = Field(1.0, ge=0.0, le=1.0)
     # the smallest rectangle of a block mask, in patches (BEiT and SIM: 16 at 14 × 14)
     min_block: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _ratio_range(self):
+        lo, hi = self.ratio_range
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"ratio: a share of the patches in [0, 1), or [lo, hi] with 0 <= lo <= hi < 1, "
+                             f"got {list(self.ratio) if isinstance(self.ratio, tuple) else self.ratio}")
+        return self
+
+    @property
+    def ratio_range(self) -> tuple[float, float]:
+        """``(lo, hi)`` of the hidden share; ``(r, r)`` for a number."""
+        return tuple(self.ratio) if isinstance(self.ratio, tuple) else (self.ratio, self.ratio)
+
+    @property
+    def varies(self) -> bool:
+        """Whether masked images hide different numbers of patches (a ratio range, or some images
+        unmasked): only the ``fill`` input takes such masks."""
+        lo, hi = self.ratio_range
+        return lo != hi or self.probability < 1.0
 
 
 class LocalViewsCfg(Strict):
@@ -80,7 +106,22 @@ class ViewsCfg(Strict):
     def _augment_per_view(self):
         if len(self.augment) not in (1, self.count):
             raise ValueError(f"augment: give one entry for all views or one per view ({self.count}), got {len(self.augment)}")
-        if self.input_mode == "mix" and "ratio" in self.mask.model_fields_set and self.mask.ratio != 0.5:
+        if self.local is not None:  # the backbone's input is normalised alike in every crop
+            aug, own = self.local.augment, self.local.augment.model_fields_set
+            for stat in ("mean", "std"):
+                ref = getattr(self.augment[0], stat)
+                if stat not in own:
+                    setattr(aug, stat, ref)
+                elif getattr(aug, stat) != ref:
+                    raise ValueError(f"local.augment.{stat}: the local crops are normalised as the global views, "
+                                     f"{list(ref)}, got {list(getattr(aug, stat))}; leave it out")
+        lo, hi = self.mask.ratio_range
+        if self.mask.varies and self.input_mode != "fill":
+            why = f"ratio: a range [{lo}, {hi}]" if lo != hi else \
+                f"probability: {self.mask.probability} leaves some images unmasked and"
+            raise ValueError(f"mask.{why} makes images hide different numbers of patches, which only input_mode fill "
+                             f"takes (a mask token in place of each hidden patch), not {self.input_mode!r}")
+        if self.input_mode == "mix" and "ratio" in self.mask.model_fields_set and (lo, hi) != (0.5, 0.5):
             raise ValueError(f"mask.ratio: the 'mix' input shows each image on half of the patches (ratio 0.5), "
                              f"so it cannot take {self.mask.ratio}; use input_mode drop or fill for another ratio")
         return self
@@ -165,7 +206,11 @@ class TrainCfg(Strict):
     # torch.compile every block (ViT) or stage block (ConvNeXt) of the backbones, and the decoders' blocks
     compile: bool = False
     # several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2, per block / stage)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # over every rank, hsdp shards it within each group of ranks (a node) and replicates it across groups
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    # hsdp's device mesh [replicas, shards] (replicas × shards = the ranks); default: the launch's,
+    # $LOCAL_WORLD_SIZE shards (the ranks of a node) × the nodes
+    mesh: tuple[int, int] | None = None
     # monitors (m3i.eval.monitor): every eval_every steps (0: never) k-NN on the val split of
     # eval_knn and retrieval on that of eval_retrieval (default: the built-in sources of the mix),
     # at most eval_limit fit images and eval_limit / 4 val images
@@ -183,6 +228,11 @@ class TrainCfg(Strict):
         # a warm-up longer than the run is taken (cut short, or scaled with --steps: load_recipe)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: {self.min_lr:g} is above train.lr={self.lr:g}; the schedule decays from lr to min_lr")
+        if self.mesh is not None and min(self.mesh) < 1:
+            raise ValueError(f"mesh: {list(self.mesh)}: expected [replicas, shards], each a whole number >= 1")
+        if self.mesh is not None and self.strategy != "hsdp":
+            raise ValueError(f"mesh: {list(self.mesh)} is the device mesh of train.strategy=hsdp; the strategy is "
+                             f"{self.strategy}")
         return self
 
 
@@ -236,6 +286,11 @@ class Recipe(Strict):
             if max(used) >= self.views.total:
                 raise ValueError(f"terms.{i}.target.view: term {t.name!r} uses view {max(used)} but the recipe has "
                                  f"{self.views.total} (views.count{' + views.local.count' if self.views.local else ''})")
+        for i, t in enumerate(self.terms):
+            local = sorted(v for v in TARGETS[t.target.kind].masked_views(t, self.views) if v >= self.views.count)
+            if local:
+                raise ValueError(f"terms.{i}: term {t.name!r} sees view {local[0]} masked, a local crop (views.count is "
+                                 f"{self.views.count}); masks sit on the global views only")
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"terms: names must be unique, got {names}")
@@ -259,6 +314,7 @@ class Recipe(Strict):
                 self.backbone.img_size = self.data.image_size
             else:
                 self.data.image_size = self.backbone.img_size
+        _check_local_views(self)
         tr = self.train
         if tr.blr is not None:
             lr = tr.blr * self.data.batch_size / 256
@@ -270,6 +326,20 @@ class Recipe(Strict):
                                  f"data.batch_size {self.data.batch_size}; the schedule decays from lr to min_lr")
             tr.lr = lr
         return self
+
+
+def _check_local_views(recipe: Recipe) -> None:
+    """Refuse local crops (``views.local``) the backbone cannot take (a size that is no multiple of
+    its patch size; a timm model built for one input size), against the backbone built on the meta
+    device. Settings the backbone itself refuses are reported where it is built."""
+    if recipe.views.local is None:
+        return
+    try:
+        with torch.device("meta"):
+            net = build_backbone(recipe.backbone.name, **recipe.backbone.kwargs())
+    except Exception:  # noqa: BLE001
+        return
+    check_local_views(recipe.views, net)
 
 
 _built = -1  # the registries' version the schema was last built from
@@ -559,7 +629,7 @@ def describe_term(t: TermCfg, input_mode: str = "drop") -> dict[str, str]:
     """One row of the special-case table, in the paper's words, read off a term's config."""
     view = f"view {t.source.view + 1}"
     masked = {"drop": "masked ", "fill": "masked (mask-token) ", "mix": "masked, mixed "}[input_mode]
-    source = (masked + view) if t.source.masked else view
+    source = TARGETS[t.target.kind].describe_input(t, masked) or ((masked + view) if t.source.masked else view)
     if t.decoder.kind == "global" and t.decoder.predictor:
         source += " (+ predictor)"
     if t.swap_views:

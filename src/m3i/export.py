@@ -39,7 +39,7 @@ from .weights import shared_mode
 
 # timm entry points whose defaults the model_args below override (architecture names must exist in timm)
 _VIT_ARCH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
-             1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+             1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224", 1408: "vit_giant_patch14_224"}
 
 
 def _probe(out: Path, folder: Path, flag: str) -> None:

@@ -21,7 +21,7 @@ from .batch import Batch, Losses, to_device
 from .config import Recipe
 from .encoders.targets import TargetCopies
 from .layers import no_weight_decay
-from .targets import TARGETS, build_term
+from .targets import TARGETS, build_terms
 from .terms import Context, EmbeddingCache, Embeddings, Term, Views, whole
 from .views import ViewStage
 from .weights import load_weights_into
@@ -41,7 +41,7 @@ class Objective(nn.Module):
         self.backbone = net = online_backbone(recipe, backbone)
         masked = set().union(*(TARGETS[t.target.kind].masked_views(t, recipe.views) for t in recipe.terms))
         self.view_stage = ViewStage(recipe.views, masked, net.img_size, net.grid_size, net.in_chans)
-        self.terms = nn.ModuleList(build_term(t, net, num_classes) for t in recipe.terms)
+        self.terms = nn.ModuleList(build_terms(recipe.terms, net, num_classes, recipe.views))
         self.copies = TargetCopies(net, self.terms, recipe.ema)
         self.teacher, self.frozen = self.copies.teacher, self.copies.frozen  # its modules, as checkpoints name them
 
@@ -114,7 +114,16 @@ class Objective(nn.Module):
     augment, masked_views, visible_count = _of("view_stage", "augment", "masked_views", "visible_count")
     loader_views, views_of, make_views = _of("view_stage", "loader_views", "views_of", "make_views")
     image_mean, image_std, normalize = _of("view_stage", "image_mean", "image_std", "normalize")
-    encoders, update_teacher, sync_teacher = _of("copies", "encoders", "update", "sync")
+    encoders, sync_teacher = _of("copies", "encoders", "sync")
+
+    def update_teacher(self, step: int, total_steps: int, skip: Tensor | None = None) -> float | None:
+        """After the optimiser step that makes ``step`` steps done: each target's own update
+        (``Target.after_step``: step counters, and a teacher's centre), then the EMA teacher's step
+        (which copies the online buffers); the centre and the teacher stay as they were when the 0-d
+        bool ``skip`` is true, decided on the device. Returns the teacher's momentum (None: no teacher)."""
+        for term in self.terms:
+            term.target.after_step(term, step, skip)
+        return self.copies.update(step, total_steps, skip)
 
     # -- state ---------------------------------------------------------------------------------
     def unsaved_keys(self) -> set[str]:

@@ -32,7 +32,7 @@ from .backbones import Backbone, Features
 from .batch import Batch
 from .encoders.copies import CopiedEncoder
 from .views.masks import draw_visible, visible_count
-from .views.stage import Views
+from .views.stage import Views, grid_of
 
 
 @dataclass
@@ -101,6 +101,11 @@ class Pair:
 class Context:
     """Everything the terms of one step share, each piece computed once on first use.
 
+    Multi-crop's local crops (``views.local``, the views after the global ones) share one size:
+    the first :meth:`online` read of any of them runs them all, unmasked, as one batch through the
+    backbone (their concatenation along the batch, no padding, no loop over crops), and keeps
+    each crop's share; a local crop has its own, smaller patch grid (:meth:`grid_of`).
+
     ``backbone``: the online encoder; ``views_cfg``: the recipe's views (mask kind and ratio, input
     mode); ``copies``: term name -> its copied target encoder (the shared EMA teacher or the term's
     frozen model); ``teacher_layers``: how many block outputs the copies return (data2vec's top-K);
@@ -123,18 +128,26 @@ class Context:
         # (id of the copy, view) -> its features
         self.target_cache: dict[tuple[int, int | Pair], Features] = {} if target_cache is None else target_cache
 
+    def grid_of(self, view: int | Pair) -> tuple[int, int]:
+        """The patch grid ``(gh, gw)`` of ``view``: ``grid_size`` for a global view, a local crop's
+        own (``views.local.size // patch_size`` across)."""
+        return grid_of(self._views_cfg, view, self.grid_size, self.patch_size)
+
     def visible(self, view: int) -> Tensor:
         """(B, N) bool: the patches of ``view`` the online encoder sees."""
         if view not in self._visible:  # not drawn with the batch (a direct call): drawn now, on the host
-            mask = draw_visible(self._views_cfg, self.batch_size, self.grid_size)
+            mask = draw_visible(self._views_cfg, self.batch_size, self.grid_of(view))
             self._visible[view] = mask.to(self.views.images[view].device)
         return self._visible[view]
 
     def visible_count(self, view: int) -> int | None:
-        """Patches visible per row of ``visible(view)`` (None: only the mask's values tell)."""
+        """Patches visible per row of ``visible(view)`` (None: only the mask's values tell); the
+        grid's every patch where the rows differ (``views.mask.ratio: [lo, hi]``, ``probability``):
+        the ``fill`` input then keeps every token, in patch order."""
         if view in self.views.visible:
             return self.views.count
-        return visible_count(self._views_cfg, self.grid_size[0] * self.grid_size[1])
+        gh, gw = self.grid_of(view)
+        return visible_count(self._views_cfg, gh * gw)
 
     def online(self, view: int, masked: bool) -> Features:
         """The online encoder's features of ``view``, of its visible patches when ``masked``."""
@@ -144,9 +157,22 @@ class Context:
             if masked:
                 self._online[key] = self._backbone.forward_features(
                     x, self.visible(view), mode=self._views_cfg.input_mode, count=self.visible_count(view))
+            elif view in self._views_cfg.local_views():
+                self._online_local()
             else:
                 self._online[key] = self._backbone.forward_features(x)
         return self._online[key]
+
+    def _online_local(self) -> None:
+        """Every local crop through the online encoder, unmasked, in one batch: their concatenation
+        along the batch, its features split back into each crop's."""
+        local = self._views_cfg.local_views()
+        feats = self._backbone.forward_features(torch.cat([self.views.images[v] for v in local]))
+        b = self.batch_size
+        pooled, tokens = feats.pooled.split(b), feats.tokens.split(b)
+        layers = [h.split(b) for h in feats.layers]
+        for k, v in enumerate(local):
+            self._online[(v, False)] = Features(pooled[k], tokens[k], [h[k] for h in layers])
 
     def view(self, view: int | Pair) -> tuple[Tensor, Tensor, Tensor]:
         """(images, boxes, flips) of a view, or of a :class:`Pair` of views in the mixed input."""

@@ -119,7 +119,8 @@ def test_a_stale_shard_index_is_reported_once(tmp_path):
     (["terms.0.estimator.temperatur=0.1"],
      "terms.0.estimator.temperatur: unknown key (not a setting of kind 'boltzmann') (did you mean 'temperature'?)"),
     (["terms.0.estimator.kind=boltzman"], "terms.0.estimator.kind: expected one of 'boltzmann', 'gaussian', "
-                                          "'unigrad' (got 'boltzman') (did you mean 'boltzmann'?)"),
+                                          "'unigrad', 'cross_entropy', 'koleo', 'sigmoid', 'tokens' (got 'boltzman') "
+                                          "(did you mean 'boltzmann'?)"),
     (["train.precision=bf61"], "(got 'bf61') (did you mean 'bf16'?)"),
     (["backbone=vit_nan"], "backbone.name: unknown backbone 'vit_nan' (did you mean 'vit_nano'?); expected one of"),
 ])

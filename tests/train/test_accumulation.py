@@ -45,6 +45,7 @@ def shrink(name: str) -> list[str]:
     out = BASE + ([] if recipe.backbone.name.startswith("resnet") else VIT)
     top_k = max(getattr(t.target_encoder, "top_k", 0) for t in recipe.terms)
     out += [f"backbone.depth={top_k}"] if top_k > 2 else []  # data2vec's average of the top blocks
+    out += ["views.local.size=16"] if recipe.views.local is not None else []  # multi-crop: 2 × 2 patches
     for i, t in enumerate(recipe.terms):
         if t.target.kind == "caption":  # a small text tower trained from scratch
             out += [f"terms.{i}.target_encoder.tower=scratch", f"terms.{i}.target_encoder.width=16",
@@ -53,7 +54,12 @@ def shrink(name: str) -> list[str]:
         if t.decoder.kind == "dense":
             out += [f"terms.{i}.decoder.width=32", f"terms.{i}.decoder.heads=2", f"terms.{i}.decoder.depth=1",
                     f"terms.{i}.decoder.projector_depth={min(1, t.decoder.projector_depth)}"]
-        elif t.decoder.projector:
+        elif t.decoder.kind == "text":  # a captioning term's text decoder
+            out += [f"terms.{i}.decoder.width=32", f"terms.{i}.decoder.heads=2", f"terms.{i}.decoder.depth=1"]
+        elif t.decoder.kind == "prototypes":  # a prototype head of few prototypes
+            out += [f"terms.{i}.decoder.hidden=[48]", f"terms.{i}.decoder.bottleneck=16",
+                    f"terms.{i}.decoder.prototypes=64"]
+        elif getattr(t.decoder, "projector", None):
             out += [f"terms.{i}.decoder.projector={small(t.decoder.projector)}",
                     f"terms.{i}.decoder.predictor={small(t.decoder.predictor)}"]
     return out
@@ -117,8 +123,8 @@ def assert_same_outputs(ref: Losses, got: Losses) -> None:
                                    rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
-CPU_RECIPES = [n for n in recipe_names() if not n.endswith(("-vitb16", "-vitl16"))]
-SCALE_RECIPES = [n for n in recipe_names() if n.endswith(("-vitb16", "-vitl16"))]
+CPU_RECIPES = [n for n in recipe_names() if not n.endswith(("-vitb16", "-vitl16", "-vitl14"))]
+SCALE_RECIPES = [n for n in recipe_names() if n.endswith(("-vitb16", "-vitl16", "-vitl14"))]
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -16,11 +16,14 @@ class Features:
     pooled: (B, D) image representation.
     tokens: (B, K, D) final-norm tokens at the visible positions (ascending), all N if none hidden.
     layers: outputs of the last ``return_layers`` blocks at the same positions, before the final norm.
+    filled: with ``mode="fill"``, (B, N, D) final-norm tokens at every position, the hidden ones
+        computed from the mask token (iBOT's predictions at the masked patches); else None.
     """
 
     pooled: Tensor
     tokens: Tensor
     layers: list[Tensor] = field(default_factory=list)
+    filled: Tensor | None = None
 
 
 class Backbone(nn.Module):
@@ -93,7 +96,10 @@ def visible_indices(visible: Tensor, count: int | None = None) -> Tensor:
 
     ``count``: K when the caller knows it (from the mask's configuration): nothing is read back
     to the host (the rows are checked only in debug mode, :mod:`m3i.debug`). Without it K is
-    read from ``visible``, which waits for the device."""
+    read from ``visible``, which waits for the device. ``count`` = N (every patch): every position,
+    in order, hidden ones included (the ``fill`` input of masks whose rows hide different numbers)."""
+    if count is not None and count == visible.shape[1]:
+        return torch.arange(count, device=visible.device).expand(visible.shape[0], count)
     if reads_values(count):
         counts = visible.sum(1)
         if visible.shape[0] and not bool((counts == (counts[0] if count is None else count)).all()):

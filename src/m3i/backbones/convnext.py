@@ -265,7 +265,8 @@ class ConvNeXt(Backbone):
 
         tokens = self._gather(final, idx)
         layers = [self._gather(t, idx) for t in layers]
-        return Features(pooled=self.head(tokens.mean(1)), tokens=self.head(tokens), layers=layers)
+        filled = self.head(final.flatten(2).transpose(1, 2)) if mode == "fill" else None
+        return Features(pooled=self.head(tokens.mean(1)), tokens=self.head(tokens), layers=layers, filled=filled)
 
     # ------------------------------------------------------------------ internals
 

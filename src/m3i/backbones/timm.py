@@ -181,11 +181,11 @@ class TimmBackbone(Backbone):
         else:
             fm = self.model.forward_features(x)
         pooled = self.model.forward_head(fm, pre_logits=True)
-        tokens = self._tokens(fm)
+        tokens = filled = self._tokens(fm)
         if visible is not None:
             idx = visible_indices(visible, count)
             tokens = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return Features(pooled, tokens)
+        return Features(pooled, tokens, filled=filled if visible is not None else None)
 
     def _vit(self, x: Tensor, visible: Tensor | None, mode: str, return_layers: int, count: int | None) -> Features:
         m = self.model
@@ -212,11 +212,11 @@ class TimmBackbone(Backbone):
                 layers.append(h[:, self.prefix:])
         h = m.norm(h)
         pooled = m.forward_head(h, pre_logits=True)
-        tokens = h[:, self.prefix:]
+        tokens = filled = h[:, self.prefix:]
         if keep is not None:  # fill: every position computed, returned at the visible ones
             gather = lambda t: torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
             tokens, layers = gather(tokens), [gather(t) for t in layers]
-        return Features(pooled, tokens, layers)
+        return Features(pooled, tokens, layers, filled=filled if keep is not None else None)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

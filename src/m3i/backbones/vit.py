@@ -113,6 +113,9 @@ def _gather(x: Tensor, idx: Tensor) -> Tensor:
 @register("vit_base", embed_dim=768, depth=12, num_heads=12)
 @register("vit_large", embed_dim=1024, depth=24, num_heads=16)
 @register("vit_huge", embed_dim=1280, depth=32, num_heads=16, patch_size=14)
+# ViT-g/14 (Zhai et al., "Scaling Vision Transformers"; timm's vit_giant_patch14_224): 1.01 B
+# parameters, its MLP 48/11 of the width (6,144), a plain GELU MLP as every m3i ViT's
+@register("vit_giant", embed_dim=1408, depth=40, num_heads=16, patch_size=14, mlp_ratio=48 / 11)
 class VisionTransformer(Backbone):
     """ViT with a class token; pooled output is the final-normed class token.
 
@@ -300,10 +303,11 @@ class VisionTransformer(Backbone):
         out = self.norm(seq)
         pooled, tokens = out[:, 0], out[:, 1:]
         layers = [h[:, 1:] for h in layers]
-        if idx is not None:
-            tokens = _gather(tokens, idx)
+        filled = None
+        if idx is not None:  # fill: every position computed
+            filled, tokens = tokens, _gather(tokens, idx)
             layers = [_gather(h, idx) for h in layers]
-        return Features(pooled=pooled, tokens=tokens, layers=layers)
+        return Features(pooled=pooled, tokens=tokens, layers=layers, filled=filled)
 
     @staticmethod
     def _check_mix(visible: Tensor, count: int | None) -> None:

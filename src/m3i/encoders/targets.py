@@ -20,7 +20,8 @@ class TargetCopies:
     def __init__(self, backbone: nn.Module, terms: Sequence[nn.Module], ema):
         self.online, self.terms, self.ema = backbone, terms, ema
         shared = [t for t in terms if _copies(t) and t.cfg.target_encoder.follows_online]
-        heads = {t.name: t.head_to_copy for t in shared if t.head_to_copy is not None}
+        # a head with no state of its own (a ``shared`` decoder, another term's head) has nothing to copy
+        heads = {t.name: t.head_to_copy for t in shared if t.head_to_copy is not None and _has_state(t.head_to_copy)}
         self.teacher = CopiedEncoder(backbone, heads) if shared else None
         self.frozen = nn.ModuleDict({t.name: t.cfg.target_encoder.own_copy(t.name, backbone, t.head_to_copy)
                                      for t in terms if _copies(t) and not t.cfg.target_encoder.follows_online})
@@ -64,3 +65,7 @@ class TargetCopies:
 
 def _copies(term) -> bool:
     return term.cfg.target_encoder.copies_backbone
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())

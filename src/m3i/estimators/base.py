@@ -15,6 +15,7 @@ FORMS = {
     "classes": "a category scored against the table of every class",
     "paired": "one global target per image",
     "dense": "a target per patch",
+    "tokens": "a caption's tokens, each scored against every token of the vocabulary",
 }
 
 
@@ -80,6 +81,12 @@ class Estimator:
     def dense(self, pred: Tensor, target: Tensor) -> Tensor:
         """pred, target (N, D): one row per predicted patch."""
         raise NotImplementedError
+
+    def own(self, share=lambda x: x) -> dict[str, Tensor]:
+        """The estimator's own learned values (a sigmoid's bias), each read through ``share`` (see
+        ``Target.score``), passed to its loss methods by name; an estimator that learns any is an
+        ``nn.Module``, its parameters the term's."""
+        return {}
 
     @classmethod
     def describe(cls, cfg: EstimatorCfg) -> str:

@@ -153,6 +153,11 @@ def check_text(obj: Objective, task: str) -> None:
                          f"zeroshot and retrieval need a recipe with a caption target (clip, m3i)")
 
 
+def class_prompts(classes: list[str]) -> list[str]:
+    """The text of each class that zero-shot classification scores the images against."""
+    return [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in classes]
+
+
 @torch.no_grad()
 def embed_text(obj: Objective, captions: list[str], batch_size: int = 256) -> torch.Tensor:
     return torch.cat([obj.encode_text(captions[i:i + batch_size]).float().cpu()
@@ -221,8 +226,7 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
         check_text(obj, task)
         if task == "zeroshot":
             img = embed(obj, te_img, head="caption", progress=progress)
-            prompts = [f"a {name.replace('_', ' ').replace('-', ' ').lower()}" for name in data.classes]
-            result = metrics.zeroshot(img, embed_text(obj, prompts), te_y)
+            result = metrics.zeroshot(img, embed_text(obj, class_prompts(data.classes)), te_y)
         else:
             keep = [i for i, c in enumerate(te_cap) if c]
             if not keep:

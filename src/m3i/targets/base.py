@@ -1,7 +1,7 @@
 """What every kind of target answers to, and the flow shared by the dense ones."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone, visible_indices
 from ..decoders import DECODERS
+from ..decoders.prototypes import link_shared_heads, shared_width
 from ..estimators import ESTIMATORS, FORMS
 from ..registry import Registry
 from ..schema import Strict
@@ -38,6 +39,7 @@ class Target:
     Config: ClassVar[type[TargetCfg]]
     form: ClassVar[str]
     encoders: ClassVar[tuple[str, ...]]
+    views_cfg = None  # the recipe's ``views`` (a ViewsCfg), given by build_term
     image: ClassVar[bool] = False  # the target is an image view (``target.view`` names it)
     needs: ClassVar[str | None] = None  # the annotation the target is read from: "labels", "captions" or none
     # the target is a text's embedding: the term embeds images and texts in one space
@@ -98,6 +100,13 @@ class Target:
         """The target in the words of the special-case table."""
         raise NotImplementedError
 
+    @classmethod
+    def describe_input(cls, term, masked: str) -> str | None:
+        """The input in the words of the special-case table, where this kind reads other views than
+        ``source.view`` (``masked``: how the recipe's input mode words a masked view, "masked ");
+        None: the source view."""
+        return None
+
     def out_dim(self, cfg, backbone: Backbone) -> int | None:
         """The width of a dense decoder's predictions for the term ``cfg`` (None: a global
         decoder's own width)."""
@@ -144,19 +153,38 @@ class Target:
         emb = self.embed(term, ctx, s, t)
         return self.score(term, emb), emb.samples
 
+    def after_step(self, term: Term, step: int, skip: Tensor | None = None) -> None:
+        """After the optimiser step that makes ``step`` steps done (once per step, micro-batches or
+        not): what the term tracks across steps moves (a teacher's centre, a step counter).
+        ``skip``: a 0-d bool tensor, true when the step was skipped (applied with ``torch.where``,
+        never read by the host). By default the term's decoder's own ``after_step(step)``, if any
+        (a prototype head's counter for its frozen prototypes)."""
+        hook = getattr(getattr(term, "decoder", None), "after_step", None)
+        if hook is not None:
+            hook(step)
+
 
 TARGETS: Registry[type[Target]] = Registry("target kind")
 
 
-def build_term(cfg, backbone: Backbone, num_classes: int) -> Term:
+def build_term(cfg, backbone: Backbone, num_classes: int, views=None, cfgs: Sequence = ()) -> Term:
     """A term of the recipe: its target kind, estimator and decoder from the registries, the
-    decoder's modules and the target's own (class table, text tower) built onto it."""
+    decoder's modules and the target's own (class table, text tower) built onto it. ``views``: the
+    recipe's views; ``cfgs``: every term of the recipe (a decoder may be another term's head)."""
     target = TARGETS[cfg.target.kind]()
+    target.views_cfg = views
     estimator = ESTIMATORS[cfg.estimator.kind](cfg.estimator)
     out_dim = target.out_dim(cfg, backbone)
     modules = cfg.decoder.build(backbone.embed_dim, out_dim)
-    width = cfg.decoder.width_of(backbone.embed_dim, out_dim)
+    width = shared_width(cfg, cfgs) or cfg.decoder.width_of(backbone.embed_dim, out_dim)
     return Term(cfg, target, estimator, {**modules, **target.build(cfg, width, backbone, num_classes)})
+
+
+def build_terms(cfgs: Sequence, backbone: Backbone, num_classes: int, views=None) -> list[Term]:
+    """Every term of a recipe (``cfgs``), in order, each shared head linked to the term that owns it."""
+    terms = [build_term(c, backbone, num_classes, views, cfgs) for c in cfgs]
+    link_shared_heads(terms)
+    return terms
 
 
 def _lacks(source, needs: str) -> str:
@@ -175,8 +203,18 @@ class DenseTarget(Target):
     image = True
 
     @classmethod
+    def check_views(cls, term, views) -> None:
+        if views.mask.varies:  # the decoder's queries are the hidden patches, the same number in every image
+            raise ValueError(f"target.kind: a {cls.kind!r} target predicts the same number of hidden patches in every "
+                             f"image; views.mask.ratio must be one number and views.mask.probability 1 (a range or "
+                             f"a probability below 1 is for the 'dense_distill' target)")
+
+    @classmethod
     def check(cls, term) -> None:
         super().check(term)
+        if not hasattr(term.decoder, "queries"):
+            raise ValueError(f"decoder.kind: a {cls.kind!r} target predicts through the queries of the 'dense' "
+                             f"decoder, not {term.decoder.kind!r}")
         if not term.source.masked:
             raise ValueError("source.masked: a dense prediction needs a masked source view")
         if term.decoder.queries == "target_view" and term.target.view == term.source.view:

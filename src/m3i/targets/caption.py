@@ -65,4 +65,5 @@ class Caption(Target):
         return Embedding(pred, target, avail, avail.sum())
 
     def score(self, term, emb, share=whole):
-        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature))
+        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature),
+                                     **term.estimator.own(share))

@@ -38,6 +38,7 @@ class DenseView(DenseTarget):
 
     @classmethod
     def check_views(cls, term, views) -> None:
+        super().check_views(term, views)
         if term.target.paired and views.input_mode != "mix":
             raise ValueError("target.paired: pairs exist only in the 'mix' input (views.input_mode)")
 

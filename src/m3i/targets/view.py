@@ -12,7 +12,7 @@ from .base import TARGETS, Embedding, Target, TargetCfg, whole
 
 class ViewCfg(TargetCfg):
     kind: Literal["view"]
-    view: int = Field(0, ge=0, le=1)
+    view: int = Field(0, ge=0)  # any view of views.total (Recipe checks it exists)
 
 
 def view_words(term) -> str:
@@ -47,7 +47,8 @@ class View(Target):
         return Embedding(pred, self.target(term, ctx, t), None, pred.shape[0])
 
     def score(self, term, emb, share=whole):
-        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature))
+        return term.estimator.paired(emb.pred, emb.target, emb.avail, share(term.temperature),
+                                     **term.estimator.own(share))
 
     @staticmethod
     def target(term, ctx, t: int):

@@ -18,7 +18,8 @@ gradient. What keeps the sum exact:
   (stochastic depth and dropout draw the same), and reuses the target encoders' features (EMA teacher,
   frozen models: no gradient, so nothing to run again);
 - the views are made once for the whole batch from the parameters :meth:`Objective.stage` drew
-  on the host, then cut; the mixed input's pairs (sample b with b + B/2) stay in one micro-batch.
+  on the host, then cut: every view, the global ones, their masks and multi-crop's local crops
+  alike, however many; the mixed input's pairs (sample b with b + B/2) stay in one micro-batch.
 
 Every cut is a slice of fixed shape: nothing is read back to the host. What cannot be equal: a
 batch norm in training (a ResNet backbone, the BYOL / MoCo v3 / SimCLR / m3i projectors)
@@ -40,7 +41,6 @@ from ..batch import Batch, Drawn
 from ..config import check_accum_steps
 from ..layers import running_stats
 from ..terms import Embedding, Embeddings, Views
-from ..views import draw_visible
 
 if TYPE_CHECKING:
     from ..objective import Objective
@@ -84,6 +84,7 @@ def take_batch(batch: Batch, rows: Rows, n: int) -> Batch:
 
 
 def take_views(views: Views, rows: Rows) -> Views:
+    """The micro-batch ``rows`` of every view (global views and local crops), its boxes, flips and masks."""
     return Views([take(x, rows) for x in views.images], [take(x, rows) for x in views.boxes],
                  [take(x, rows) for x in views.flips], {v: take(m, rows) for v, m in views.visible.items()},
                  views.count)
@@ -121,12 +122,11 @@ class MicroBatches:
             views = objective.views_of(batch)
         n = views.images[0].shape[0]
         device = views.images[0].device
-        missing = [v for v in objective.masked_views() if v not in views.visible]
-        if missing:  # views made elsewhere without masks: drawn once, for the whole batch
-            grid = objective.backbone.grid_size
-            views = Views(views.images, views.boxes, views.flips, {
-                **views.visible, **{v: draw_visible(objective.recipe.views, n, grid).to(device) for v in missing}},
-                views.count)
+        if any(v not in views.visible for v in objective.masked_views()):
+            # views made elsewhere without masks: drawn once, for the whole batch
+            drawn = {v: m.to(device) for v, m in objective.view_stage.draw_visible(n).items()}
+            count = views.count if views.visible else objective.view_stage.visible_count()
+            views = Views(views.images, views.boxes, views.flips, {**drawn, **views.visible}, count)
         self.k, self.slot, self.device = k, None, device
         self.parts = [(take_batch(batch, rows, n), take_views(views, rows))
                       for rows in micro_rows(n, k, objective.recipe.views.input_mode == "mix")]

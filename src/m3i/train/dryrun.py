@@ -1,15 +1,17 @@
 """`m3i pretrain --dry-run`: what a run will cost, before it starts.
 
-Nothing is trained and nothing is written. The objective is built on the CPU and one training
-step's forward and backward (through the same path as the trainer) run on a small synthetic batch
-under ``torch.utils.flop_counter``, and with ``train.accum_steps`` > 1 the pass without gradient
+Nothing is trained and nothing is written. The objective is built on fake CPU tensors (shapes
+and dtypes, no memory; :func:`m3i.train.memory.traced_objective`) and one training step's forward
+and backward (through the same path as the trainer) run on a small synthetic batch under
+``torch.utils.flop_counter``, and with ``train.accum_steps`` > 1 the pass without gradient
 that exact accumulation adds (one more forward); the FLOPs per image are that count over
 the batch, the FLOPs per step that times the global batch (the batch-quadratic parts, contrastive
 logits over the batch, are a small share and scale as they would not: an approximation). The wall
 time divides the run's FLOPs by the throughput ``benchmarks/gpu_check.py`` (in m3i's source
 repository) last measured (``results/gpu.json`` or ``$M3I_GPU_CHECK``: the m3i ViT-B/16 step's
 achieved FLOP/s) times the number of GPUs; a recipe whose step is far smaller than that one (the
-CPU recipes) would not reach its throughput, and gets no estimate.
+CPU recipes) would not reach its throughput, and gets no estimate. With ``--gpu-memory`` the
+memory plan per rank under DDP, FSDP and HSDP follows (:mod:`m3i.train.memory`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import yaml
 from ..batch import Batch
 from ..config import Recipe
 from ..targets import TARGETS
+from . import memory
+from .memory import Captions  # noqa: F401  (what Objective.prepare reads; benchmarks import it from here)
 
 GPU_CHECK = "results/gpu.json"
 # a step under this share of the measured step's FLOPs is bound by other costs (launches, the
@@ -73,35 +77,26 @@ def count_cpu_attention() -> None:
             fc.register_flop_formula(target, get_raw=True)(formula)  # the formulas take shapes already
 
 
-class Captions:
-    """What ``Objective.prepare`` reads of the data: its captions."""
-
-    def __init__(self, captions: list[str]):
-        self._captions = captions
-
-    def captions(self) -> list[str]:
-        return self._captions
-
-
 def step_flops(recipe: Recipe, num_classes: int, batch: int = 4) -> int:
-    """FLOPs of one training step's forward and backward on ``batch`` synthetic images (fp32, CPU):
-    the online encoder, the teacher, the decoders and a trained text tower. A frozen text tower
-    embeds every caption once before training (``Objective.prepare``), as in a run: its step looks
-    the embeddings up, and that one-time pass is not a step's cost."""
+    """FLOPs of one training step's forward and backward on ``batch`` synthetic images (fp32, on
+    fake CPU tensors): the online encoder, the teacher, the decoders and a trained text tower. A
+    frozen text tower embeds every caption once before training (``Objective.prepare``), as in a
+    run: its step looks the embeddings up, and that one-time pass is not a step's cost."""
+    count_cpu_attention()
+    data = synthetic_batch(recipe, batch, num_classes)
+    return memory.traced(recipe, num_classes, lambda obj, mode: _count(recipe, obj, mode, data))
+
+
+def _count(recipe: Recipe, obj, mode, data: Batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..objective import Objective
-
-    count_cpu_attention()
-    torch.manual_seed(0)
-    obj = Objective(recipe, num_classes).train()
-    data = synthetic_batch(recipe, batch, num_classes)
-    obj.prepare(Captions(data.captions), progress=False)
-    with FlopCounterMode(display=False) as counter:
-        obj(data).loss.backward()
+    obj.prepare(memory.Captions(data.captions), progress=False)
+    staged = obj.stage(data, torch.device("cpu"))  # the host's share (views, masks) on real tensors
+    with mode, FlopCounterMode(display=False) as counter:
+        obj(staged).loss.backward()
         if recipe.train.accum_steps > 1:  # exact accumulation's pass without gradient over the batch
             with torch.no_grad():
-                obj(data)
+                obj(staged)
     return int(counter.get_total_flops())
 
 
@@ -118,10 +113,15 @@ def gpu_figure(path: str | Path | None = None) -> dict | None:
         return None
 
 
-def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, flop_batch: int = 4) -> dict:
-    """Everything `m3i pretrain --dry-run` prints, as a dict."""
+def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, flop_batch: int = 4,
+            gpu_memory: str | int | None = None, nodes: int | None = None) -> dict:
+    """Everything `m3i pretrain --dry-run` prints, as a dict; with ``gpu_memory`` (bytes, or a size
+    such as ``80GiB``) the memory plan on ``gpus`` GPUs in ``nodes`` nodes too."""
     from ..objective import Objective
 
+    nodes = memory.check_launch(gpus, nodes)
+    if isinstance(gpu_memory, str):
+        gpu_memory = memory.parse_size(gpu_memory)
     tr, d = recipe.train, recipe.data
     sizes = source_sizes(recipe)
     labelled = [s for s, (n, how) in zip(d.sources, sizes) if s.labels and how == "counted"]
@@ -162,8 +162,12 @@ def dry_run(recipe: Recipe, gpus: int = 8, gpu_check: str | Path | None = None, 
     else:
         hours = tr.steps * per_step / (fig["flops_per_s"] * gpus) / 3600
         estimate = {**fig, "gpus": gpus, "hours": hours}
+    plan = None
+    if gpu_memory is not None:
+        acts = memory.measure_activations(recipe, num_classes, lambda b: synthetic_batch(recipe, b, num_classes))
+        plan = memory.plan(memory.count_parameters(meta), acts, recipe, gpus, nodes, gpu_memory)
     return {"recipe": recipe.model_dump(mode="json"), "parameters": {"trainable": trainable, "frozen": frozen,
-            "backbone": backbone}, "num_classes": num_classes, "classes_from": classes_from, "flops_per_image": per_image,
+            "backbone": backbone}, "memory": plan, "num_classes": num_classes, "classes_from": classes_from, "flops_per_image": per_image,
             "flops_per_step": per_step, "flops_batch": flop_batch, "steps": tr.steps, "warmup_steps": tr.warmup_steps,
             "global_batch": d.batch_size, "images_seen": seen, "sources": sources,
             "estimate": estimate, "no_estimate": why_not, "device_here": here or "cpu"}
@@ -193,6 +197,10 @@ def format_dry_run(info: dict) -> str:
         size = f"{s['size']:,} samples, {s['size_from']}" if s["size"] else s["size_from"]
         lines.append(f"  {s['spec']}: {_n(s['images'])} images, {ep} ({size})")
     lines.append(f"wall time:       {wall_time(info)}")
+    if info.get("memory") is None:
+        lines.append("memory per rank: give --gpu-memory SIZE (e.g. 80GiB) for the plan under DDP, FSDP and HSDP")
+    else:
+        lines += ["", *memory.format_plan(info["memory"])]
     return "\n".join(lines)
 
 

@@ -27,12 +27,14 @@ def check_targets(recipe: Recipe, sources) -> None:
 
 def check_memory(recipe: Recipe, device: torch.device, world: int) -> None:
     """Refuse image sizes whose batch and views alone exceed the device's memory (a floor: the
-    model's activations come on top)."""
-    d, views = recipe.data, recipe.views.count
+    model's activations come on top). Every view counts, multi-crop's local crops at their size."""
+    d, v = recipe.data, recipe.views
     rows = d.batch_size // world
-    need = rows * 3 * (d.image_size ** 2 + views * 4 * recipe.backbone.img_size ** 2)  # uint8 batch + float views
+    pixels = sum(v.size_of(k, recipe.backbone.img_size) ** 2 for k in range(v.total))
+    need = rows * 3 * (d.image_size ** 2 + 4 * pixels)  # uint8 batch + float views
+    local = f" + {v.local.count} local crop(s) at {v.local.size} px" if v.local else ""
     memory.require(need, device, f"data.image_size={d.image_size}, backbone.img_size={recipe.backbone.img_size}: "
-                                 f"a batch of {rows} images and its {views} view(s)")
+                                 f"a batch of {rows} images and its {v.count} view(s){local}")
 
 
 def size_note(recipe: Recipe) -> str | None:

@@ -1,6 +1,6 @@
-"""How the objective is laid onto devices: ``train.strategy`` (DDP or FSDP2, with batch norm over
-the global batch), ``train.compile``,
-and the units a backbone is compiled and sharded by.
+"""How the objective is laid onto devices: ``train.strategy`` (DDP, FSDP2 over every rank, or
+HSDP: FSDP2 within a node and replicas across nodes, on a 2-D device mesh; with batch norm over
+the global batch), ``train.compile``, and the units a backbone is compiled and sharded by.
 
 A backbone's *units* are its transformer blocks (ViT) or the blocks of its stages (ConvNeXt): the pieces that
 ``torch.compile`` compiles one by one (identical blocks share one compiled graph, so compiling
@@ -8,6 +8,7 @@ a deep model costs about as much as one block) and that FSDP shards one by one.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,17 +56,47 @@ def compile_blocks(objective: nn.Module, **options) -> int:
     return len(units) + losses
 
 
-# -- data parallel (DDP) or fully sharded (FSDP2) -----------------------------------------------------
+# -- data parallel (DDP), fully sharded (FSDP2) or hybrid sharded (HSDP) -----------------------------
 def wrap(objective: nn.Module, device: torch.device, train) -> nn.Module:
     """The module the loop calls: DDP around ``objective`` (``train.strategy=ddp``) or
-    ``objective`` itself with its parameters sharded in place (``fsdp``). Without a process
-    group, ``objective`` itself."""
-    if train.strategy == "fsdp" and dist.is_dist():
-        return shard(objective, bf16=train.precision == "bf16")
+    ``objective`` itself with its parameters sharded in place (``fsdp``: over every rank;
+    ``hsdp``: over the ranks of a node, replicated across nodes, :func:`device_mesh`). Without a
+    process group, ``objective`` itself."""
+    if train.strategy in ("fsdp", "hsdp") and dist.is_dist():
+        mesh = device_mesh(train, device) if train.strategy == "hsdp" else None
+        return shard(objective, bf16=train.precision == "bf16", mesh=mesh)
     return replicate(objective, device)
 
 
-def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
+def mesh_shape(train, world: int, local: int | None = None) -> tuple[int, int]:
+    """HSDP's mesh (replicas, shards) for ``world`` ranks: ``train.mesh``, else the launch's, the
+    ``local`` ranks of a node (torchrun's ``LOCAL_WORLD_SIZE``) sharding and the nodes replicating
+    (one node: every rank shards, as ``fsdp``)."""
+    if train.mesh is not None:
+        replicas, shards = train.mesh
+        if replicas * shards != world:
+            raise ValueError(f"train.mesh: {list(train.mesh)} is {replicas} × {shards} = {replicas * shards} ranks; "
+                             f"the launch has {world}")
+        return replicas, shards
+    shards = local or world
+    if world % shards:
+        raise ValueError(f"train.strategy=hsdp: {world} ranks are no whole number of nodes of {shards} "
+                         f"(LOCAL_WORLD_SIZE); give the mesh: train.mesh=[replicas, shards]")
+    return world // shards, shards
+
+
+def device_mesh(train, device: torch.device):
+    """HSDP's 2-D device mesh over every rank, dimensions ``("replicate", "shard")``: rank r is
+    shard ``r % shards`` of replica ``r // shards``, so with torchrun's rank order a replica is a
+    node and the all-gathers and reduce-scatters stay within it; only the gradients' all-reduce
+    across replicas crosses nodes. Every rank must call it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = mesh_shape(train, dist.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard(objective: nn.Module, bf16: bool = True, mesh=None) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` every block (ViT) or stage (ConvNeXt) of the online backbone
     and of every copied target encoder (EMA teacher, frozen), then the objective itself, which
     holds the rest (embeddings, decoders, heads, class tables, trained text towers). With ``bf16``
@@ -77,19 +108,23 @@ def shard(objective: nn.Module, bf16: bool = True) -> nn.Module:
     (:meth:`Teacher.update` works on the local shards); frozen target models and class tables are
     ordinary (sharded) parameters of the objective. What runs outside the forward pass, where FSDP
     gathers no shard, stays whole on every rank: a frozen text tower with its caption cache (filled
-    on the host while a batch is staged, :func:`host_parameters`)."""
+    on the host while a batch is staged, :func:`host_parameters`).
+
+    ``mesh``: HSDP's 2-D device mesh (:func:`device_mesh`): each parameter is sharded over the
+    ranks of its replica and whole in every replica; the gradients are reduce-scattered within a
+    replica and all-reduced across replicas. None: sharded over every rank (FSDP)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     global_batch_norm(objective)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for net in objective.encoders():
         for unit in backbone_units(net):
-            fully_shard(unit, mp_policy=mp)
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
     # FSDP shards no 0-d tensor (learned temperatures): they stay whole on every rank and
     # :func:`sync_replicated_grads` averages their gradients as DDP would
     scalars = {p for p in objective.parameters() if p.ndim == 0}
     # the rest keeps float32 parameters (batch norm's statistics stay float32) under the loop's autocast
-    fully_shard(objective, ignored_params=scalars | host_parameters(objective))
+    fully_shard(objective, mesh=mesh, ignored_params=scalars | host_parameters(objective))
     objective._replicated_params = [p for p in scalars if p.requires_grad]
     return objective
 
@@ -132,12 +167,16 @@ def clip_grad_norm_(params: list[Tensor], max_norm: float) -> Tensor:
     the norm of the whole gradient over every rank, as a plain 0-d tensor, and the clip, both on
     the device."""
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g.to_local() for g in grads if hasattr(g, "to_local")]
+    dtensors = [g for g in grads if hasattr(g, "to_local")]
+    sharded = [g.to_local() for g in dtensors]
     whole = [g for g in grads if not hasattr(g, "to_local")]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     local = torch.stack([n.float() for n in torch._foreach_norm(sharded)]).square().sum()
-    torch.distributed.all_reduce(local)  # shards are disjoint: their squares add up over ranks
+    # the shards of one replica are disjoint: their squares add up over its ranks (HSDP's other
+    # replicas hold the same gradient, so the sum stays within the mesh's last, sharding dimension)
+    mesh = dtensors[0].device_mesh
+    torch.distributed.all_reduce(local, group=mesh.get_group(mesh.ndim - 1))
     if whole:
         local = local + torch.stack([n.float() for n in torch._foreach_norm(whole)]).square().sum()
     total = local.sqrt()

@@ -263,6 +263,18 @@ class ViewAugment(nn.Module):
             p["solarize"] = rand() < self.solarize_p
         return p
 
+    def draw_views(self, views: int, batch: int, channels: int, height: int | Tensor, width: int | Tensor,
+                   generator: torch.Generator | None = None) -> list[dict]:
+        """The parameters of ``views`` views of each of ``batch`` images, drawn in one call (one
+        :meth:`draw` of ``views · batch`` rows: multi-crop's local crops, which share this
+        augmentation) -> one dict per view, as :meth:`draw` returns: each view its own boxes,
+        flips and colour factors; the jitter steps' order is one for them all (as it is one per
+        batch for a view), so the device colours them in one call."""
+        sizes = [torch.as_tensor(v).expand(batch).repeat(views) for v in (height, width)]
+        p = self.draw(views * batch, channels, *sizes, generator=generator)
+        return [{k: v[i * batch:(i + 1) * batch].clone() if isinstance(v, Tensor) else v for k, v in p.items()}
+                for i in range(views)]
+
     def colour(self, views01: Tensor, params: dict) -> Tensor:
         """Apply the colour operations of ``params`` (:meth:`draw`, on the views' device) to
         (B, C, Sh, Sw) views in [0, 1]; returns the same shape, in [0, 1]."""

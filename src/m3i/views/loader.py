@@ -24,9 +24,9 @@ from torch import Tensor
 
 from ..batch import Drawn
 from .augment import ViewAugment
-from .masks import draw_visible
+from .masks import draw_masks
 
-__all__ = ["LoaderViews", "crop_view", "decode_side"]
+__all__ = ["LoaderViews", "crop_view", "decode_side", "view_groups", "draw_params"]
 
 _VIEW_TAG = 0x6D3376  # separates the views' stream from the mixture's sample streams
 
@@ -41,9 +41,34 @@ def crop_view(image: Image.Image, box: Sequence[float], flip: bool, size: tuple[
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 
 
+def view_groups(views_cfg, n: int) -> list[list[int]]:
+    """The views ``0 .. n-1`` of a recipe's ``views`` as groups drawn and coloured together: each
+    global view alone, multi-crop's local crops (one size, one augmentation) as one group."""
+    local = views_cfg.local_views()[: max(0, n - views_cfg.count)]
+    return [[v] for v in range(n) if v not in local] + ([local] if local else [])
+
+
+def draw_params(augments: Sequence[ViewAugment], views_cfg, batch: int, channels: int, height: int | Tensor,
+                width: int | Tensor, generator: torch.Generator | None = None) -> list[dict]:
+    """Every random parameter of the views of ``batch`` images (one :class:`ViewAugment` per view),
+    one dict per view, drawn on the host: a global view by its own :meth:`ViewAugment.draw`, the
+    local crops together (:meth:`ViewAugment.draw_views`)."""
+    params: list[dict | None] = [None] * len(augments)
+    for group in view_groups(views_cfg, len(augments)):
+        aug = augments[group[0]]
+        if len(group) == 1:
+            drawn = [aug.draw(batch, channels, height, width, generator=generator)]
+        else:
+            drawn = aug.draw_views(len(group), batch, channels, height, width, generator=generator)
+        for v, p in zip(group, drawn):
+            params[v] = p
+    return params
+
+
 def decode_side(augments: Sequence[ViewAugment]) -> int:
     """The side a JPEG may be decoded down to (its draft) so that the smallest crop any view can
-    draw still has at least the view's pixels across."""
+    draw still has at least the view's pixels across (multi-crop's local crops included: a small
+    crop scale at a small size)."""
     side = 1
     for aug in augments:
         lo = aug.crop_scale[0]
@@ -53,13 +78,14 @@ def decode_side(augments: Sequence[ViewAugment]) -> int:
 
 
 class LoaderViews:
-    """Makes every view of a batch from its decoded images.
+    """Makes every view of a batch from its decoded images: the global views and multi-crop's
+    local crops alike, each at its own augmentation's size.
 
     Args:
         augments: one :class:`~m3i.views.augment.ViewAugment` per view (its crop, flip and colour
             settings).
         views_cfg: the recipe's ``views`` (mask kind and ratio, input mode).
-        grid: the backbone's patch grid ``(gh, gw)``.
+        grid: the backbone's patch grid ``(gh, gw)``: that of the masked (global) views.
         masked: the views that carry a mask (their visible sets are drawn here too).
         seed, rank: with the step, what the generator of a batch's views is seeded from.
         interpolation: PIL resampling of the crops' resize (``bicubic``, ``bilinear``, ...).
@@ -87,12 +113,15 @@ class LoaderViews:
         b = len(images)
         heights = torch.tensor([im.height for im in images])
         widths = torch.tensor([im.width for im in images])
-        crops, params = [], []
-        for aug in self.augments:
-            p = aug.draw(b, 3, heights, widths, generator=g)
-            boxes, flips = p["box"].tolist(), p["flip"].tolist()
-            pixels = np.stack([crop_view(im, boxes[k], flips[k], aug.size, self.resample) for k, im in enumerate(images)])
-            crops.append(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
-            params.append(p)
-        visible = {v: draw_visible(self.views_cfg, b, self.grid, generator=g) for v in self.masked}
+        params = draw_params(self.augments, self.views_cfg, b, 3, heights, widths, generator=g)
+        crops = [self.cut(images, p, aug.size) for aug, p in zip(self.augments, params)]
+        visible = draw_masks(self.views_cfg, b, self.grid, self.masked, generator=g)
         return crops, Drawn(params, visible)
+
+    def cut(self, images: Sequence[Image.Image], params: dict, size: tuple[int, int]) -> Tensor:
+        """One view's crops of ``images`` (its drawn ``box`` and ``flip`` per image): uint8 (B, 3, Sh, Sw)."""
+        boxes, flips = params["box"].tolist(), params["flip"].tolist()
+        pixels = np.empty((len(images), size[0], size[1], 3), dtype=np.uint8)
+        for k, im in enumerate(images):
+            pixels[k] = crop_view(im, boxes[k], flips[k], size, self.resample)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
