@@ -117,3 +117,13 @@ def run_ranks(fn, *args, world: int = 2, rendezvous: str = "file", timeout: floa
         lines = [head] + [f"--- rank {r}: {_exit(c)}\n{t[-3000:].rstrip() or '(no stderr)'}"
                           for r, (c, t) in enumerate(zip(codes, texts))]
         raise AssertionError("\n".join(lines))
+
+
+def assert_ranks_average_to(one: dict[str, float], ranks: list[dict[str, float]]) -> None:
+    """Each value of one process on the global batch (``one``) is DDP's mean over the ranks of each
+    rank's share (``ranks``: one dict per rank), to float32 noise."""
+    import pytest
+
+    for key, value in one.items():
+        mean = sum(r[key] for r in ranks) / len(ranks)
+        assert mean == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -17,6 +17,7 @@ from m3i.train.dryrun import step_flops
 from m3i.train.step import BadSteps, TrainStep, make_optimizer
 from conftest import killed_and_resumed, needs_data
 from host_sync import HostSyncs
+from test_dryrun import resnet_forward
 from test_accumulation import assert_close_grads, assert_same_outputs, batch_norms, small_objective, step_and_grads
 from test_equivalence import make_batch
 
@@ -72,22 +73,6 @@ def test_micro_batches_move_the_centre_once_by_the_whole_batch(name, extra, k):
     assert set(want) == set(have) and any(k.endswith("center") for k in want)
     for key in want:
         torch.testing.assert_close(have[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
-
-
-def resnet_forward(size: int, stem: int = 2, dims=(32, 64, 128)) -> tuple[int, int]:
-    """resnet_nano's forward FLOPs at ``size`` px (2 per multiply-add of its convolutions: the
-    (2·stem+1)² stem of stride ``stem``, per stage a 3×3 stride-2 conv in front of all but the
-    first and one basic block of two 3×3 convs), and its stem's share."""
-    side, k = size // stem, 2 * stem + 1
-    stem_fwd = 2 * side * side * dims[0] * 3 * k * k
-    fwd, cin = stem_fwd, dims[0]
-    for i, d in enumerate(dims):
-        if i:
-            side //= 2
-            fwd += 2 * side * side * d * cin * 9
-        fwd += 2 * 2 * side * side * d * d * 9
-        cin = d
-    return fwd, stem_fwd
 
 
 @pytest.mark.parametrize("name", ["dino", "dinov2"])

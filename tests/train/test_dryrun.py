@@ -76,13 +76,11 @@ def test_dry_run_prints_its_figures_and_the_wall_time_from_gpu_check(tmp_path, c
     assert not out.exists()  # nothing trained, nothing written
 
 
-def resnet_training_flops(size: int, stem: int, dims: tuple[int, ...], classes: int) -> float:
-    """A ResNet's FLOPs per image (2 per multiply-add of its convolutions): the stem (a
-    (2·stem+1)² conv of stride ``stem``), per stage a 3×3 stride-2 conv in front of all but the
-    first and one basic block of two 3×3 convs; the linear classifier. The backward pass is twice
-    the forward, less the stem's input gradient (the image needs none)."""
-    side = size // stem
-    k = 2 * stem + 1
+def resnet_forward(size: int, stem: int = 2, dims=(32, 64, 128)) -> tuple[int, int]:
+    """A ResNet's forward FLOPs per image at ``size`` px (2 per multiply-add of its convolutions:
+    the (2·stem+1)² stem of stride ``stem``, per stage a 3×3 stride-2 conv in front of all but the
+    first and one basic block of two 3×3 convs), and its stem's share (resnet_nano by default)."""
+    side, k = size // stem, 2 * stem + 1
     stem_fwd = 2 * side * side * dims[0] * 3 * k * k
     fwd, cin = stem_fwd, dims[0]
     for i, d in enumerate(dims):
@@ -91,6 +89,13 @@ def resnet_training_flops(size: int, stem: int, dims: tuple[int, ...], classes: 
             fwd += 2 * side * side * d * cin * 9
         fwd += 2 * (2 * side * side * d * d * 9)
         cin = d
+    return fwd, stem_fwd
+
+
+def resnet_training_flops(size: int, stem: int, dims: tuple[int, ...], classes: int) -> float:
+    """:func:`resnet_forward` and the linear classifier; the backward pass is twice the forward,
+    less the stem's input gradient (the image needs none)."""
+    fwd, stem_fwd = resnet_forward(size, stem, dims)
     fwd += 2 * dims[-1] * classes
     return 3 * fwd - stem_fwd
 

@@ -84,8 +84,12 @@ def test_a_range_or_a_probability_is_refused_outside_the_fill_input():
         load_recipe("mae", overrides=fill + ["views.mask.ratio=[0.6, 0.2]"])
     with pytest.raises(ConfigError, match="views.mask.probability: Input should be less than or equal to 1"):
         load_recipe("mae", overrides=fill + ["views.mask.probability=1.5"])
-    r = load_recipe("mae", overrides=fill + ["views.mask.ratio=[0.1, 0.5]", "views.mask.probability=0.5"])
-    assert r.views.mask.ratio_range == (0.1, 0.5) and r.views.mask.varies
+    # a decoder whose queries are the hidden patches needs as many in every image: MAE's is refused
+    with pytest.raises(ConfigError, match=r"terms.0.target.kind: a 'pixels' target predicts the same number of hidden "
+                                          r"patches in every image"):
+        load_recipe("mae", overrides=fill + ["views.mask.ratio=[0.1, 0.5]", "views.mask.probability=0.5"])
+    r = load_recipe("dinov2", overrides=["views.mask.ratio=[0.2, 0.4]", "views.mask.probability=0.25"])
+    assert r.views.mask.ratio_range == (0.2, 0.4) and r.views.mask.varies
 
 
 @pytest.mark.parametrize("name,kw", [("vit_nano", {"patch_size": 4}), ("convnext_atto", {"stem_stride": 1})])
