@@ -89,8 +89,8 @@ def make_schedule(task: nn.Module, groups: list[dict], train: TrainCfg, state: d
         if state["optimizer"] == ckpt.SHARDED_DIR:
             strategy.load_sharded_optimizer(task, opt, ckpt.find(Path(resume)) / ckpt.SHARDED_DIR)
         elif strategy.is_sharded(task):
-            raise ValueError(f"--resume {resume}: train.strategy=fsdp resumes from checkpoints of FSDP runs (a "
-                             f"sharded optimizer state); this one was written by a DDP or single-process run")
+            raise ValueError(f"--resume {resume}: train.strategy={train.strategy} resumes from checkpoints of FSDP or "
+                             f"HSDP runs (a sharded optimizer state); this one was written by a DDP or single-process run")
         else:
             opt.load_state_dict(state["optimizer"])
         keep_fused(opt)
