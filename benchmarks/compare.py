@@ -7,6 +7,7 @@ budget with the same backbone and the same tuning (``benchmarks/tune.py``).
     python benchmarks/compare.py --backbone vit           # or convnext
     python benchmarks/compare.py --device cuda --jobs 4   # a GPU: 10 × the demo's FLOPs, runs in parallel
     python benchmarks/compare.py --quick                  # smoke form (minutes)
+    python benchmarks/compare.py --recipes dino m3i-distill   # any shipped recipe, or a variant in benchmarks/variants/
 
 The budget (``--budget``) is what every recipe gets the same of:
 - ``flops=X``: training FLOPs. One step of each recipe is counted once with torch.utils.flop_counter
