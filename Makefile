@@ -11,6 +11,8 @@ TORCH ?= torch==2.13.0
 TIMM_VENV ?= .venv-timm
 TIMM_TORCH ?= torch==2.14.1 torchvision==0.29.1
 TIMM_TESTS := tests/backbones/test_timm.py
+# the tests of other files that need timm (named *timm*), run again where timm is installed
+TIMM_ALSO := tests/backbones/test_vit_giant.py
 M3I_DATA ?= $(HOME)/.cache/m3i
 export M3I_DATA
 
@@ -48,7 +50,7 @@ PYTEST_PAR = -n auto --dist loadfile
 test: setup $(TIMM_VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks docs scripts
 	$(PY) -m pytest $(PYTEST_PAR) --ignore=$(TIMM_TESTS)
-	$(TIMM_VENV)/bin/python -m pytest $(TIMM_TESTS)
+	$(TIMM_VENV)/bin/python -m pytest $(TIMM_TESTS) $(TIMM_ALSO) -k timm
 
 # the edit loop: the suite without the end-to-end runs (marked slow)
 test-fast: setup
