@@ -127,3 +127,14 @@ def assert_ranks_average_to(one: dict[str, float], ranks: list[dict[str, float]]
     for key, value in one.items():
         mean = sum(r[key] for r in ranks) / len(ranks)
         assert mean == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def assert_grads_agree(one: dict, ranks: dict) -> None:
+    """The gradients of several ranks (``ranks``, as DDP leaves them) equal those of one process on
+    the global batch (``one``), to float32 noise: reordering a batch moves a gradient by ~1e-5 of its
+    norm (more through batch norm), and one that is 0 in exact arithmetic by ~1e-6 of the largest."""
+    assert set(ranks) == set(one)
+    scale = max(float(g.norm()) for g in one.values())
+    for key, grad in one.items():
+        err = float((ranks[key] - grad).norm())
+        assert err <= 1e-4 * float(grad.norm()) + 1e-6 * scale, f"{key}: |error| {err:.2e}, |grad| {grad.norm():.2e}"
