@@ -74,7 +74,7 @@ def merge(out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipes", nargs="*", choices=[r for r in recipe_choices() if r != "multistage"],
+    p.add_argument("recipes", nargs="*", metavar="RECIPE",  # checked below: argparse refuses an empty list of choices
                    help="the multi-stage pipeline uses the values chosen for its stages")
     p.add_argument("--backbone", choices=list(BACKBONES), default="resnet")
     p.add_argument("--trials", type=int, default=6)
@@ -88,6 +88,10 @@ def main() -> None:
     p.add_argument("--merge", action="store_true", help="only rebuild OUT/chosen.json from OUT/*.json")
     p.add_argument("--out")
     a = p.parse_args()
+    known = [r for r in recipe_choices() if r != "multistage"]
+    for r in a.recipes:
+        if r not in known:
+            p.error(f"unknown recipe {r!r}; expected one of {', '.join(known)}")
     a.out = a.out or f"results/tune-{a.backbone}"
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.merge:
