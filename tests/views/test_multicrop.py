@@ -8,17 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from m3i.backbones import build_backbone
 from m3i.config import ConfigError, load_recipe
-from m3i.data import ImageFolder, Mixture
+from m3i.data import Mixture
 from m3i.objective import Objective
 from m3i.train import preflight
 from m3i.views import crop_view
+import test_loader_views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+photos = test_loader_views.photos  # the same image folder fixture
 
 B = 4
 # two 32-px global views (8 × 8 patches of 4 px) and two 16-px local crops; the term reads view 2
@@ -27,19 +28,6 @@ LOCAL = ["backbone.name=vit_nano", "backbone.depth=1", f"data.batch_size={B}", "
 # masks on view 0 that hide different numbers of patches (DINOv2's): the fill input only
 VARYING = ["terms.0.source.masked=true", "views.input_mode=fill", "views.mask.ratio=[0.2, 0.6]",
            "views.mask.probability=0.5"]
-
-
-def noise(w: int, h: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.fixture
-def photos(tmp_path) -> ImageFolder:
-    for k, name in enumerate(["a", "b"]):
-        for m in range(6):
-            (tmp_path / name).mkdir(exist_ok=True)
-            noise(40 + 9 * m, 30 + 7 * k, seed=10 * k + m).save(tmp_path / name / f"{m}.png")
-    return ImageFolder(tmp_path)
 
 
 def objective(*overrides: str, recipe: str = "simclr") -> Objective:
