@@ -429,9 +429,10 @@ def plot(stats: dict[str, dict[str, tuple[float, float] | None]], what: str, out
 
 
 def merge(sources: list[str], out: Path) -> dict:
-    """One table from several comparisons at the same budget: a later source's rows replace an earlier
-    one's rows of the same recipe (a re-run row beside rows kept from before); each row keeps the
-    source it came from, with that source's m3i sources and tuned overrides."""
+    """One table from several comparisons at the same budget: a later source's runs replace an earlier
+    one's runs of the same recipe and seed (a re-run row beside rows kept from before, or a recipe's
+    seeds run in separate processes with ``--first-seed``); each run keeps the source it came from,
+    with that source's m3i sources and tuned overrides. The floor rows come from the first source."""
     merged: dict = {"merged_from": [], "runs": []}
     for src in sources:
         path = Path(src) / "results.json"
@@ -442,14 +443,14 @@ def merge(sources: list[str], out: Path) -> dict:
         if first and (not amount or abs(amount - first) > 0.01 * first):
             raise SystemExit(f"--merge: {path} has budget {amount!r}, not the {first!r} of {sources[0]}: "
                              "rows at other budgets do not compare")
-        new = {r["recipe"] for r in res["runs"] if r["recipe"] not in (PIXELS, SCRATCH)}
-        merged["runs"] = [r for r in merged["runs"] if r["recipe"] not in new] + [
-            {**r, "source": src} for r in res["runs"] if r["recipe"] in new or not any(
+        new = {(r["recipe"], r["seed"]) for r in res["runs"] if r["recipe"] not in (PIXELS, SCRATCH)}
+        merged["runs"] = [r for r in merged["runs"] if (r["recipe"], r["seed"]) not in new] + [
+            {**r, "source": src} for r in res["runs"] if (r["recipe"], r["seed"]) in new or not any(
                 m["recipe"] == r["recipe"] for m in merged["runs"])]
         merged.setdefault("config", res["config"])
         merged.setdefault("budget", res.get("budget", {}))
         merged["merged_from"].append({"source": src, "code": res.get("code"), "tuned": res.get("tuned"),
-                                      "recipes": sorted(new)})
+                                      "recipes": sorted({rec for rec, _ in new})})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(merged, indent=2))
     return merged

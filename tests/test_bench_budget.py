@@ -75,8 +75,8 @@ def test_a_tuned_row_is_costed_as_it_trains_while_the_demo_budget_stays_the_ship
     assert n < plain["recipes"]["m3i"]["steps"][0]
 
 
-def _comparison(folder: Path, amount: float, rows: dict[str, float]) -> str:
-    runs = [{"recipe": rec, "seed": 0, "steps": 10, "flops": amount, "images": 160, "train_seconds": 1.0,
+def _comparison(folder: Path, amount: float, rows: dict[str, float], seed: int = 0) -> str:
+    runs = [{"recipe": rec, "seed": seed, "steps": 10, "flops": amount, "images": 160, "train_seconds": 1.0,
              "img_per_s": 160.0, "scores": {"fmnist_knn": v}} for rec, v in rows.items()]
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps({
@@ -98,3 +98,13 @@ def test_a_merged_table_takes_a_later_comparisons_rows_in_place_of_the_same_reci
     far = _comparison(tmp_path / "far", 2e12, {"m3i": 0.99})
     with pytest.raises(SystemExit, match="far.*budget"):
         compare.merge([old, far], tmp_path / "out2")
+
+
+def test_a_merged_table_joins_a_recipes_seeds_run_in_separate_comparisons(tmp_path):
+    first = _comparison(tmp_path / "s0", 1e12, {"pixels": 0.80, "m3i": 0.70, "dino": 0.60})
+    second = _comparison(tmp_path / "s1", 1e12, {"pixels": 0.10, "m3i": 0.74}, seed=1)
+    res = compare.merge([first, second], tmp_path / "out")
+    got = sorted((r["recipe"], r["seed"], r["scores"]["fmnist_knn"]) for r in res["runs"])
+    assert got == [("dino", 0, 0.60), ("m3i", 0, 0.70), ("m3i", 1, 0.74), ("pixels", 0, 0.80)]
+    table = compare.summarise(res, tmp_path / "out")
+    assert "| m3i | 72.0 ± 2.0 |" in table  # mean ± std (population) of the two seeds

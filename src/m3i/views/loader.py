@@ -37,8 +37,10 @@ def crop_view(image: Image.Image, box: Sequence[float], flip: bool, size: tuple[
     ``[j, j + w) × [i, i + h)``): resized to ``size`` = (Sh, Sw) with antialiasing, mirrored
     left-right where ``flip``; uint8 (Sh, Sw, 3)."""
     i, j, h, w = (float(v) for v in box)
-    out = np.asarray(image.resize((size[1], size[0]), resample, box=(j, i, j + w, i + h)), dtype=np.uint8)
-    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+    out = image.resize((size[1], size[0]), resample, box=(j, i, j + w, i + h))
+    if flip:  # PIL mirrors row by row in C: several times faster than copying a reversed numpy view
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def view_groups(views_cfg, n: int) -> list[list[int]]:
