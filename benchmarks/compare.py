@@ -369,11 +369,9 @@ def summarise(results: dict, out: Path) -> str:
         for task in tasks:
             vals = [r["scores"][task] for r in runs if r["recipe"] == rec and r["scores"].get(task) is not None]
             stats[rec][task] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
-    ranks = {rec: [] for rec in recipes}  # rank among the rows (pixels included) that have the task
-    for task in tasks:
-        have = sorted((rec for rec in recipes if stats[rec][task]), key=lambda r: -stats[r][task][0])
-        for i, rec in enumerate(have):
-            ranks[rec].append(i + 1)
+    ranks = mean_ranks({rec: {t: s[0] for t, s in stats[rec].items() if s} for rec in recipes})
+    per_seed = seed_mean_ranks(runs, recipes)
+    spread = {rec: float(np.std([r[rec] for r in per_seed])) for rec in recipes}
     cfg = results["config"]
     where = f"{cfg.get('device') or 'cpu'}, split {cfg.get('split', 'test')}"
     budget = results.get("budget", {})
@@ -381,7 +379,7 @@ def summarise(results: dict, out: Path) -> str:
            f"{budget['amount']:,.0f} {budget['kind']}" if budget else "")
     lines = [f"Backbone: {cfg['backbone']}; budget {per} per run (`--budget {cfg.get('budget')}`), batch "
              f"{cfg['batch']}; {cfg['seeds']} seed(s); mean ± std over seeds; {where}.", "",
-             *table_head(["recipe", *tasks, "mean rank", "TFLOP", "steps", "images", "train s", "img/s"])]
+             *table_head(["recipe", *tasks, "mean rank", "± seeds", "TFLOP", "steps", "images", "train s", "img/s"])]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]
         rs = [r for r in runs if r["recipe"] == rec]
@@ -390,12 +388,66 @@ def summarise(results: dict, out: Path) -> str:
         flops = rs[0].get("flops")
         cost = (f"{flops / 1e12:,.1f} | {rs[0]['steps']:,} | {rs[0]['images']:,}" if flops else
                 f"– | {rs[0].get('steps', 0):,} | {rs[0]['images']:,}" if ips else "– | – | –")
-        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {np.mean(ranks[rec]):.2f} | {cost} | "
+        lines.append(f"| {rec} | " + " | ".join(cells) + f" | {ranks[rec]:.2f} | {spread[rec]:.2f} | {cost} | "
                      + (f"{secs:.0f} | {np.mean(ips):.0f} |" if ips else "– | – |"))
+    lines += ["", "Mean rank: the mean over the columns of a row's place among the rows that have the column "
+              "(1 = best), from its mean over seeds; ± seeds: the spread (std) of the mean rank computed seed by "
+              "seed (seed k of every row; a row with fewer seeds, e.g. pixels, its last)."]
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     plot(stats, f"{cfg['backbone']}, {per} per run", out)
+    plot_ranks(ranks, per_seed, f"{cfg['backbone']}, {per} per run, {where}", out)
     return table
+
+
+def mean_ranks(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each row's mean over the columns of its place among the rows that have the column (1 = best;
+    pixels included); ``scores``: row -> column -> score. NaN for a row with no column."""
+    places: dict[str, list[int]] = {rec: [] for rec in scores}
+    for task in dict.fromkeys(t for row in scores.values() for t in row):
+        have = sorted((rec for rec in scores if task in scores[rec]), key=lambda r: -scores[r][task])
+        for i, rec in enumerate(have):
+            places[rec].append(i + 1)
+    return {rec: float(np.mean(p)) if p else float("nan") for rec, p in places.items()}
+
+
+def seed_mean_ranks(runs: list[dict], recipes: list[str]) -> list[dict[str, float]]:
+    """The mean ranks computed seed by seed: for seed k, every row's run of seed k (a row with fewer
+    seeds, such as pixels, its last)."""
+    seeds = sorted({r["seed"] for r in runs})
+    out = []
+    for k in seeds:
+        scores = {}
+        for rec in recipes:
+            rs = sorted((r for r in runs if r["recipe"] == rec), key=lambda r: r["seed"])
+            run = next((r for r in rs if r["seed"] == k), rs[-1])
+            scores[rec] = {t: v for t, v in run["scores"].items() if v is not None}
+        out.append(mean_ranks(scores))
+    return out
+
+
+def plot_ranks(ranks: dict[str, float], per_seed: list[dict[str, float]], what: str, out: Path) -> None:
+    """OUT/mean_rank.png: every row's mean rank (lower is better), its seeds' ranks as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(ranks, key=lambda r: ranks[r])
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(order) + 1.2))
+    colors = ["tab:red" if r.startswith("m3i") else "tab:gray" if r == "multistage" else
+              "black" if r in (PIXELS, SCRATCH) else "tab:blue" for r in order]
+    y = np.arange(len(order))
+    ax.barh(y, [ranks[r] for r in order], color=colors, alpha=0.8)
+    for i, rec in enumerate(order):
+        ax.plot([s[rec] for s in per_seed], [i] * len(per_seed), "k.", ms=5)
+    ax.set_yticks(y, order)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean rank over the columns (1 = best); dots: each seed's")
+    ax.set_title(f"Mean rank — {what}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "mean_rank.png", dpi=110)
+    plt.close(fig)
 
 
 def plot(stats: dict[str, dict[str, tuple[float, float] | None]], what: str, out: Path) -> None:

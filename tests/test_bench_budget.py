@@ -108,3 +108,21 @@ def test_a_merged_table_joins_a_recipes_seeds_run_in_separate_comparisons(tmp_pa
     assert got == [("dino", 0, 0.60), ("m3i", 0, 0.70), ("m3i", 1, 0.74), ("pixels", 0, 0.80)]
     table = compare.summarise(res, tmp_path / "out")
     assert "| m3i | 72.0 ± 2.0 |" in table  # mean ± std (population) of the two seeds
+
+
+def test_the_mean_rank_and_its_spread_over_seeds_follow_each_seeds_places(tmp_path):
+    runs = [{"recipe": rec, "seed": seed, "steps": 1, "flops": 1e12, "images": 16, "train_seconds": 1.0,
+             "img_per_s": 16.0, "scores": {"a": a, "b": b}}
+            for rec, seed, a, b in [("pixels", 0, 0.50, 0.50), ("x", 0, 0.90, 0.40), ("x", 1, 0.80, 0.60),
+                                    ("y", 0, 0.70, 0.45), ("y", 1, 0.85, 0.70)]]
+    # seed 0: a: x 1, y 2, pixels 3; b: pixels 1, y 2, x 3 -> x 2.0, y 2.0, pixels 2.0
+    # seed 1 (pixels' only run): a: y 1, x 2, pixels 3; b: y 1, x 2, pixels 3 -> x 2.0, y 1.0, pixels 3.0
+    per_seed = compare.seed_mean_ranks(runs, ["pixels", "x", "y"])
+    assert per_seed == [{"pixels": 2.0, "x": 2.0, "y": 2.0}, {"pixels": 3.0, "x": 2.0, "y": 1.0}]
+    res = {"config": {"backbone": "resnet", "budget": "flops=demo", "batch": 16, "seeds": 2},
+           "budget": {"kind": "flops", "amount": 1e12}, "runs": runs}
+    table = compare.summarise(res, tmp_path)
+    # from the means over seeds: a: x .85, y .775, pixels .5; b: y .575, pixels .5, x .5 (tie kept in row order)
+    assert "| y | 77.5 ± 7.5 | 57.5 ± 12.5 | 1.50 | 0.50 |" in table
+    assert "| pixels | 50.0 ± 0.0 | 50.0 ± 0.0 | 2.50 | 0.50 |" in table
+    assert (tmp_path / "mean_rank.png").stat().st_size > 0

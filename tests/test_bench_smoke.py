@@ -39,7 +39,7 @@ def test_quick_comparison_completes_and_writes_results(tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in table) == 2 + len(recipes)
     for png in ["fmnist_linear", "fmnist_knn", "emoji_cat_linear", "emoji_sub_linear", "emoji_retrieval_R1",
-                "digits_linear"]:
+                "digits_linear", "mean_rank"]:
         assert (out / f"{png}.png").stat().st_size > 1000
     # --resume keeps every row made with the same settings and sources and runs only what is missing
     before = {r["recipe"]: r for r in res["runs"]}
