@@ -373,12 +373,13 @@ def summarise(results: dict, out: Path) -> str:
     per_seed = seed_mean_ranks(runs, recipes)
     spread = {rec: float(np.std([r[rec] for r in per_seed])) for rec in recipes}
     cfg = results["config"]
+    seeds = len({r["seed"] for r in runs if r["recipe"] not in (PIXELS, SCRATCH)}) or cfg["seeds"]  # merged: all
     where = f"{cfg.get('device') or 'cpu'}, split {cfg.get('split', 'test')}"
     budget = results.get("budget", {})
     per = (f"{budget['amount'] / 1e12:,.1f} TFLOP" if budget.get("kind") == "flops" else
            f"{budget['amount']:,.0f} {budget['kind']}" if budget else "")
     lines = [f"Backbone: {cfg['backbone']}; budget {per} per run (`--budget {cfg.get('budget')}`), batch "
-             f"{cfg['batch']}; {cfg['seeds']} seed(s); mean ± std over seeds; {where}.", "",
+             f"{cfg['batch']}; {seeds} seed(s); mean ± std over seeds; {where}.", "",
              *table_head(["recipe", *tasks, "mean rank", "± seeds", "TFLOP", "steps", "images", "train s", "img/s"])]
     for rec in recipes:
         cells = [f"{s[0] * 100:.1f} ± {s[1] * 100:.1f}" if s else "n/a" for s in stats[rec].values()]

@@ -107,7 +107,7 @@ def test_a_merged_table_joins_a_recipes_seeds_run_in_separate_comparisons(tmp_pa
     got = sorted((r["recipe"], r["seed"], r["scores"]["fmnist_knn"]) for r in res["runs"])
     assert got == [("dino", 0, 0.60), ("m3i", 0, 0.70), ("m3i", 1, 0.74), ("pixels", 0, 0.80)]
     table = compare.summarise(res, tmp_path / "out")
-    assert "| m3i | 72.0 ± 2.0 |" in table  # mean ± std (population) of the two seeds
+    assert "| m3i | 72.0 ± 2.0 |" in table and "; 2 seed(s);" in table  # mean ± std (population) of both
 
 
 def test_the_mean_rank_and_its_spread_over_seeds_follow_each_seeds_places(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.spec import monitored_on
+from ..device import resolve_precision
 from ..distributed import gathered
 from ..targets import TARGETS
 from .run import load_evalset, score
@@ -51,6 +52,9 @@ class Monitor:
             raise ValueError("train.eval_every: no data set to monitor on; set train.eval_knn (a data set as "
                              "`m3i eval --dataset` takes: fashion-mnist, emoji:category, folder:PATH)")
         limit = recipe.train.eval_limit
+        # embedded in the training's precision: a model whose weights FSDP gathers in bf16 needs bf16
+        # autocast even where evaluation alone would choose fp32 (a CPU without bfloat16 kernels)
+        self.precision = recipe.train.precision
         self.knn_data = load_evalset(self.knn_set, size, limit=limit, progress=False, split="val") \
             if self.knn_set else None
         self.retrieval_data = load_evalset(self.retrieval_set, size, with_train=False, limit=limit,
@@ -63,14 +67,17 @@ class Monitor:
         states = (random.getstate(), np.random.get_state())
         was_training = objective.training
         out: dict[str, float] = {}
+        if self.precision == "auto":
+            self.precision = resolve_precision("auto", dev)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), gathered(objective):
             objective.eval()
             try:
                 if self.knn_data is not None:
-                    res = score(objective, "knn", self.knn_data, progress=False)["metrics"]
+                    res = score(objective, "knn", self.knn_data, progress=False, precision=self.precision)["metrics"]
                     out |= {f"monitor/knn_{k}": v for k, v in res.items()}
                 if self.retrieval_data is not None:
-                    res = score(objective, "retrieval", self.retrieval_data, progress=False)["metrics"]
+                    res = score(objective, "retrieval", self.retrieval_data, progress=False,
+                                precision=self.precision)["metrics"]
                     out |= {f"monitor/retrieval_{k}": v for k, v in res.items()}
             finally:
                 objective.train(was_training)

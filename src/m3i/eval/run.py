@@ -121,12 +121,14 @@ def load_images(src, indices, size: int, progress: bool) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def embed(obj: Objective, images: torch.Tensor, batch_size: int = 512, head: str | None = None,
-          progress: bool = True) -> torch.Tensor:
-    """Pooled backbone features (or ``head``'s image embedding) of uint8 images, in batches, bf16 where the device has it."""
+          progress: bool = True, precision: str = "auto") -> torch.Tensor:
+    """Pooled backbone features (or ``head``'s image embedding) of uint8 images, in batches, under
+    ``precision``'s autocast (``auto``: bf16 where the device has it)."""
     dev = next(obj.parameters()).device
     out = []
+    precision = resolve_precision("auto", dev) if precision == "auto" else precision
     for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
-        with autocast_for(dev, resolve_precision("auto", dev)):
+        with autocast_for(dev, precision):
             f = obj.encode_image(images[i:i + batch_size].to(dev), head=head)
         out.append(f.float().cpu())
     return torch.cat(out)
@@ -159,9 +161,14 @@ def class_prompts(classes: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def embed_text(obj: Objective, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([obj.encode_text(captions[i:i + batch_size]).float().cpu()
-                      for i in range(0, len(captions), batch_size)])
+def embed_text(obj: Objective, captions: list[str], batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+    """Caption embeddings, in batches, under ``precision``'s autocast (that of the image side)."""
+    dev = next(obj.parameters()).device
+    out = []
+    for i in range(0, len(captions), batch_size):
+        with autocast_for(dev, precision):
+            out.append(obj.encode_text(captions[i:i + batch_size]).float().cpu())
+    return torch.cat(out)
 
 
 @dataclass
@@ -197,8 +204,10 @@ def load_evalset(dataset: str, size: int, with_train: bool = True, limit: int | 
     return EvalSet(dataset, list(classes), test, train)
 
 
-def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, features: dict | None = None) -> dict:
-    """One task on a loaded data set -> {"task", "dataset", "metrics", "n_train", "n_test"}.
+def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, features: dict | None = None,
+          precision: str = "auto") -> dict:
+    """One task on a loaded data set -> {"task", "dataset", "metrics", "n_train", "n_test"}; the
+    images embedded under ``precision``'s autocast (:func:`embed`).
 
     ``features``: a dict kept across calls for the same model, so k-NN and the linear probe
     on one data set embed its images once."""
@@ -216,7 +225,8 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
         key = (data.dataset, len(tr_y), len(te_y))
         if key not in features:
             features[key] = (pixel_features(tr_img, te_img) if is_pixels(obj) else
-                             (embed(obj, tr_img, progress=progress), embed(obj, te_img, progress=progress)))
+                             (embed(obj, tr_img, progress=progress, precision=precision),
+                              embed(obj, te_img, progress=progress, precision=precision)))
         tr_f, te_f = features[key]
         fn = metrics.knn if task == "knn" else metrics.linear_probe
         result = fn(tr_f, tr_y, te_f, te_y, len(data.classes))
@@ -224,15 +234,16 @@ def score(obj: Objective, task: str, data: EvalSet, progress: bool = True, featu
         if is_pixels(obj):
             raise ValueError(f"--task {task}: raw pixels have no text embedding; use knn or linear")
         check_text(obj, task)
+        text_precision = "fp32" if precision == "auto" else precision  # fp32 as before, unless the caller sets it
         if task == "zeroshot":
-            img = embed(obj, te_img, head="caption", progress=progress)
-            result = metrics.zeroshot(img, embed_text(obj, class_prompts(data.classes)), te_y)
+            img = embed(obj, te_img, head="caption", progress=progress, precision=precision)
+            result = metrics.zeroshot(img, embed_text(obj, class_prompts(data.classes), precision=text_precision), te_y)
         else:
             keep = [i for i, c in enumerate(te_cap) if c]
             if not keep:
                 raise ValueError(f"--dataset {data.dataset}: retrieval needs captions; this data set has none")
-            img = embed(obj, te_img[keep], head="caption", progress=progress)
-            result = metrics.retrieval(img, embed_text(obj, [te_cap[i] for i in keep]))
+            img = embed(obj, te_img[keep], head="caption", progress=progress, precision=precision)
+            result = metrics.retrieval(img, embed_text(obj, [te_cap[i] for i in keep], precision=text_precision))
             te_y = te_y[keep]
     return {"task": task, "dataset": data.dataset, "metrics": result, "n_train": n_train, "n_test": int(len(te_y))}
 
